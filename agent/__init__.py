@@ -1,0 +1,3 @@
+"""Nexus Edge Agent."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,440 @@
+"""The Nexus WebSocket protocol, sans I/O.
+
+Rules of this module:
+
+* No sockets, threads, clocks or files. Callers pass ``now`` (seconds since the
+  epoch) in; text goes in and typed values come out, values go in and text
+  comes out. Both the agent and the companion server use it, so the two can
+  never disagree about the wire format.
+* Every message is a JSON object ``{type, id, timestamp, payload}``; an error
+  carries ``error: {code, message[, field]}`` instead of a payload.
+* Validation names the offending field with a dotted path (``payload.metrics.cpu_usage``)
+  and raises :class:`RemoteProtocolError` for what a peer sent, and
+  :class:`LocalProtocolError` for what we were about to send.
+
+``docs/protocol.md`` is the prose version of this module; keep them in step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+PATH = "/v1/ws"
+
+CHANNELS = ("telemetry", "commands", "tasks", "ai", "events")
+
+# Error codes: every one the companion server can send (docs/protocol.md lists them).
+AUTH_FAILED = "AUTH_FAILED"
+INVALID_MESSAGE = "INVALID_MESSAGE"
+UNKNOWN_MESSAGE_TYPE = "UNKNOWN_MESSAGE_TYPE"
+INVALID_CHANNEL = "INVALID_CHANNEL"
+FORBIDDEN = "FORBIDDEN"
+RATE_LIMITED = "RATE_LIMITED"
+COMMAND_FAILED = "COMMAND_FAILED"
+DEVICE_OFFLINE = "DEVICE_OFFLINE"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+ERROR_CODES = (
+    AUTH_FAILED,
+    INVALID_MESSAGE,
+    UNKNOWN_MESSAGE_TYPE,
+    INVALID_CHANNEL,
+    FORBIDDEN,
+    RATE_LIMITED,
+    COMMAND_FAILED,
+    DEVICE_OFFLINE,
+    INTERNAL_ERROR,
+)
+
+# Close codes.
+CLOSE_NORMAL = 1000  # graceful shutdown, by either side
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008  # e.g. a binary frame where text is required
+CLOSE_TOO_BIG = 1009  # a message over the size limit
+CLOSE_INTERNAL = 1011  # keepalive timeout or server fault
+CLOSE_AUTH_FAILED = 4000  # as the platform guide: after an AUTH_FAILED error
+
+# Limits a peer must respect (the companion server enforces them).
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_ID_CHARS = 128
+MAX_DEVICE_ID_CHARS = 128
+MAX_METRICS = 256
+MAX_FILTERS = 16
+MAX_COMMAND_ARGS = 32
+MAX_ARG_CHARS = 1024
+
+COMMAND_STATUSES = ("succeeded", "failed", "rejected", "timed_out")
+
+CLIENT_TYPES = ("ping", "subscribe", "unsubscribe", "telemetry", "command", "command.result")
+
+
+# --------------------------------------------------------------------------- time and ids
+
+
+def format_timestamp(now: float) -> str:
+    """ISO-8601 UTC with milliseconds and ``Z``: ``2025-11-03T01:53:54.518Z``."""
+    dt = datetime.fromtimestamp(now, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def parse_timestamp(text: str) -> float:
+    """Seconds since the epoch from an ISO-8601 timestamp; ``ValueError`` if it is not one.
+
+    Accepts the ``Z`` suffix (Python 3.9's ``fromisoformat`` does not) and a numeric
+    offset; a timestamp without a zone is refused, since its meaning is a guess.
+    """
+    if not isinstance(text, str) or len(text) > 40:
+        raise ValueError("not an ISO-8601 timestamp")
+    candidate = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+    # Python 3.9 wants 0, 3 or 6 fraction digits; JavaScript and others send 3.
+    dt = datetime.fromisoformat(_normalise_fraction(candidate))
+    if dt.tzinfo is None:
+        raise ValueError("timestamp has no time zone")
+    return dt.timestamp()
+
+
+def _normalise_fraction(text: str) -> str:
+    head, dot, rest = text.partition(".")
+    if not dot:
+        return text
+    digits = ""
+    while rest and rest[0].isdigit():
+        digits, rest = digits + rest[0], rest[1:]
+    if not digits:
+        raise ValueError("empty fraction of a second")
+    return f"{head}.{(digits + '000000')[:6]}{rest}"
+
+
+def new_id(prefix: str = "msg") -> str:
+    """A fresh random id, e.g. ``msg-3f2a9c0e5b7d4e1a``."""
+    return f"{prefix}-{secrets.token_hex(8)}"
+
+
+# --------------------------------------------------------------------------- the envelope
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One message on the wire."""
+
+    type: str
+    id: str | None = None
+    timestamp: str | None = None
+    payload: Mapping[str, Any] | None = None
+    error: Mapping[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        if self.id is not None:
+            out["id"] = self.id
+        if self.timestamp is not None:
+            out["timestamp"] = self.timestamp
+        if self.error is not None:
+            out["error"] = dict(self.error)
+        elif self.payload is not None:
+            out["payload"] = dict(self.payload)
+        return out
+
+
+def encode(env: Envelope) -> str:
+    """The compact JSON text of ``env``."""
+    text = json.dumps(env.to_dict(), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if len(text.encode("utf-8")) > MAX_MESSAGE_BYTES:
+        raise LocalProtocolError(INVALID_MESSAGE, "message over the size limit", msg_id=env.id)
+    return text
+
+
+def make(type_: str, now: float, payload: Mapping[str, Any] | None = None,
+         msg_id: str | None = None) -> Envelope:
+    """A message of ``type_`` stamped ``now``, with a fresh id unless one is given."""
+    return Envelope(type_, msg_id or new_id(), format_timestamp(now), payload)
+
+
+def make_error(code: str, message: str, now: float, msg_id: str | None = None,
+               field_path: str | None = None) -> Envelope:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if field_path:
+        error["field"] = field_path
+    return Envelope("error", msg_id, format_timestamp(now), error=error)
+
+
+def decode(text: str | bytes) -> Envelope:
+    """Parse the envelope of a received frame; checks only the envelope, not the payload."""
+    if isinstance(text, (bytes, bytearray)):
+        raise RemoteProtocolError(INVALID_MESSAGE, "binary frames are not part of the protocol")
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise RemoteProtocolError(INVALID_MESSAGE, "Invalid JSON format") from None
+    if not isinstance(obj, dict):
+        raise RemoteProtocolError(INVALID_MESSAGE, "a message must be a JSON object")
+    raw_id = obj.get("id")
+    msg_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= MAX_ID_CHARS else None
+    if raw_id is not None and msg_id is None:
+        raise RemoteProtocolError(
+            INVALID_MESSAGE, f"must be a string of 1 to {MAX_ID_CHARS} characters", "id")
+    type_ = obj.get("type")
+    if not isinstance(type_, str) or not type_:
+        raise RemoteProtocolError(INVALID_MESSAGE, "missing or not a string", "type", msg_id)
+    timestamp = obj.get("timestamp")
+    if timestamp is not None:
+        try:
+            parse_timestamp(timestamp)
+        except (ValueError, TypeError):
+            raise RemoteProtocolError(
+                INVALID_MESSAGE, "not an ISO-8601 timestamp with a zone", "timestamp", msg_id
+            ) from None
+    payload = obj.get("payload")
+    if payload is not None and not isinstance(payload, dict):
+        raise RemoteProtocolError(INVALID_MESSAGE, "must be an object", "payload", msg_id)
+    error = obj.get("error")
+    if error is not None:
+        _check_error(error, msg_id)
+    return Envelope(type_, msg_id, timestamp, payload, error)
+
+
+def _check_error(error: Any, msg_id: str | None) -> None:
+    if not isinstance(error, dict):
+        raise RemoteProtocolError(INVALID_MESSAGE, "must be an object", "error", msg_id)
+    for key in ("code", "message"):
+        if not isinstance(error.get(key), str):
+            raise RemoteProtocolError(INVALID_MESSAGE, "missing or not a string",
+                                      f"error.{key}", msg_id)
+
+
+# --------------------------------------------------------------------------- field checks
+
+
+def _get(obj: Mapping[str, Any], key: str, kinds: tuple[type, ...], path: str,
+         msg_id: str | None, required: bool = True) -> Any:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise RemoteProtocolError(INVALID_MESSAGE, "is required", f"{path}.{key}", msg_id)
+        return None
+    # bool is an int in Python; a JSON true is never a number here.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(_KIND_NAMES[k] for k in kinds)
+        raise RemoteProtocolError(INVALID_MESSAGE, f"must be {names}", f"{path}.{key}", msg_id)
+    return value
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object",
+               list: "an array", bool: "a boolean"}
+
+
+def _short_str(obj: Mapping[str, Any], key: str, path: str, msg_id: str | None,
+               limit: int, required: bool = True) -> Any:
+    value = _get(obj, key, (str,), path, msg_id, required)
+    if value is not None and not 0 < len(value) <= limit:
+        raise RemoteProtocolError(INVALID_MESSAGE, f"must be 1 to {limit} characters",
+                                  f"{path}.{key}", msg_id)
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        not isinstance(value, float) or math.isfinite(value))
+
+
+# --------------------------------------------------------------------------- client -> server
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    device_id: str
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Subscription:
+    channel: str
+    filters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CommandRequest:
+    """An operator's command for a device (``command``), or its delivery (``commands.update``)."""
+
+    command_id: str
+    device_id: str
+    name: str
+    args: Mapping[str, str]
+    ttl_s: float | None = None
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    command_id: str
+    device_id: str
+    status: str
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    duration_ms: int
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"command_id": self.command_id, "device_id": self.device_id,
+                "status": self.status, "exit_code": self.exit_code, "stdout": self.stdout,
+                "stderr": self.stderr, "duration_ms": self.duration_ms}
+
+
+def _payload(env: Envelope) -> Mapping[str, Any]:
+    if env.payload is None:
+        raise RemoteProtocolError(INVALID_MESSAGE, "is required", "payload", env.id)
+    return env.payload
+
+
+def parse_telemetry(env: Envelope) -> Telemetry:
+    p = _payload(env)
+    device_id = _short_str(p, "device_id", "payload", env.id, MAX_DEVICE_ID_CHARS)
+    metrics = _get(p, "metrics", (dict,), "payload", env.id)
+    if len(metrics) > MAX_METRICS:
+        raise RemoteProtocolError(INVALID_MESSAGE, f"more than {MAX_METRICS} metrics",
+                                  "payload.metrics", env.id)
+    for key, value in metrics.items():
+        if not _number(value):
+            raise RemoteProtocolError(INVALID_MESSAGE, "must be a finite number",
+                                      f"payload.metrics.{key}", env.id)
+    return Telemetry(device_id, metrics)
+
+
+def parse_subscription(env: Envelope, need_filters: bool = True) -> Subscription:
+    p = _payload(env)
+    channel = _get(p, "channel", (str,), "payload", env.id)
+    if channel not in CHANNELS:
+        raise RemoteProtocolError(
+            INVALID_CHANNEL, f"unknown channel {channel[:64]!r}; channels are "
+            + ", ".join(CHANNELS), "payload.channel", env.id)
+    filters = _get(p, "filters", (dict,), "payload", env.id, required=False) or {}
+    if need_filters:
+        if len(filters) > MAX_FILTERS:
+            raise RemoteProtocolError(INVALID_MESSAGE, f"more than {MAX_FILTERS} filters",
+                                      "payload.filters", env.id)
+        for key, value in filters.items():
+            if not (value is None or isinstance(value, (str, int, float, bool))):
+                raise RemoteProtocolError(INVALID_MESSAGE, "a filter value must be a scalar",
+                                          f"payload.filters.{key}", env.id)
+    return Subscription(channel, filters)
+
+
+def _parse_args(p: Mapping[str, Any], msg_id: str | None) -> dict[str, str]:
+    args = _get(p, "args", (dict,), "payload", msg_id, required=False) or {}
+    if len(args) > MAX_COMMAND_ARGS:
+        raise RemoteProtocolError(INVALID_MESSAGE, f"more than {MAX_COMMAND_ARGS} arguments",
+                                  "payload.args", msg_id)
+    for key, value in args.items():
+        if not isinstance(value, str) or len(value) > MAX_ARG_CHARS:
+            raise RemoteProtocolError(
+                INVALID_MESSAGE, f"must be a string of at most {MAX_ARG_CHARS} characters",
+                f"payload.args.{key}", msg_id)
+    return dict(args)
+
+
+def parse_command(env: Envelope) -> CommandRequest:
+    """An operator's ``command``; its ``command_id`` is the message id."""
+    p = _payload(env)
+    if env.id is None:
+        raise RemoteProtocolError(INVALID_MESSAGE, "is required", "id")
+    device_id = _short_str(p, "device_id", "payload", env.id, MAX_DEVICE_ID_CHARS)
+    name = _short_str(p, "name", "payload", env.id, 128)
+    ttl = _get(p, "ttl_s", (int, float), "payload", env.id, required=False)
+    if ttl is not None and not (_number(ttl) and 0 < ttl <= 86400):
+        raise RemoteProtocolError(INVALID_MESSAGE, "must be a number in (0, 86400]",
+                                  "payload.ttl_s", env.id)
+    return CommandRequest(env.id, device_id, name, _parse_args(p, env.id), ttl)
+
+
+def parse_command_delivery(env: Envelope) -> CommandRequest:
+    """A ``commands.update`` broadcast that carries a command for this device."""
+    p = _payload(env)
+    command_id = _short_str(p, "command_id", "payload", env.id, MAX_ID_CHARS)
+    device_id = _short_str(p, "device_id", "payload", env.id, MAX_DEVICE_ID_CHARS)
+    name = _short_str(p, "name", "payload", env.id, 128)
+    return CommandRequest(command_id, device_id, name, _parse_args(p, env.id))
+
+
+def parse_command_result(env: Envelope) -> CommandResult:
+    p = _payload(env)
+    status = _get(p, "status", (str,), "payload", env.id)
+    if status not in COMMAND_STATUSES:
+        raise RemoteProtocolError(INVALID_MESSAGE, "must be one of " + ", ".join(COMMAND_STATUSES),
+                                  "payload.status", env.id)
+    exit_code = _get(p, "exit_code", (int,), "payload", env.id, required=False)
+    duration = _get(p, "duration_ms", (int,), "payload", env.id)
+    return CommandResult(
+        _short_str(p, "command_id", "payload", env.id, MAX_ID_CHARS),
+        _short_str(p, "device_id", "payload", env.id, MAX_DEVICE_ID_CHARS),
+        status, exit_code,
+        _get(p, "stdout", (str,), "payload", env.id, required=False) or "",
+        _get(p, "stderr", (str,), "payload", env.id, required=False) or "",
+        duration)
+
+
+def check_client_message(env: Envelope) -> None:
+    """Full validation of a client-to-server message (the server calls this)."""
+    if env.type not in CLIENT_TYPES:
+        raise RemoteProtocolError(UNKNOWN_MESSAGE_TYPE, f"Unknown message type: {env.type[:64]}",
+                                  "type", env.id)
+    if env.id is None:
+        raise RemoteProtocolError(INVALID_MESSAGE, "is required", "id")
+    checker = _CLIENT_CHECKS.get(env.type)
+    if checker is not None:
+        checker(env)
+
+
+_CLIENT_CHECKS = {
+    "telemetry": parse_telemetry,
+    "subscribe": parse_subscription,
+    "unsubscribe": lambda env: parse_subscription(env, need_filters=False),
+    "command": parse_command,
+    "command.result": parse_command_result,
+}
+
+
+def matches_filters(payload: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
+    """True when every filter key equals the payload's field (the guide's rule)."""
+    return all(payload.get(key) == value for key, value in filters.items())
+
+
+# --------------------------------------------------------------------------- server -> client
+
+
+@dataclass(frozen=True)
+class Welcome:
+    client_id: str
+    server_time: float
+
+
+@dataclass(frozen=True)
+class ServerError:
+    code: str
+    message: str
+    msg_id: str | None
+    field: str | None = None
+
+
+def parse_welcome(env: Envelope) -> Welcome:
+    p = _payload(env)
+    client_id = _get(p, "client_id", (str,), "payload", env.id)
+    raw_time = _get(p, "server_time", (str,), "payload", env.id)
+    try:
+        server_time = parse_timestamp(raw_time)
+    except ValueError:
+        raise RemoteProtocolError(INVALID_MESSAGE, "not an ISO-8601 timestamp",
+                                  "payload.server_time", env.id) from None
+    return Welcome(client_id, server_time)
+
+
+def parse_error(env: Envelope) -> ServerError:
+    if env.error is None:
+        raise RemoteProtocolError(INVALID_MESSAGE, "is required", "error", env.id)
+    fld = env.error.get("field")
+    return ServerError(env.error["code"], env.error["message"], env.id,
+                       fld if isinstance(fld, str) else None)

@@ -1,0 +1,110 @@
+"""``nexus-server``: the companion server, and ``nexus-server token`` to mint tokens.
+
+Exit codes: 0 after a clean stop (SIGTERM or SIGINT), 2 for bad usage or a
+missing secret, 1 when the port cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from typing import List, Optional
+
+from ..errors import AuthError
+from ..logsetup import setup_logging
+
+
+def _serve_args(argv: List[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="nexus-server",
+        description="Companion Nexus server: ws://HOST:PORT/v1/ws. "
+        "Also: 'nexus-server token --device ID' mints a token.")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=8765, help="port to bind (default 8765; 0 = any)")
+    ap.add_argument("--db", default=":memory:",
+                    help="SQLite file that keeps received telemetry (default: in memory)")
+    ap.add_argument("--secret-file", help="file holding the JWT secret "
+                    "(default: $NEXUS_JWT_SECRET)")
+    ap.add_argument("--ping-interval", type=float, default=30.0,
+                    help="seconds between protocol pings (default 30)")
+    ap.add_argument("--ping-timeout", type=float, default=30.0,
+                    help="seconds to wait for a pong before closing (default 30)")
+    ap.add_argument("--rate-limit", type=int, default=100,
+                    help="messages per client per minute (default 100)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every connection event")
+    return ap.parse_args(argv)
+
+
+def _token_args(argv: List[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="nexus-server token",
+                                 description="Print a signed token for a device or an operator.")
+    who = ap.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", metavar="DEVICE_ID", help="a device token for DEVICE_ID")
+    who.add_argument("--operator", metavar="NAME", help="an operator token for NAME")
+    ap.add_argument("--ttl", type=float, default=86400.0,
+                    help="lifetime in seconds (default 86400)")
+    ap.add_argument("--secret-file", help="file holding the JWT secret "
+                    "(default: $NEXUS_JWT_SECRET)")
+    return ap.parse_args(argv)
+
+
+def _token(argv: List[str]) -> int:
+    from . import tokens
+
+    args = _token_args(argv)
+    try:
+        secret = tokens.load_secret(args.secret_file)
+    except AuthError as exc:
+        print(f"nexus-server token: {exc}", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("nexus-server token: --ttl must be positive", file=sys.stderr)
+        return 2
+    role, subject = ("device", args.device) if args.device else ("operator", args.operator)
+    print(tokens.mint(secret, subject, role, args.ttl))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["token"]:
+        return _token(argv[1:])
+    args = _serve_args(argv)
+    setup_logging(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        from .app import CompanionServer, ServerSettings
+        from .tokens import load_secret
+    except ImportError as exc:
+        print(f"nexus-server: {exc.name} is missing; install the 'server' extra "
+              "(pip install 'nexus-edge-agent[server]')", file=sys.stderr)
+        return 2
+    try:
+        secret = load_secret(args.secret_file)
+    except AuthError as exc:
+        print(f"nexus-server: {exc}", file=sys.stderr)
+        return 2
+    settings = ServerSettings(args.host, args.port, args.db, args.ping_interval,
+                              args.ping_timeout, args.rate_limit)
+    try:
+        server = CompanionServer(settings, secret)
+    except OSError as exc:
+        print(f"nexus-server: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    # The handlers only record the signal; the main thread does the shutdown.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server.start()
+    print(f"nexus-server listening on {server.url}", flush=True)
+    while not stop.wait(1.0):
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

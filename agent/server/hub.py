@@ -1,0 +1,330 @@
+"""The companion server's logic, without sockets: who is connected, what they
+subscribed to, what arrived, and where each message goes.
+
+Rules and guarantees:
+
+* :class:`Hub` owns all shared state behind one lock. It never sends while it
+  holds the lock: every method returns the list of ``(peer, text)`` to send, and
+  the caller (``app.py``, one thread per connection) sends them afterwards, so a
+  slow client can never stall the others.
+* Telemetry is stored by message id: a resend of an id already stored is acked
+  again but neither stored nor broadcast twice (delivery is at-least-once on the
+  wire, exactly-once in the store).
+* Every client error is answered with an ``error`` whose code is one of
+  ``protocol.ERROR_CODES`` and whose message names the field; the connection
+  stays open. Only a client that keeps sending past twice its rate limit is
+  closed (1008).
+* The store is SQLite (``:memory:`` unless a file is given), bounded to
+  ``max_rows`` telemetry rows: the oldest are deleted past that.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Protocol, Tuple
+
+from .. import protocol as p
+from ..errors import ProtocolError
+from .tokens import Identity
+
+RATE_WINDOW_S = 60.0
+
+
+class Peer(Protocol):
+    """A connection as the hub sees it."""
+
+    def send(self, text: str) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+Outgoing = List[Tuple[Peer, str]]
+
+
+@dataclass
+class Client:
+    client_id: str
+    identity: Identity
+    peer: Peer
+    subscriptions: List[p.Subscription] = field(default_factory=list)
+    recent: Deque[float] = field(default_factory=collections.deque)
+
+
+@dataclass
+class PendingCommand:
+    request: p.CommandRequest
+    operator_id: str
+    expires: float
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    rate_limit_per_minute: int = 100
+    max_rows: int = 100_000
+
+
+class Hub:
+    def __init__(self, db_path: str = ":memory:", settings: HubSettings | None = None) -> None:
+        self.settings = settings or HubSettings()
+        self._lock = threading.Lock()
+        self._clients: Dict[str, Client] = {}
+        self._pending: Dict[str, PendingCommand] = {}  # command_id -> waiting for its device
+        self._routes: Dict[str, str] = {}  # command_id -> operator client_id awaiting the result
+        # check_same_thread=False: every use is under self._lock.
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        if db_path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._inserts = 0
+
+    # ------------------------------------------------------------------ connections
+
+    def connect(self, identity: Identity, peer: Peer, now: float) -> Tuple[Client, str]:
+        """Register a new authenticated connection; returns it and its welcome text."""
+        client = Client(p.new_id("client"), identity, peer)
+        with self._lock:
+            self._clients[client.client_id] = client
+        welcome = p.make("connected", now, {"client_id": client.client_id,
+                                           "server_time": p.format_timestamp(now)})
+        return client, p.encode(welcome)
+
+    def disconnect(self, client: Client) -> None:
+        with self._lock:
+            self._clients.pop(client.client_id, None)
+
+    def peers(self) -> List[Peer]:
+        with self._lock:
+            return [c.peer for c in self._clients.values()]
+
+    # ------------------------------------------------------------------ messages
+
+    def handle(self, client: Client, text: str | bytes, now: float) -> Outgoing:
+        """Everything to send in answer to one frame from ``client``."""
+        msg_id = None
+        try:
+            env = p.decode(text)
+            msg_id = env.id
+            if self._over_rate(client, now):
+                return self._rate_error(client, msg_id, now)
+            p.check_client_message(env)
+            with self._lock:
+                return self._dispatch(client, env, now)
+        except ProtocolError as exc:
+            if msg_id is None and self._over_rate(client, now):
+                return self._rate_error(client, None, now)
+            return [(client.peer, p.encode(p.make_error(exc.code, exc.message, now,
+                                                       exc.msg_id, exc.field)))]
+
+    def _over_rate(self, client: Client, now: float) -> bool:
+        """Count this frame in the client's sliding 60 s window; True when over the limit."""
+        recent = client.recent
+        while recent and recent[0] <= now - RATE_WINDOW_S:
+            recent.popleft()
+        recent.append(now)
+        return len(recent) > self.settings.rate_limit_per_minute
+
+    def _rate_error(self, client: Client, msg_id: str | None, now: float) -> Outgoing:
+        limit = self.settings.rate_limit_per_minute
+        if len(client.recent) > 2 * limit:
+            # A client that ignores RATE_LIMITED would otherwise make us answer forever.
+            client.peer.close(p.CLOSE_POLICY, "rate limit exceeded")
+            return []
+        error = p.make_error(p.RATE_LIMITED, f"more than {limit} messages in 60 s; this "
+                             "message was not processed, send it again later", now, msg_id)
+        return [(client.peer, p.encode(error))]
+
+    def _dispatch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+        handler = _HANDLERS[env.type]
+        return handler(self, client, env, now)
+
+    def _reply(self, client: Client, type_: str, env: p.Envelope, now: float,
+               payload: Dict[str, Any] | None = None) -> Outgoing:
+        return [(client.peer, p.encode(p.make(type_, now, payload, env.id)))]
+
+    def _ping(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+        return self._reply(client, "pong", env, now)
+
+    def _subscribe(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+        sub = p.parse_subscription(env)
+        filters = dict(sub.filters)
+        if client.identity.is_device:
+            own = client.identity.subject
+            if filters.get("device_id", own) != own:
+                raise ProtocolError(p.FORBIDDEN, "a device may only subscribe to its own "
+                                    "device_id", "payload.filters.device_id", env.id)
+            filters["device_id"] = own
+        sub = p.Subscription(sub.channel, filters)
+        if sub not in client.subscriptions:
+            if len(client.subscriptions) >= 2 * p.MAX_FILTERS:
+                raise ProtocolError(p.INVALID_MESSAGE, "too many subscriptions", "payload",
+                                    env.id)
+            client.subscriptions.append(sub)
+        out = self._reply(client, "subscribed", env, now,
+                          {"channel": sub.channel, "filters": filters})
+        if sub.channel == "commands" and client.identity.is_device:
+            out += self._deliver_pending(client.identity.subject, now)
+        return out
+
+    def _unsubscribe(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+        sub = p.parse_subscription(env, need_filters=False)
+        client.subscriptions = [s for s in client.subscriptions if s.channel != sub.channel]
+        return self._reply(client, "unsubscribed", env, now, {"channel": sub.channel})
+
+    def _telemetry(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+        data = p.parse_telemetry(env)
+        if not client.identity.is_device:
+            raise ProtocolError(p.FORBIDDEN, "only a device token may send telemetry", "type",
+                                env.id)
+        if data.device_id != client.identity.subject:
+            raise ProtocolError(p.FORBIDDEN, "a device may only send telemetry for its own "
+                                "device_id", "payload.device_id", env.id)
+        assert env.id is not None and env.payload is not None
+        sample_time = env.timestamp or p.format_timestamp(now)
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO telemetry (id, device_id, sample_time, received_at, payload)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (env.id, data.device_id, sample_time, p.format_timestamp(now),
+             json.dumps(env.payload)))
+        out = self._reply(client, "ack", env, now)
+        if cur.rowcount == 1:
+            self._trim(now)
+            update = dict(env.payload, message_id=env.id, sample_time=sample_time)
+            out += self._broadcast("telemetry", update, now)
+        return out
+
+    def _command(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+        request = p.parse_command(env)
+        if client.identity.is_device:
+            raise ProtocolError(p.FORBIDDEN, "only an operator token may send commands", "type",
+                                env.id)
+        self._routes[request.command_id] = client.client_id
+        if self._device_listening(request.device_id):
+            return self._broadcast("commands", _delivery(request), now)
+        if request.ttl_s is None:
+            self._routes.pop(request.command_id, None)
+            raise ProtocolError(p.DEVICE_OFFLINE, f"device {request.device_id} is not "
+                                "connected (set payload.ttl_s to wait for it)",
+                                "payload.device_id", env.id)
+        self._pending[request.command_id] = PendingCommand(request, client.client_id,
+                                                           now + request.ttl_s)
+        return []
+
+    def _command_result(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+        result = p.parse_command_result(env)
+        if not client.identity.is_device or result.device_id != client.identity.subject:
+            raise ProtocolError(p.FORBIDDEN, "a device may only report its own commands",
+                                "payload.device_id", env.id)
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO command_results (command_id, device_id, status, received_at,"
+            " payload) VALUES (?, ?, ?, ?, ?)",
+            (result.command_id, result.device_id, result.status, p.format_timestamp(now),
+             json.dumps(result.to_payload())))
+        out = self._reply(client, "ack", env, now)
+        operator = self._clients.get(self._routes.pop(result.command_id, ""))
+        if cur.rowcount == 1 and operator is not None:
+            relay = p.make("command.result", now, result.to_payload(), result.command_id)
+            out.append((operator.peer, p.encode(relay)))
+        return out
+
+    # ------------------------------------------------------------------ routing helpers
+
+    def _broadcast(self, channel: str, payload: Dict[str, Any], now: float) -> Outgoing:
+        out: Outgoing = []
+        for client in self._clients.values():
+            for sub in client.subscriptions:
+                if sub.channel == channel and p.matches_filters(payload, sub.filters):
+                    out.append((client.peer, p.encode(p.make(f"{channel}.update", now,
+                                                              payload))))
+                    break  # one copy per client, however many subscriptions match
+        return out
+
+    def _device_listening(self, device_id: str) -> bool:
+        return any(c.identity.is_device and c.identity.subject == device_id
+                   and any(s.channel == "commands" for s in c.subscriptions)
+                   for c in self._clients.values())
+
+    def _deliver_pending(self, device_id: str, now: float) -> Outgoing:
+        out: Outgoing = []
+        for command_id, pending in list(self._pending.items()):
+            if pending.request.device_id == device_id and pending.expires > now:
+                del self._pending[command_id]
+                out += self._broadcast("commands", _delivery(pending.request), now)
+        return out
+
+    def tick(self, now: float) -> Outgoing:
+        """Expire commands that waited too long for their device; call about once a second."""
+        out: Outgoing = []
+        with self._lock:
+            for command_id, pending in list(self._pending.items()):
+                if pending.expires <= now:
+                    del self._pending[command_id]
+                    self._routes.pop(command_id, None)
+                    operator = self._clients.get(pending.operator_id)
+                    if operator is not None:
+                        error = p.make_error(p.DEVICE_OFFLINE, "device "
+                                             f"{pending.request.device_id} did not connect "
+                                             "before the command's ttl_s ran out", now,
+                                             command_id)
+                        out.append((operator.peer, p.encode(error)))
+        return out
+
+    def _trim(self, now: float) -> None:
+        self._inserts += 1
+        if self._inserts % 1000 == 0:
+            self._db.execute(
+                "DELETE FROM telemetry WHERE rowid <= "
+                "(SELECT MAX(rowid) FROM telemetry) - ?", (self.settings.max_rows,))
+
+    # ------------------------------------------------------------------ inspection
+
+    def telemetry(self, device_id: str | None = None) -> List[Dict[str, Any]]:
+        """Stored telemetry, in arrival order (for tests and ``nexus-server`` users)."""
+        query = "SELECT id, device_id, sample_time, payload FROM telemetry"
+        args: Tuple[Any, ...] = ()
+        if device_id is not None:
+            query, args = query + " WHERE device_id = ?", (device_id,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY rowid", args).fetchall()
+        return [{"id": r[0], "device_id": r[1], "sample_time": r[2],
+                 "payload": json.loads(r[3])} for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _delivery(request: p.CommandRequest) -> Dict[str, Any]:
+    return {"command_id": request.command_id, "device_id": request.device_id,
+            "name": request.name, "args": dict(request.args)}
+
+
+_HANDLERS = {
+    "ping": Hub._ping,
+    "subscribe": Hub._subscribe,
+    "unsubscribe": Hub._unsubscribe,
+    "telemetry": Hub._telemetry,
+    "command": Hub._command,
+    "command.result": Hub._command_result,
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS telemetry (
+    id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    sample_time TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device_id);
+CREATE TABLE IF NOT EXISTS command_results (
+    command_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    payload TEXT NOT NULL
+);
+"""

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import OPEN_PEERS, SECRET  # noqa: E402
+
+os.environ.setdefault("NEXUS_JWT_SECRET", SECRET)
+
+
+@pytest.fixture
+def server() -> Iterator["object"]:
+    """A companion server in this process, on a free loopback port, fast heartbeats."""
+    from agent.server.app import CompanionServer, ServerSettings
+
+    srv = CompanionServer(ServerSettings(port=0, ping_interval_s=1.0, ping_timeout_s=1.0,
+                                         close_timeout_s=0.2), SECRET.encode()).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_peers() -> Iterator[None]:
+    yield
+    while OPEN_PEERS:
+        OPEN_PEERS.pop().close()

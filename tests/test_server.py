@@ -1,0 +1,248 @@
+"""The companion server over real loopback sockets: every error path, roles, store, shutdown."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import websocket
+from helpers import REPO, SECRET, Peer, ServerProcess, child_env, connected, mint, wait_for
+
+from agent import protocol as p
+
+
+def telemetry(msg_id: str, device: str = "device-001", cpu: float = 12.5) -> dict:
+    return {"type": "telemetry", "id": msg_id, "timestamp": "2025-11-03T01:53:54.518Z",
+            "payload": {"device_id": device, "metrics": {"cpu_usage": cpu, "memory_usage": 40.1}}}
+
+
+# ---------------------------------------------------------------- authentication
+
+
+@pytest.mark.parametrize("token", [None, "not-a-jwt", "__wrong_secret__", "__expired__",
+                                   "__no_role__"])
+def test_bad_token_gets_auth_failed_then_4000(server, token):
+    import jwt
+
+    if token == "__wrong_secret__":
+        token = jwt.encode({"sub": "d", "role": "device", "exp": 2**40}, "x" * 32)
+    elif token == "__expired__":
+        token = mint("device-001", ttl=-10)
+    elif token == "__no_role__":
+        token = jwt.encode({"sub": "d", "exp": 2**40}, SECRET)
+    peer = Peer(server.url, token)
+    error = peer.recv()
+    assert error["type"] == "error" and error["error"]["code"] == "AUTH_FAILED"
+    assert peer.close_code() == 4000
+
+
+def test_alg_none_token_is_refused(server):
+    import jwt
+
+    token = jwt.encode({"sub": "device-001", "role": "device", "exp": 2**40}, None,
+                       algorithm="none")
+    peer = Peer(server.url, token)
+    assert peer.recv()["error"]["code"] == "AUTH_FAILED"
+    assert peer.close_code() == 4000
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_welcome_over_header_or_query_auth(server, header):
+    peer = Peer(server.url, mint("device-001"), header=header)
+    msg = peer.recv()
+    assert msg["type"] == "connected"
+    assert msg["payload"]["client_id"].startswith("client-")
+    p.parse_timestamp(msg["payload"]["server_time"])
+    assert msg["timestamp"].endswith("Z") and len(msg["timestamp"]) == 24
+
+
+def test_wrong_path_is_404(server):
+    with pytest.raises(websocket.WebSocketBadStatusException) as info:
+        Peer(server.url.replace("/v1/ws", "/nope"), mint("device-001"))
+    assert info.value.status_code == 404
+
+
+# ---------------------------------------------------------------- messages
+
+
+def test_ping_pong_keeps_id(server):
+    peer = connected(server.url)
+    pong = peer.request({"type": "ping", "id": "p1"})
+    assert (pong["type"], pong["id"]) == ("pong", "p1")
+    p.parse_timestamp(pong["timestamp"])
+
+
+@pytest.mark.parametrize("frame, code, field", [
+    ("{not json", "INVALID_MESSAGE", None),
+    ("[1, 2]", "INVALID_MESSAGE", None),
+    ({"id": "x1"}, "INVALID_MESSAGE", "type"),
+    ({"type": "telemetry"}, "INVALID_MESSAGE", "id"),
+    ({"type": "dance", "id": "x2"}, "UNKNOWN_MESSAGE_TYPE", "type"),
+    ({"type": "telemetry", "id": "x3"}, "INVALID_MESSAGE", "payload"),
+    ({"type": "telemetry", "id": "x4", "payload": {"device_id": "device-001"}},
+     "INVALID_MESSAGE", "payload.metrics"),
+    ({"type": "telemetry", "id": "x5", "payload": {"device_id": "device-001",
+                                                   "metrics": {"cpu_usage": "high"}}},
+     "INVALID_MESSAGE", "payload.metrics.cpu_usage"),
+    ({"type": "telemetry", "id": "x6", "timestamp": "yesterday", "payload": {}},
+     "INVALID_MESSAGE", "timestamp"),
+    ({"type": "subscribe", "id": "x7", "payload": {"channel": "gossip"}},
+     "INVALID_CHANNEL", "payload.channel"),
+    ({"type": "subscribe", "id": "x8", "payload": {"channel": "telemetry", "filters": []}},
+     "INVALID_MESSAGE", "payload.filters"),
+    ({"type": "telemetry", "id": 7}, "INVALID_MESSAGE", "id"),
+])
+def test_client_errors_name_code_and_field(server, frame, code, field):
+    peer = connected(server.url)
+    peer.send(frame)
+    error = peer.recv_type("error")
+    assert error["error"]["code"] == code
+    assert error["error"].get("field") == field
+    # the connection survives every one of them
+    assert peer.request({"type": "ping", "id": "alive"})["type"] == "pong"
+
+
+def test_binary_frame_is_an_error_not_a_crash(server):
+    peer = connected(server.url)
+    peer.ws.send_binary(b"\x00\x01")
+    assert peer.recv_type("error")["error"]["code"] == "INVALID_MESSAGE"
+
+
+def test_telemetry_acked_stored_and_broadcast_once_per_id(server):
+    device = connected(server.url)
+    op = connected(server.url, "alice", "operator")
+    assert op.request({"type": "subscribe", "id": "s1",
+                       "payload": {"channel": "telemetry"}})["type"] == "subscribed"
+    assert device.request(telemetry("t-1"))["type"] == "ack"
+    assert device.request(telemetry("t-1"))["type"] == "ack"  # a resend: acked again
+    assert device.request(telemetry("t-2", cpu=3.0))["type"] == "ack"
+    first = op.recv_type("telemetry.update")
+    second = op.recv_type("telemetry.update")
+    assert first["payload"]["message_id"] == "t-1"
+    assert first["payload"]["sample_time"] == "2025-11-03T01:53:54.518Z"
+    assert second["payload"]["message_id"] == "t-2"  # no second copy of t-1 in between
+    assert [r["id"] for r in server.hub.telemetry("device-001")] == ["t-1", "t-2"]
+
+
+def test_device_cannot_send_for_another_device(server):
+    device = connected(server.url)
+    reply = device.request(telemetry("t-9", device="device-002"))
+    assert reply["error"] == {"code": "FORBIDDEN", "field": "payload.device_id",
+                              "message": reply["error"]["message"]}
+    assert server.hub.telemetry() == []
+
+
+def test_operator_cannot_send_telemetry_and_device_cannot_command(server):
+    op = connected(server.url, "alice", "operator")
+    assert op.request(telemetry("t-3"))["error"]["code"] == "FORBIDDEN"
+    device = connected(server.url)
+    cmd = {"type": "command", "id": "c1",
+           "payload": {"device_id": "device-001", "name": "reboot"}}
+    assert device.request(cmd)["error"]["code"] == "FORBIDDEN"
+
+
+def test_device_subscription_is_narrowed_to_itself(server):
+    device = connected(server.url)
+    reply = device.request({"type": "subscribe", "id": "s2",
+                            "payload": {"channel": "commands", "filters": {}}})
+    assert reply["payload"] == {"channel": "commands", "filters": {"device_id": "device-001"}}
+    other = device.request({"type": "subscribe", "id": "s3", "payload": {
+        "channel": "telemetry", "filters": {"device_id": "device-002"}}})
+    assert other["error"]["code"] == "FORBIDDEN"
+
+
+def test_filters_select_broadcasts(server):
+    op = connected(server.url, "alice", "operator")
+    op.request({"type": "subscribe", "id": "s4",
+                "payload": {"channel": "telemetry", "filters": {"device_id": "device-002"}}})
+    connected(server.url, "device-001").request(telemetry("a-1"))
+    connected(server.url, "device-002").request(telemetry("b-1", device="device-002"))
+    update = op.recv_type("telemetry.update")
+    assert update["payload"]["device_id"] == "device-002"
+    assert op.request({"type": "unsubscribe", "id": "u1", "payload": {
+        "channel": "telemetry"}})["payload"] == {"channel": "telemetry"}
+
+
+def test_offline_device_command_is_device_offline(server):
+    op = connected(server.url, "alice", "operator")
+    reply = op.request({"type": "command", "id": "c2",
+                        "payload": {"device_id": "device-404", "name": "reboot"}})
+    assert reply["error"]["code"] == "DEVICE_OFFLINE"
+
+
+def test_over_size_limit_closes_1009(server):
+    peer = connected(server.url)
+    peer.send("x" * (p.MAX_MESSAGE_BYTES + 1))
+    assert peer.close_code() == 1009
+
+
+def test_rate_limit_then_policy_close():
+    from agent.server.app import CompanionServer, ServerSettings
+
+    srv = CompanionServer(ServerSettings(port=0, rate_limit_per_minute=5, close_timeout_s=0.2),
+                          SECRET.encode()).start()
+    try:
+        peer = connected(srv.url)
+        replies = [peer.request({"type": "ping", "id": f"r{i}"}) for i in range(7)]
+        assert [r["type"] for r in replies] == ["pong"] * 5 + ["error"] * 2
+        assert replies[5]["error"]["code"] == "RATE_LIMITED"
+        # a client that ignores RATE_LIMITED is closed at twice the limit
+        for i in range(4):
+            peer.send({"type": "ping", "id": f"z{i}"})
+        assert peer.close_code() == 1008
+        # and others are still served
+        assert connected(srv.url, "device-002").request(
+            {"type": "ping", "id": "ok"})["type"] == "pong"
+    finally:
+        srv.stop()
+
+
+def test_silent_client_is_terminated_by_heartbeat(server):
+    """A client that never answers pings (raw socket, never reads) is dropped."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    sock.sendall((f"GET /v1/ws?token={mint('device-001')} HTTP/1.1\r\nHost: x\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert b"101" in sock.recv(200)
+    wait_for(lambda: server.hub.peers(), what="registration")
+    wait_for(lambda: not server.hub.peers(), timeout=10, what="heartbeat to drop the client")
+    sock.close()
+
+
+# ---------------------------------------------------------------- process level
+
+
+def test_sigterm_closes_clients_with_1000_and_exits_0(tmp_path):
+    db = tmp_path / "store.db"
+    srv = ServerProcess(db=str(db))
+    peer = connected(srv.url)
+    assert peer.request(telemetry("k-1"))["type"] == "ack"
+    srv.proc.send_signal(signal.SIGTERM)
+    assert peer.close_code() == 1000
+    assert srv.stop() == 0
+    rows = sqlite3.connect(db).execute("SELECT id, device_id FROM telemetry").fetchall()
+    assert rows == [("k-1", "device-001")]
+
+
+def test_missing_secret_is_a_clear_error():
+    env = child_env()
+    del env["NEXUS_JWT_SECRET"]
+    out = subprocess.run([sys.executable, "-m", "agent.server", "--port", "0"], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "NEXUS_JWT_SECRET" in out.stderr
+
+
+def test_token_command_mints_a_verifiable_token():
+    from agent.server import tokens
+
+    out = subprocess.run([sys.executable, "-m", "agent.server", "token", "--operator", "alice",
+                          "--ttl", "60"], env=child_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=30, check=True)
+    identity = tokens.verify(out.stdout.strip(), SECRET.encode())
+    assert (identity.subject, identity.role) == ("alice", "operator")
