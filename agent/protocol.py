@@ -22,7 +22,7 @@ import math
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -389,7 +389,7 @@ def check_client_message(env: Envelope) -> None:
         checker(env)
 
 
-_CLIENT_CHECKS = {
+_CLIENT_CHECKS: dict[str, Callable[[Envelope], object]] = {
     "telemetry": parse_telemetry,
     "subscribe": parse_subscription,
     "unsubscribe": lambda env: parse_subscription(env, need_filters=False),

@@ -15,7 +15,7 @@ os.environ.setdefault("NEXUS_JWT_SECRET", SECRET)
 
 
 @pytest.fixture
-def server() -> Iterator["object"]:
+def server() -> Iterator[object]:
     """A companion server in this process, on a free loopback port, fast heartbeats."""
     from agent.server.app import CompanionServer, ServerSettings
 
@@ -32,3 +32,11 @@ def _close_peers() -> Iterator[None]:
     yield
     while OPEN_PEERS:
         OPEN_PEERS.pop().close()
+
+
+@pytest.fixture(scope="session")
+def node_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """NODE_PATH with the guide's npm packages (ws, jsonwebtoken); skips without Node.js."""
+    from nodejs import node_modules
+
+    return str(node_modules(tmp_path_factory.mktemp("npm")))

@@ -37,7 +37,7 @@ def mint(subject: str, role: str = "device", ttl: float = 3600, secret: str = SE
     return tokens.mint(secret.encode(), subject, role, ttl)
 
 
-OPEN_PEERS: List["Peer"] = []
+OPEN_PEERS: List[Peer] = []
 
 
 class Peer:

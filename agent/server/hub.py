@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from ..errors import ProtocolError
 from .tokens import Identity
 
 RATE_WINDOW_S = 60.0
+
+log = logging.getLogger("nexus.server")
 
 
 class Peer(Protocol):
@@ -104,20 +107,27 @@ class Hub:
 
     def handle(self, client: Client, text: str | bytes, now: float) -> Outgoing:
         """Everything to send in answer to one frame from ``client``."""
-        msg_id = None
+        over_rate = self._over_rate(client, now)  # every frame counts, even a malformed one
+        env: p.Envelope | None = None
         try:
             env = p.decode(text)
-            msg_id = env.id
-            if self._over_rate(client, now):
-                return self._rate_error(client, msg_id, now)
+            if over_rate:
+                return self._rate_error(client, env.id, now)
             p.check_client_message(env)
             with self._lock:
                 return self._dispatch(client, env, now)
         except ProtocolError as exc:
-            if msg_id is None and self._over_rate(client, now):
+            if over_rate:
                 return self._rate_error(client, None, now)
-            return [(client.peer, p.encode(p.make_error(exc.code, exc.message, now,
-                                                       exc.msg_id, exc.field)))]
+            return self._error(client, exc.code, exc.message, now, exc.msg_id, exc.field)
+        except Exception:  # noqa: BLE001 - one bad message must not end the connection
+            log.exception("internal error handling a message from %s", client.client_id)
+            return self._error(client, p.INTERNAL_ERROR, "the server failed to handle this "
+                               "message", now, env.id if env else None)
+
+    def _error(self, client: Client, code: str, message: str, now: float,
+               msg_id: str | None, field_path: str | None = None) -> Outgoing:
+        return [(client.peer, p.encode(p.make_error(code, message, now, msg_id, field_path)))]
 
     def _over_rate(self, client: Client, now: float) -> bool:
         """Count this frame in the client's sliding 60 s window; True when over the limit."""
@@ -133,9 +143,8 @@ class Hub:
             # A client that ignores RATE_LIMITED would otherwise make us answer forever.
             client.peer.close(p.CLOSE_POLICY, "rate limit exceeded")
             return []
-        error = p.make_error(p.RATE_LIMITED, f"more than {limit} messages in 60 s; this "
-                             "message was not processed, send it again later", now, msg_id)
-        return [(client.peer, p.encode(error))]
+        return self._error(client, p.RATE_LIMITED, f"more than {limit} messages in 60 s; this "
+                           "message was not processed, send it again later", now, msg_id)
 
     def _dispatch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         handler = _HANDLERS[env.type]
