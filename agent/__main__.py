@@ -1,0 +1,75 @@
+"""``nexus-agent``: the device daemon and its operator subcommands.
+
+    nexus-agent [--config PATH]                 run the daemon (under systemd)
+    nexus-agent --check-config [--config PATH]  check the config and token, then exit
+    nexus-agent status [--config PATH] [--json] report the running agent's health
+
+Exit codes: 0 success; 1 unhealthy (status); 78 (EX_CONFIG) a bad config or
+token, so the unit's ``RestartPreventExitStatus=78`` stops a crash loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from .errors import AuthError, ConfigError
+
+DEFAULT_CONFIG = "/etc/nexus/agent.yaml"
+EXIT_UNHEALTHY = 1
+EXIT_CONFIG = 78
+
+
+def _load_checked(path: str):  # -> Config
+    from . import config as config_mod
+    from .service import check_token
+
+    cfg = config_mod.load(path)
+    check_token(cfg)
+    return cfg
+
+
+def _daemon_args(argv: List[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="nexus-agent", description="Nexus edge telemetry agent. "
+                                 "Subcommands: status, provision (see 'nexus-agent status -h').")
+    ap.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file ({DEFAULT_CONFIG})")
+    ap.add_argument("--check-config", action="store_true",
+                    help="check the config file and token, print the result, exit")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        from .status import main as status_main
+
+        return status_main(argv[1:])
+    if argv[:1] == ["provision"]:
+        from .provision import main as provision_main
+
+        return provision_main(argv[1:])
+    args = _daemon_args(argv)
+    try:
+        cfg = _load_checked(args.config)
+    except (ConfigError, AuthError) as exc:
+        print(f"nexus-agent: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"nexus-agent: {args.config} is valid")
+        return 0
+    from .logsetup import setup_logging
+    from .service import Agent
+
+    setup_logging(getattr(logging, cfg.log_level.upper()))
+    try:
+        agent = Agent(cfg)
+    except OSError as exc:  # state_dir not creatable or writable: a deployment error
+        print(f"nexus-agent: config error: state_dir: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return agent.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

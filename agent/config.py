@@ -1,0 +1,250 @@
+"""The agent's configuration: YAML in, frozen dataclasses out, every value checked.
+
+Rules:
+
+* Strict: an unknown key, a wrong type or an out-of-range value is a
+  :class:`ConfigError` naming the dotted key path (``server.url``); nothing is
+  guessed or silently ignored.
+* Relative paths are resolved against the directory of the config file, so a
+  config means the same thing whatever the working directory.
+* The token is *not* read here, only checked for existence and safe
+  permissions (``auth.check_token_file``); the transport re-reads it on every
+  connect so provisioning can rotate it.
+
+``config/agent.example.yaml`` documents every key; keep it in step with ``_SPEC``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    url: str
+    token_file: Optional[str] = None
+    auth: str = "header"
+    connect_timeout_s: float = 10.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 10.0
+    ack_timeout_s: float = 30.0
+    ack_window: int = 16
+    max_messages_per_minute: int = 90
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    max_bytes: int = 50_000_000
+
+
+@dataclass(frozen=True)
+class ReconnectConfig:
+    base_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """One allow-listed command (see ``commands.py`` for how it is checked and filled)."""
+
+    name: str
+    argv: Tuple[str, ...]
+    timeout_s: float = 30.0
+    args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    run_as: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class CommandsConfig:
+    allow: Mapping[str, CommandSpec] = field(default_factory=dict)
+    max_concurrent: int = 2
+    max_queued: int = 16
+    max_output_bytes: int = 65536
+
+
+@dataclass(frozen=True)
+class Config:
+    device_id: str
+    state_dir: str
+    server: ServerConfig
+    telemetry: TelemetryConfig = TelemetryConfig()
+    queue: QueueConfig = QueueConfig()
+    reconnect: ReconnectConfig = ReconnectConfig()
+    commands: CommandsConfig = CommandsConfig()
+    log_level: str = "info"
+    source: str = ""  # the file it was loaded from
+
+
+# --------------------------------------------------------------------------- checks
+
+Check = Callable[[Any, str], Any]
+
+
+def _kind(*kinds: type) -> Check:
+    def check(value: Any, key: str) -> Any:
+        if isinstance(value, bool) and bool not in kinds:  # YAML yes/no is not a number
+            raise ConfigError(key, f"must be {_names(kinds)}, not a boolean")
+        if not isinstance(value, kinds):
+            raise ConfigError(key, f"must be {_names(kinds)}, not {type(value).__name__}")
+        return float(value) if float in kinds and isinstance(value, (int, float)) else value
+    return check
+
+
+def _names(kinds: Tuple[type, ...]) -> str:
+    return " or ".join({str: "a string", int: "an integer", float: "a number",
+                        dict: "a mapping", list: "a list", bool: "a boolean"}[k]
+                       for k in kinds if k is not int or float not in kinds)
+
+
+def _number(low: float, high: float, integer: bool = False) -> Check:
+    base = _kind(int) if integer else _kind(int, float)
+
+    def check(value: Any, key: str) -> Any:
+        value = base(value, key)
+        if not low <= value <= high:
+            raise ConfigError(key, f"must be between {low:g} and {high:g}, not {value:g}")
+        return value
+    return check
+
+
+def _choice(*options: str) -> Check:
+    def check(value: Any, key: str) -> Any:
+        if value not in options:
+            raise ConfigError(key, f"must be one of {', '.join(options)}, not {value!r}")
+        return value
+    return check
+
+
+def _device_id(value: Any, key: str) -> str:
+    value = _kind(str)(value, key)
+    if not DEVICE_ID.match(value):
+        raise ConfigError(key, "must be 1 to 128 letters, digits or . _ : - "
+                          "(starting with a letter or digit)")
+    return str(value)
+
+
+def _url(value: Any, key: str) -> str:
+    value = _kind(str)(value, key)
+    parts = urlsplit(value)
+    if parts.scheme not in ("ws", "wss"):
+        raise ConfigError(key, f"must be a ws:// or wss:// URL, not {parts.scheme or value!r}")
+    if not parts.hostname:
+        raise ConfigError(key, "has no host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(key, "must not carry a query, fragment or credentials "
+                          "(the token goes in server.token_file)")
+    return str(value)
+
+
+_SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
+    # section -> key -> (check, required)
+    "": {"device_id": (_device_id, True), "state_dir": (_kind(str), True),
+         "log_level": (_choice("debug", "info", "warning", "error"), False)},
+    "server": {
+        "url": (_url, True), "token_file": (_kind(str), False),
+        "auth": (_choice("header", "query"), False),
+        "connect_timeout_s": (_number(0.1, 300), False),
+        "ping_interval_s": (_number(0.1, 3600), False),
+        "ping_timeout_s": (_number(0.1, 600), False),
+        "ack_timeout_s": (_number(0.5, 3600), False),
+        "ack_window": (_number(1, 1000, integer=True), False),
+        "max_messages_per_minute": (_number(2, 100_000, integer=True), False),
+    },
+    "telemetry": {"interval_s": (_number(0.05, 86400), False)},
+    "queue": {"max_bytes": (_number(65536, 10**12, integer=True), False)},
+    "reconnect": {"base_delay_s": (_number(0.01, 3600), False),
+                  "max_delay_s": (_number(0.1, 86400), False)},
+    "commands": {"allow": (_kind(dict), False),
+                 "max_concurrent": (_number(1, 64, integer=True), False),
+                 "max_queued": (_number(0, 1000, integer=True), False),
+                 "max_output_bytes": (_number(1024, 16 * 2**20, integer=True), False)},
+}
+
+
+def _section(raw: Any, name: str) -> Dict[str, Any]:
+    spec = _SPEC[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(name or "(top level)", "must be a mapping")
+    out: Dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{name}.{key}" if name else str(key)
+        if name == "" and key in _SPEC:
+            continue  # a section, checked on its own
+        if key not in spec:
+            known = ", ".join(sorted(k for k in spec) + ([] if name else sorted(
+                k for k in _SPEC if k)))
+            raise ConfigError(path, f"unknown key (known keys: {known})")
+        check, _ = spec[key]
+        out[key] = check(value, path)
+    for key, (_, required) in spec.items():
+        if required and key not in out:
+            raise ConfigError(f"{name}.{key}" if name else key, "is required")
+    return out
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def build(raw: Any, source: str = "") -> Config:
+    """A checked Config from parsed YAML; ``source`` anchors relative paths."""
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", "the config must be a YAML mapping")
+    base_dir = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    top = _section(raw, "")
+    server = _section(raw.get("server"), "server") if "server" in raw else None
+    if server is None:
+        raise ConfigError("server", "is required")
+    if "token_file" in server:
+        server["token_file"] = _resolve(server["token_file"], base_dir)
+    reconnect = ReconnectConfig(**_section(raw.get("reconnect"), "reconnect"))
+    if reconnect.base_delay_s > reconnect.max_delay_s:
+        raise ConfigError("reconnect.base_delay_s", "must not exceed reconnect.max_delay_s")
+    commands_raw = _section(raw.get("commands"), "commands")
+    from .commands import parse_allow_list  # the allow-list rules live with the commands
+
+    allow = parse_allow_list(commands_raw.pop("allow", {}), "commands.allow")
+    return Config(
+        device_id=top["device_id"],
+        state_dir=_resolve(top["state_dir"], base_dir),
+        server=ServerConfig(**server),
+        telemetry=TelemetryConfig(**_section(raw.get("telemetry"), "telemetry")),
+        queue=QueueConfig(**_section(raw.get("queue"), "queue")),
+        reconnect=reconnect,
+        commands=CommandsConfig(allow=allow, **commands_raw),
+        log_level=top.get("log_level", "info"),
+        source=source,
+    )
+
+
+def load(path: str) -> Config:
+    """Read, parse and check the config file at ``path``."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read the config file: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(path, f"not valid YAML{where}") from None
+    return build(raw, path)
