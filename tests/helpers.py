@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -121,25 +122,124 @@ class ServerProcess:
         args = [sys.executable, "-m", "agent.server", "--port", str(self.port), *extra]
         if db:
             args += ["--db", db]
+        # stderr goes to a file: a pipe nobody reads would block a chatty server
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="nexus-server-", suffix=".log")
         self.proc = subprocess.Popen(args, env=child_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, cwd=REPO)
+                                     stderr=self._log, text=True, cwd=REPO)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
-        assert "listening on" in line, f"server did not start: {line!r} " + (
-            self.proc.stderr.read() if self.proc.stderr and self.proc.poll() is not None
-            else "")
+        assert "listening on" in line, f"server did not start: {line!r} {self.log()}"
         self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
 
+    def log(self) -> str:
+        with open(self._log.name) as f:
+            return f.read()
+
     def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; log() stays readable afterwards."""
         if self.proc.poll() is None:
             self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            for stream in (self.proc.stdout, self.proc.stderr):
-                if stream:
-                    stream.close()
+        return self.proc.wait(timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+def write_config(folder: Path, url: str, device_id: str = "device-001",
+                 token: Optional[str] = None, **sections: Dict[str, Any]) -> Path:
+    """An agent config in ``folder`` with a 0600 token file; ``sections`` override defaults."""
+    import yaml
+
+    token_file = folder / "token"
+    token_file.write_text((token or mint(device_id)) + "\n")
+    token_file.chmod(0o600)
+    cfg: Dict[str, Any] = {
+        "device_id": device_id,
+        "state_dir": str(folder / "state"),
+        "log_level": "debug",
+        "server": {"url": url, "token_file": str(token_file), "connect_timeout_s": 2,
+                   "ping_interval_s": 2, "ping_timeout_s": 2, "ack_timeout_s": 5,
+                   "max_messages_per_minute": 6000},
+        "telemetry": {"interval_s": 0.2},
+        "reconnect": {"base_delay_s": 0.05, "max_delay_s": 0.5},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path = folder / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class AgentProcess:
+    """``nexus-agent`` as a real subprocess; its log goes to ``folder/agent-N.log``."""
+
+    count = 0
+
+    def __init__(self, config: Path, *extra: str, env: Optional[Dict[str, str]] = None) -> None:
+        AgentProcess.count += 1
+        self.config = config
+        self.state_dir = config.parent / "state"
+        self.log_path = config.parent / f"agent-{AgentProcess.count}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(config),
+                                      *extra], env=env or child_env(), stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=REPO)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def status(self) -> Dict[str, Any]:
+        """status.json as last written; fails at once if the agent died."""
+        if self.proc.poll() is not None and self.proc.returncode != 0:
+            raise AssertionError(f"agent exited with {self.proc.returncode}: {self.log()[-2000:]}")
+        try:
+            return json.loads((self.state_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+
+def outbox_ids(state_dir: Path) -> List[str]:
+    """Ids stored in an agent's outbox, oldest first (read-only, while it runs or after)."""
+    import sqlite3
+
+    if not (state_dir / "outbox.db").exists():
+        return []
+    db = sqlite3.connect(f"file:{state_dir / 'outbox.db'}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in db.execute("SELECT id FROM messages ORDER BY seq")]
+    except sqlite3.OperationalError:  # not created yet
+        return []
+    finally:
+        db.close()
+
+
+def stored(db_path: Path, device_id: str = "device-001") -> List[Dict[str, Any]]:
+    """Telemetry rows a nexus-server kept in its --db file, in arrival order."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT id, sample_time, payload FROM telemetry WHERE device_id = ? "
+                          "ORDER BY rowid", (device_id,)).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+    return [{"id": r[0], "sample_time": r[1], "payload": json.loads(r[2])} for r in rows]

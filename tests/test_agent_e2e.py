@@ -1,0 +1,203 @@
+"""nexus-agent end to end: real agent process, real nexus-server process, loopback, signals."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from helpers import (
+    AgentProcess,
+    ServerProcess,
+    connected,
+    free_port,
+    outbox_ids,
+    stored,
+    wait_for,
+    write_config,
+)
+
+from agent import protocol as p
+
+
+def _check_delivered(rows, ids):
+    """Every id arrived exactly once, with its own sample time, in sample order."""
+    by_id = {r["id"]: r for r in rows}
+    missing = [i for i in ids if i not in by_id]
+    assert not missing, f"{len(missing)} samples never arrived: {missing[:5]}"
+    assert len(rows) == len(by_id), "an id was stored twice"
+    times = [p.parse_timestamp(by_id[i]["sample_time"]) for i in ids]
+    assert times == sorted(times), "sample times out of order"
+
+
+@pytest.mark.parametrize("auth", ["header", "query"])
+def test_telemetry_flows_with_header_or_query_auth(tmp_path, auth):
+    srv = ServerProcess(db=str(tmp_path / "server.db"))
+    agent = AgentProcess(write_config(tmp_path, srv.url, server={"auth": auth}))
+    try:
+        rows = wait_for(lambda: len(stored(tmp_path / "server.db")) >= 3 and
+                        stored(tmp_path / "server.db"), what="three samples at the server")
+        metrics = rows[0]["payload"]["metrics"]
+        assert rows[0]["payload"]["device_id"] == "device-001"
+        for key in ("cpu_usage", "memory_usage", "disk_root_usage", "uptime_s",
+                    "agent_queue_depth", "agent_rss_bytes", "net_bytes_sent"):
+            assert key in metrics, key
+        assert 0 <= metrics["cpu_usage"] <= 100 and 0 < metrics["memory_usage"] <= 100
+        status = wait_for(lambda: agent.status().get("connected") and agent.status())
+        assert status["acked"] >= 3 and status["clock_offset_s"] is not None
+        assert "eyJ" not in agent.log(), "a token leaked into the log"
+    finally:
+        assert agent.stop() == 0
+        srv.stop()
+
+
+def test_an_operator_watching_sees_live_updates(tmp_path):
+    srv = ServerProcess()
+    agent = AgentProcess(write_config(tmp_path, srv.url))
+    try:
+        op = connected(srv.url, "alice", "operator")
+        op.request({"type": "subscribe", "id": "s", "payload": {
+            "channel": "telemetry", "filters": {"device_id": "device-001"}}})
+        update = op.recv_type("telemetry.update")
+        assert update["payload"]["device_id"] == "device-001"
+        assert "cpu_usage" in update["payload"]["metrics"]
+    finally:
+        agent.stop()
+        srv.stop()
+
+
+def test_server_outage_every_sample_arrives_once_in_order(tmp_path):
+    port = free_port()
+    db = tmp_path / "server.db"
+    srv = ServerProcess(port, db=str(db))
+    agent = AgentProcess(write_config(tmp_path, srv.url))
+    try:
+        wait_for(lambda: len(stored(db)) >= 2, what="first samples")
+        srv.stop()
+        wait_for(lambda: len(outbox_ids(agent.state_dir)) >= 10, what="samples queued offline")
+        offline = outbox_ids(agent.state_dir)
+        srv = ServerProcess(port, db=str(db))
+        wait_for(lambda: {r["id"] for r in stored(db)} >= set(offline), timeout=20,
+                 what="the backlog to arrive")
+        _check_delivered(stored(db), offline)
+        wait_for(lambda: agent.status().get("queue_depth") == 0 or
+                 agent.status().get("queue_depth", 99) <= 2, what="the outbox to drain")
+    finally:
+        assert agent.stop() == 0
+        srv.stop()
+
+
+def test_sigkill_while_offline_loses_nothing(tmp_path):
+    port = free_port()
+    db = tmp_path / "server.db"
+    config = write_config(tmp_path, f"ws://127.0.0.1:{port}/v1/ws")
+    agent = AgentProcess(config)
+    wait_for(lambda: len(outbox_ids(agent.state_dir)) >= 8, what="samples queued offline")
+    agent.kill()  # SIGKILL: no chance to flush anything
+    before_kill = outbox_ids(agent.state_dir)
+    assert len(before_kill) >= 8
+    srv = ServerProcess(port, db=str(db))
+    agent = AgentProcess(config)
+    try:
+        wait_for(lambda: {r["id"] for r in stored(db)} >= set(before_kill), timeout=20,
+                 what="every pre-kill sample at the server")
+        _check_delivered(stored(db), before_kill)
+        assert "resuming" in agent.log()
+    finally:
+        assert agent.stop() == 0
+        srv.stop()
+
+
+def test_queue_cap_drops_oldest_and_reports_it(tmp_path):
+    port = free_port()
+    db = tmp_path / "server.db"
+    config = write_config(tmp_path, f"ws://127.0.0.1:{port}/v1/ws", queue={"max_bytes": 65536},
+                          telemetry={"interval_s": 0.05})
+    agent = AgentProcess(config)
+    try:
+        status = wait_for(lambda: agent.status().get("dropped", 0) > 0 and agent.status(),
+                          timeout=30, what="the cap to drop messages")
+        assert status["queue_bytes"] <= 65536
+        first_kept = outbox_ids(agent.state_dir)[0]
+        assert not first_kept.endswith("-1"), "the oldest message should have been dropped"
+        assert "dropped the" in agent.log()
+        srv = ServerProcess(port, db=str(db))
+        rows = wait_for(lambda: [r for r in stored(db)
+                                 if r["payload"]["metrics"]["agent_dropped"] > 0],
+                        timeout=20, what="the dropped count in telemetry")
+        assert rows[0]["payload"]["metrics"]["agent_dropped"] >= 1
+        srv.stop()
+    finally:
+        assert agent.stop() == 0
+
+
+def test_corrupt_queue_file_is_moved_aside(tmp_path):
+    srv = ServerProcess(db=str(tmp_path / "server.db"))
+    config = write_config(tmp_path, srv.url)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "outbox.db").write_bytes(b"this is not an SQLite database" * 200)
+    agent = AgentProcess(config)
+    try:
+        wait_for(lambda: len(stored(tmp_path / "server.db")) >= 2, what="telemetry after repair")
+        assert "moved it to" in agent.log()
+        assert list(state.glob("outbox.db.corrupt-*")), "the corrupt file was not kept aside"
+    finally:
+        assert agent.stop() == 0
+        srv.stop()
+
+
+def test_sigterm_stops_within_5s_closes_1000_and_keeps_unacked(tmp_path):
+    db = tmp_path / "server.db"
+    srv = ServerProcess(0, "-v", db=str(db))
+    agent = AgentProcess(write_config(tmp_path, srv.url))
+    wait_for(lambda: agent.status().get("acked", 0) >= 3, what="acks")
+    start = time.monotonic()
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(10) == 0
+    assert time.monotonic() - start < 5.0
+    assert srv.stop() == 0
+    assert "(close code 1000)" in srv.log()
+    # nothing lost: every id ever created (seq 1..N) is at the server or still queued
+    delivered = {r["id"] for r in stored(db)}
+    queued = set(outbox_ids(agent.state_dir))
+    seqs = sorted(int(i.rsplit("-", 1)[1]) for i in delivered | queued)
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert agent.status()["stopped"] is True
+
+
+def test_dead_peer_is_detected_when_tcp_goes_silent(tmp_path):
+    """SIGSTOP freezes the server: TCP stays up, nothing answers. The agent must notice."""
+    srv = ServerProcess()
+    agent = AgentProcess(write_config(tmp_path, srv.url, server={
+        "ping_interval_s": 0.5, "ping_timeout_s": 1.0, "ack_timeout_s": 2.0}))
+    try:
+        wait_for(lambda: agent.status().get("connected"), what="connection")
+        srv.proc.send_signal(signal.SIGSTOP)
+        status = wait_for(lambda: not agent.status().get("connected", True) and agent.status(),
+                          timeout=10, what="the agent to notice the dead peer")
+        assert "no answer to ping" in status["last_error"] or "no ack" in status["last_error"]
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+        agent.stop()
+        srv.stop()
+
+
+def test_auth_refusal_backs_off_and_is_logged_once(tmp_path):
+    srv = ServerProcess(0, "-v")
+    config = write_config(tmp_path, srv.url, token="not-a-valid-token",
+                          reconnect={"base_delay_s": 0.01, "max_delay_s": 1.0})
+    agent = AgentProcess(config)
+    try:
+        time_window = 3.0
+        wait_for(lambda: "refused the token" in agent.log(), what="the refusal log line")
+        start = time.monotonic()
+        first = agent.status().get("reconnects", 0)
+        wait_for(lambda: time.monotonic() - start > time_window, timeout=time_window + 1)
+        attempts = agent.status().get("reconnects", 0) - first
+        # at the cap (0.5 to 1 s apart) that is at most ~6 in 3 s; base delay would be ~100s
+        assert attempts <= 7, attempts
+        assert agent.log().count("refused the token") == 1
+    finally:
+        agent.stop()
+        srv.stop()
