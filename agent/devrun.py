@@ -1,0 +1,88 @@
+"""``make run``: the companion server and one agent on loopback, telemetry printed live.
+
+Steps: make ``.run/`` (a fresh JWT secret and a device token, both 0600), start
+the companion server on 127.0.0.1:8765 in this process, start ``nexus-agent
+--config config/agent.local.yaml`` as a child process (its log goes to
+stderr), and print each ``telemetry.update`` as one line until Ctrl-C (or
+``--duration`` seconds). Then the agent gets SIGTERM and the server stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import config as config_mod
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "config" / "agent.local.yaml"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agent.devrun", description=__doc__)
+    ap.add_argument("--config", default=str(CONFIG), help="agent config (default: %(default)s)")
+    ap.add_argument("--duration", type=float, help="stop after this many seconds")
+    args = ap.parse_args(argv)
+
+    from . import ctl
+    from .logsetup import setup_logging
+    from .server.app import CompanionServer, ServerSettings
+    from .server.tokens import mint
+
+    setup_logging()
+    cfg = config_mod.load(args.config)
+    url = cfg.server.url
+    host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+    secret = secrets.token_hex(32).encode()
+    assert cfg.server.token_file is not None
+    _write_private(Path(cfg.server.token_file), mint(secret, cfg.device_id, "device", 86400))
+    try:
+        server = CompanionServer(ServerSettings(host=host, port=int(port)), secret).start()
+    except OSError as exc:
+        print(f"devrun: cannot listen on {host}:{port} ({exc.strerror}); is another "
+              "nexus-server running?", file=sys.stderr)
+        return 1
+    print(f"companion server on {server.url}; agent {cfg.device_id} with {args.config}",
+          file=sys.stderr)
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "--config", args.config],
+                             cwd=ROOT)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    ws = ctl.connect(server.url, mint(secret, "devrun", "operator", 86400))
+    watcher = threading.Thread(target=ctl.watch, args=(ws, cfg.device_id, None, sys.stdout),
+                               daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + args.duration if args.duration else None
+    while not stop.wait(0.2):
+        if deadline and time.monotonic() > deadline:
+            break
+        if agent.poll() is not None:
+            print(f"devrun: the agent exited with {agent.returncode}", file=sys.stderr)
+            break
+    agent.terminate()
+    code = agent.wait(10)
+    server.stop()  # closes the watcher's connection too
+    watcher.join(2)
+    ws.close()
+    return 0 if code in (0, -signal.SIGTERM) else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Config loading: every bad input names its key path; nexus-agent --check-config exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import REPO, child_env, write_config
+
+from agent import config
+from agent.errors import ConfigError
+
+
+def load_with(tmp_path, **changes):
+    path = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws")
+    raw = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is DELETE:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    path.write_text(yaml.safe_dump(raw))
+    return config.load(str(path))
+
+
+DELETE = object()
+
+
+def test_example_and_local_configs_are_valid():
+    for name in ("agent.example.yaml", "agent.local.yaml"):
+        cfg = config.load(str(REPO / "config" / name))
+        assert cfg.device_id and cfg.server.url.startswith("ws")
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "agent.yaml"
+    path.write_text("device_id: d1\nstate_dir: ../state\nserver: {url: 'ws://h:1/v1/ws', "
+                    "token_file: tok}\n")
+    cfg = config.load(str(path))
+    assert cfg.state_dir == str(tmp_path / "state")
+    assert cfg.server.token_file == str(tmp_path / "conf" / "tok")
+    assert (cfg.server.auth, cfg.telemetry.interval_s, cfg.queue.max_bytes) == ("header", 5.0,
+                                                                                50_000_000)
+    assert (cfg.reconnect.base_delay_s, cfg.reconnect.max_delay_s) == (1.0, 60.0)
+
+
+@pytest.mark.parametrize("changes, key, words", [
+    ({"colour": "blue"}, "colour", "unknown key"),
+    ({"server__tokenfile": "x"}, "server.tokenfile", "unknown key"),
+    ({"device_id": DELETE}, "device_id", "required"),
+    ({"device_id": "bad id!"}, "device_id", "letters"),
+    ({"server__url": "http://x/v1/ws"}, "server.url", "ws:// or wss://"),
+    ({"server__url": "ws://x/v1/ws?token=abc"}, "server.url", "query"),
+    ({"server__auth": "cookie"}, "server.auth", "header, query"),
+    ({"telemetry__interval_s": "fast"}, "telemetry.interval_s", "a number"),
+    ({"telemetry__interval_s": True}, "telemetry.interval_s", "boolean"),
+    ({"telemetry__interval_s": 0}, "telemetry.interval_s", "between"),
+    ({"queue__max_bytes": 1.5}, "queue.max_bytes", "an integer"),
+    ({"queue__max_bytes": 10}, "queue.max_bytes", "between"),
+    ({"reconnect__base_delay_s": 100, "reconnect__max_delay_s": 10}, "reconnect.base_delay_s",
+     "must not exceed"),
+    ({"telemetry": [1, 2]}, "telemetry", "mapping"),
+])
+def test_bad_values_name_the_key(tmp_path, changes, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_with(tmp_path, **changes)
+    assert info.value.key == key
+    assert words in info.value.reason
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text("device_id: d1\nserver: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    assert "line" in str(info.value)
+
+
+def run_check(path, env=None):
+    return subprocess.run([sys.executable, "-m", "agent", "--check-config", "--config",
+                           str(path)], env=env or child_env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_check_config_ok_and_one_line_errors(tmp_path):
+    path = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws")
+    ok = run_check(path)
+    assert ok.returncode == 0, ok.stderr
+    path.write_text(path.read_text().replace("interval_s: 0.2", "interval_s: -1"))
+    bad = run_check(path)
+    assert bad.returncode == 78
+    assert bad.stderr.strip().count("\n") == 0
+    assert "telemetry.interval_s" in bad.stderr
+
+
+def test_token_file_permissions_and_presence(tmp_path):
+    path = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws")
+    token = tmp_path / "token"
+    token.chmod(0o644)
+    out = run_check(path)
+    assert out.returncode == 78 and "chmod 600" in out.stderr and str(token) in out.stderr
+    token.unlink()
+    out = run_check(path)
+    assert out.returncode == 78 and "No such file" in out.stderr
+    assert "eyJ" not in out.stderr
+
+
+def test_token_from_environment_when_no_file(tmp_path):
+    path = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws")
+    raw = yaml.safe_load(path.read_text())
+    del raw["server"]["token_file"]
+    path.write_text(yaml.safe_dump(raw))
+    env = child_env()
+    env.pop("NEXUS_TOKEN", None)
+    assert "NEXUS_TOKEN" in run_check(path, env).stderr
+    env["NEXUS_TOKEN"] = "abc.def.ghi"
+    assert run_check(path, env).returncode == 0
