@@ -1,0 +1,50 @@
+"""nexus-agent against the platform guide's own reference server (Node.js, verbatim)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+from helpers import SECRET, AgentProcess, free_port, wait_for, write_config
+from nodejs import INTEROP
+
+
+class GuideServer:
+    def __init__(self, node_path: str, log_path) -> None:
+        self.port = free_port()
+        self._log = open(log_path, "w")
+        self.log_path = log_path
+        env = dict(os.environ, NODE_PATH=node_path, JWT_SECRET=SECRET, WS_PORT=str(self.port))
+        self.proc = subprocess.Popen(["node", str(INTEROP / "run-guide-server.js")], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(lambda: "listening on port" in log_path.read_text(), what="the guide server")
+        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    def telemetry(self):
+        return [json.loads(line[10:]) for line in self.log_path.read_text().splitlines()
+                if line.startswith("TELEMETRY ")]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.mark.parametrize("auth", ["header", "query"])
+def test_agent_streams_to_the_guide_reference_server(tmp_path, node_path, auth):
+    server = GuideServer(node_path, tmp_path / "guide-server.log")
+    agent = AgentProcess(write_config(tmp_path, server.url, server={"auth": auth}))
+    try:
+        samples = wait_for(lambda: len(server.telemetry()) >= 3 and server.telemetry(),
+                           what="telemetry at the guide server")
+        assert samples[0]["device_id"] == "device-001"
+        assert {"cpu_usage", "memory_usage"} <= set(samples[0]["metrics"])
+        status = wait_for(lambda: agent.status().get("acked", 0) >= 3 and agent.status(),
+                          what="acks from the guide server")
+        assert status["connected"] and status["clock_offset_s"] is not None
+        assert "Invalid JSON" not in server.log_path.read_text()
+    finally:
+        assert agent.stop() == 0
+        server.stop()

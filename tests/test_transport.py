@@ -1,0 +1,62 @@
+"""Transport pieces without a network (backoff, token bucket, send plan), then over loopback."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import subprocess
+import sys
+
+from helpers import REPO
+
+from agent.outbox import Outbox
+from agent.transport import SendPlan, TokenBucket, backoff_delays
+
+
+def test_backoff_grows_stays_under_cap_and_is_spread():
+    rng = random.Random(7)
+    base, cap = 1.0, 60.0
+    runs = [[d for _, d in zip(range(12), backoff_delays(base, cap, rng))] for _ in range(400)]
+    for n in range(12):
+        column = [run[n] for run in runs]
+        assert all(0 <= d <= min(cap, base * 2 ** n) for d in column)
+    means = [statistics.mean(run[n] for run in runs) for n in range(12)]
+    assert means[0] < means[2] < means[4] < means[6]  # grows
+    assert means[-1] < cap  # capped
+    late = [run[10] for run in runs]
+    assert statistics.pstdev(late) > cap / 6  # spread: full jitter, not a fixed delay
+    assert len({round(d, 3) for d in late}) > 300  # devices do not reconnect in lockstep
+
+
+def test_token_bucket_paces_to_the_rate():
+    bucket = TokenBucket(60, now=0.0)  # 1 per second, burst 6
+    taken = sum(bucket.take(0.0) for _ in range(100))
+    assert taken == 6
+    assert 0.9 < bucket.wait(0.0) <= 1.0
+    assert bucket.take(1.0) and not bucket.take(1.0)
+    # over 60 s never more than rate * 60 + burst
+    bucket = TokenBucket(90, now=0.0)
+    sent = sum(bucket.take(t / 10) for t in range(600))
+    assert sent <= 90 + 9
+
+
+def test_send_plan_interleaves_backlog_and_live(tmp_path):
+    box = Outbox(str(tmp_path), 10**6)
+    for i in range(6):
+        box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
+    plan = SendPlan(box, boundary=box.stats().last_seq, batch=2)
+    assert plan.next().seq == 1
+    for i in range(6, 9):
+        box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
+    order = [plan.next().seq for _ in range(8)]
+    assert order == [7, 2, 8, 3, 9, 4, 5, 6]  # live alternates with the backlog
+    assert plan.next() is None
+
+
+def test_ws_url_does_not_import_ssl():
+    code = ("import sys; from agent.transport import import_websocket; "
+            "import_websocket('ws://127.0.0.1:1/v1/ws'); "
+            "import agent.service; print('ssl' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=30, check=True)
+    assert out.stdout.strip() == "False"
