@@ -270,6 +270,7 @@ class Transport:
             delay = next(delays)
             log.info("reconnecting in %.1f s", delay)
             stop.wait(delay)
+        self.health.update(connected=False)
 
     def _after_connection(self, reason: str) -> None:
         was_connected = self.health.connected

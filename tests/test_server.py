@@ -246,3 +246,29 @@ def test_token_command_mints_a_verifiable_token():
                          text=True, timeout=30, check=True)
     identity = tokens.verify(out.stdout.strip(), SECRET.encode())
     assert (identity.subject, identity.role) == ("alice", "operator")
+
+
+def test_command_waits_for_its_device_within_ttl_then_result_is_relayed(server):
+    op = connected(server.url, "alice", "operator")
+    op.send({"type": "command", "id": "cmd-wait", "payload": {
+        "device_id": "device-009", "name": "reboot", "args": {}, "ttl_s": 30}})
+    device = connected(server.url, "device-009")
+    device.request({"type": "subscribe", "id": "s", "payload": {"channel": "commands"}})
+    delivery = device.recv_type("commands.update")
+    assert delivery["payload"] == {"command_id": "cmd-wait", "device_id": "device-009",
+                                   "name": "reboot", "args": {}}
+    result = {"command_id": "cmd-wait", "device_id": "device-009", "status": "succeeded",
+              "exit_code": 0, "stdout": "ok\n", "stderr": "", "duration_ms": 5}
+    ack = device.request({"type": "command.result", "id": "r-1", "payload": result})
+    assert ack["type"] == "ack"
+    relayed = op.recv_type("command.result")
+    assert relayed["id"] == "cmd-wait" and relayed["payload"] == result
+
+
+def test_command_ttl_expiry_is_device_offline(server):
+    op = connected(server.url, "alice", "operator")
+    op.send({"type": "command", "id": "cmd-exp", "payload": {
+        "device_id": "device-010", "name": "reboot", "ttl_s": 0.5}})
+    error = op.recv_type("error")
+    assert error["id"] == "cmd-exp" and error["error"]["code"] == "DEVICE_OFFLINE"
+    assert "ttl_s" in error["error"]["message"]

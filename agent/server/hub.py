@@ -233,8 +233,12 @@ class Hub:
             (result.command_id, result.device_id, result.status, p.format_timestamp(now),
              json.dumps(result.to_payload())))
         out = self._reply(client, "ack", env, now)
+        # Relayed once per pending request: a device's resend (same result, new message) finds
+        # no route; an operator who asks again with the same id gets the stored result again.
         operator = self._clients.get(self._routes.pop(result.command_id, ""))
-        if cur.rowcount == 1 and operator is not None:
+        if cur.rowcount == 0:
+            log.debug("command result %s was stored before", result.command_id)
+        if operator is not None:
             relay = p.make("command.result", now, result.to_payload(), result.command_id)
             out.append((operator.peer, p.encode(relay)))
         return out
