@@ -32,5 +32,47 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
+# ---------------------------------------------------------------- install
+# `make install` lays the agent out the way a distribution package would, using
+# only python3 and the system's python3-psutil, -websocket, -jwt and -yaml (no
+# pip, no compiler). PREFIX and DESTDIR as usual; SYSCONFDIR for /etc.
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+SYSCONFDIR ?= /etc
+LIBDIR     := $(PREFIX)/lib/nexus-agent
+UNITDIR    := $(PREFIX)/lib/systemd/system
+SHAREDIR   := $(PREFIX)/share/nexus-agent
+DOCDIR     := $(PREFIX)/share/doc/nexus-agent
+SYSTEM_PYTHON ?= /usr/bin/python3
+SCRIPTS    := nexus-agent nexus-ctl
+
+install:
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) \
+		$(DESTDIR)$(SHAREDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d \
+		$(DESTDIR)$(SYSCONFDIR)/nexus
+	find agent -name '*.py' | while read f; do \
+		install -D -m 0644 "$$f" "$(DESTDIR)$(LIBDIR)/$$f"; done
+	for s in $(SCRIPTS); do \
+		printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nfrom agent.%s import main\nsys.exit(main())\n' \
+			"$(SYSTEM_PYTHON)" "$(LIBDIR)" "$$( [ $$s = nexus-agent ] && echo __main__ || echo ctl )" \
+			> $(DESTDIR)$(PREFIX)/bin/$$s; \
+		chmod 0755 $(DESTDIR)$(PREFIX)/bin/$$s; done
+	sed 's|/usr/bin/nexus-agent|$(PREFIX)/bin/nexus-agent|; s|/etc/nexus/|$(SYSCONFDIR)/nexus/|' \
+		systemd/nexus-agent.service > $(DESTDIR)$(UNITDIR)/nexus-agent.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/nexus-agent.service
+	install -m 0644 systemd/nexus-agent.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/nexus-agent.conf
+	install -m 0640 config/agent.example.yaml $(DESTDIR)$(SYSCONFDIR)/nexus/agent.example.yaml
+	PYTHONPATH=. $(PYTHON) -m agent privileges --config config/agent.example.yaml \
+		> $(DESTDIR)$(SHAREDIR)/50-nexus-agent.rules.example
+	install -m 0644 docs/deploy.md docs/protocol.md docs/fleet-provision.sh $(DESTDIR)$(DOCDIR)/
+	@echo "installed under $(DESTDIR)$(PREFIX); next steps: docs/deploy.md"
+
+uninstall:
+	rm -rf $(DESTDIR)$(LIBDIR) $(DESTDIR)$(SHAREDIR) $(DESTDIR)$(DOCDIR)
+	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,$(SCRIPTS)) \
+		$(DESTDIR)$(UNITDIR)/nexus-agent.service \
+		$(DESTDIR)$(PREFIX)/lib/sysusers.d/nexus-agent.conf \
+		$(DESTDIR)$(SYSCONFDIR)/nexus/agent.example.yaml
+
 clean:
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -3,6 +3,8 @@
     nexus-agent [--config PATH]                 run the daemon (under systemd)
     nexus-agent --check-config [--config PATH]  check the config and token, then exit
     nexus-agent status [--config PATH] [--json] report the running agent's health
+    nexus-agent provision --device-id ID ...    write config and token (fleet scripts)
+    nexus-agent privileges [--config PATH]      print the polkit rule for the allow-list
 
 Exit codes: 0 success; 1 unhealthy (status); 78 (EX_CONFIG) a bad config or
 token, so the unit's ``RestartPreventExitStatus=78`` stops a crash loop.
@@ -33,7 +35,7 @@ def _load_checked(path: str):  # -> Config
 
 def _daemon_args(argv: List[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="nexus-agent", description="Nexus edge telemetry agent. "
-                                 "Subcommands: status, provision (see 'nexus-agent status -h').")
+                                 "Subcommands: status, provision, privileges (each has -h).")
     ap.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file ({DEFAULT_CONFIG})")
     ap.add_argument("--check-config", action="store_true",
                     help="check the config file and token, print the result, exit")
@@ -50,6 +52,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .provision import main as provision_main
 
         return provision_main(argv[1:])
+    if argv[:1] == ["privileges"]:
+        from .privileges import main as privileges_main
+
+        return privileges_main(argv[1:])
     args = _daemon_args(argv)
     try:
         cfg = _load_checked(args.config)

@@ -94,9 +94,9 @@ class Agent:
         while not self._sampling_stop.wait(max(0.0, next_at - time.monotonic())):
             try:
                 self.sample_once()
+                self._last_sample = time.monotonic()  # only a stored sample counts as progress
             except Exception:  # noqa: BLE001 - one failed sample must not stop sampling
                 log.exception("sampling failed; trying again next interval")
-            self._last_sample = time.monotonic()
             interval = self.config.telemetry.interval_s
             next_at += interval
             if next_at < time.monotonic():  # fell behind (suspend, slow disk): skip, no burst
@@ -118,7 +118,7 @@ class Agent:
         """All threads alive and the sampler not stuck (for the watchdog)."""
         threads_ok = all(t.is_alive() for t in self._threads.values())
         runner_ok = self.runner is None or self.runner.alive()
-        stuck_after = max(30.0, 3 * self.config.telemetry.interval_s)
+        stuck_after = 3 * self.config.telemetry.interval_s + 5.0
         return threads_ok and runner_ok and time.monotonic() - self._last_sample < stuck_after
 
     def run(self) -> int:

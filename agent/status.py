@@ -1,0 +1,100 @@
+"""``nexus-agent status``: the running agent's health, read from ``state_dir/status.json``.
+
+The daemon rewrites that file atomically every 2 s (no network port, nothing
+to connect to). Exit status: 0 healthy (running, fresh, connected); 1 running
+but unhealthy (disconnected, or a thread stuck); 3 not running (no file, a
+stopped agent, or a file older than ``STALE_S``); 78 a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+EXIT_OK, EXIT_UNHEALTHY, EXIT_NOT_RUNNING, EXIT_CONFIG = 0, 1, 3, 78
+STALE_S = 15.0
+
+
+def _ago(ts: Optional[float], now: float) -> str:
+    return "never" if ts is None else f"{now - ts:.1f} s ago"
+
+
+def evaluate(data: Optional[Dict[str, Any]], now: float) -> Dict[str, Any]:
+    """The report: the file's facts plus ``state`` and ``exit_code``."""
+    if not data:
+        return {"state": "not running", "exit_code": EXIT_NOT_RUNNING}
+    report = dict(data)
+    if data.get("stopped") or now - data.get("updated", 0) > STALE_S or not _pid_alive(
+            data.get("pid")):
+        report.update(state="not running", exit_code=EXIT_NOT_RUNNING)
+    elif not data.get("connected") or not data.get("healthy"):
+        report.update(state="unhealthy", exit_code=EXIT_UNHEALTHY)
+    else:
+        report.update(state="healthy", exit_code=EXIT_OK)
+    return report
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+def render(report: Dict[str, Any], now: float) -> str:
+    if "device_id" not in report:
+        return f"nexus-agent: {report['state']} (no status file)"
+    exp = report.get("token_expires")
+    offset = report.get("clock_offset_s")
+    lines = [
+        f"state:            {report['state']}",
+        f"device:           {report['device_id']}  ->  {report['server']}",
+        f"connected:        {'yes' if report.get('connected') else 'no'}"
+        + (f"  (last error: {report['last_error']})" if report.get("last_error") else ""),
+        f"last ack:         {_ago(report.get('last_ack_at'), now)}",
+        f"queue:            {report['queue_depth']} messages, {report['queue_bytes']} bytes",
+        f"oldest queued:    {_ago(report.get('oldest_queued_at'), now)}",
+        f"dropped:          {report['dropped']}",
+        f"reconnects:       {report['reconnects']}",
+        "token expires:    " + ("unknown" if exp is None else
+                                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(exp))
+                                + (" (EXPIRED)" if exp < now else "")),
+        "clock offset:     " + ("unknown" if offset is None else f"{offset:+.3f} s to the server"),
+        f"status file:      {_ago(report.get('updated'), now)}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: List[str]) -> int:
+    from . import config as config_mod
+    from .errors import ConfigError
+
+    ap = argparse.ArgumentParser(prog="nexus-agent status", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="/etc/nexus/agent.yaml")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    args = ap.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except ConfigError as exc:
+        print(f"nexus-agent: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    path = os.path.join(cfg.state_dir, "status.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = None
+    now = time.time()
+    report = evaluate(data, now)
+    print(json.dumps(report, sort_keys=True) if args.json else render(report, now))
+    return int(report["exit_code"])
