@@ -1,0 +1,178 @@
+"""make bench: memory and throughput, each next to a baseline measured in the same run.
+
+1. Resident memory (RSS) of a running agent streaming to a companion server on
+   loopback, against a bare interpreter that only imports the four device
+   dependencies (websocket-client, psutil, PyJWT, PyYAML).
+2. Durable enqueue rate: Outbox.put (WAL, synchronous=FULL, bounded) against a
+   bare SQLite insert with the same pragmas, on the same disk.
+3. Backlog drain: a pre-filled outbox of N messages delivered and acked through
+   nexus-server, against a bare websocket-client loop sending the same number
+   of messages with the same window to the same server.
+
+Prints a table; exits non-zero only if something failed to run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from helpers import (  # noqa: E402
+    AgentProcess,
+    ServerProcess,
+    child_env,
+    mint,
+    outbox_ids,
+    wait_for,
+    write_config,
+)
+
+BACKLOG = 2000
+WINDOW = 16
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def baseline_rss() -> int:
+    code = ("import websocket, psutil, jwt, yaml, os\n"
+            "print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True).stdout)
+
+
+def agent_rss(tmp: Path) -> tuple:
+    srv = ServerProcess(0, "--rate-limit", "100000")
+    agent = AgentProcess(write_config(tmp, srv.url, telemetry={"interval_s": 0.5},
+                                      log_level="warning"))
+    try:
+        wait_for(lambda: agent.status().get("acked", 0) >= 10, timeout=30)
+        samples = []
+        for _ in range(5):
+            samples.append(rss_kb(agent.proc.pid))
+            time.sleep(0.5)
+        ssl = "ssl" in Path(f"/proc/{agent.proc.pid}/maps").read_text()
+        return max(samples), ssl
+    finally:
+        agent.stop()
+        srv.stop()
+
+
+def enqueue_rates(tmp: Path, n: int = 300) -> tuple:
+    from agent.outbox import Outbox
+
+    box = Outbox(str(tmp / "ob"), 50_000_000)
+    payload = {"device_id": "device-001", "metrics": {f"m{i}": i * 1.5 for i in range(20)}}
+    start = time.perf_counter()
+    for _ in range(n):
+        box.put("telemetry", payload, "2025-01-01T00:00:00.000Z")
+    ours = n / (time.perf_counter() - start)
+    box.close()
+    db = sqlite3.connect(tmp / "bare.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, body TEXT)")
+    text = json.dumps(payload)
+    start = time.perf_counter()
+    for _ in range(n):
+        db.execute("INSERT INTO t (body) VALUES (?)", (text,))
+    bare = n / (time.perf_counter() - start)
+    db.close()
+    return ours, bare
+
+
+def drain_rate(tmp: Path) -> float:
+    from agent.outbox import Outbox
+    from agent.protocol import format_timestamp
+
+    config = write_config(tmp, "ws://127.0.0.1:1/v1/ws", telemetry={"interval_s": 3600},
+                          log_level="warning",
+                          server={"ack_window": WINDOW, "max_messages_per_minute": 100000})
+    box = Outbox(str(tmp / "state"), 50_000_000)
+    for i in range(BACKLOG):
+        box.put("telemetry", {"device_id": "device-001", "metrics": {"cpu_usage": i % 100}},
+                format_timestamp(time.time()))
+    box.close()
+    srv = ServerProcess(0, "--rate-limit", "1000000")
+    text = config.read_text().replace("ws://127.0.0.1:1/v1/ws", srv.url)
+    config.write_text(text)
+    agent = AgentProcess(config)
+    start = time.perf_counter()
+    try:
+        wait_for(lambda: len(outbox_ids(tmp / "state")) <= 1, timeout=300, interval=0.05)
+        return BACKLOG / (time.perf_counter() - start)
+    finally:
+        agent.stop()
+        srv.stop()
+
+
+def bare_drain_rate() -> float:
+    import websocket
+
+    from agent.protocol import format_timestamp
+
+    srv = ServerProcess(0, "--rate-limit", "1000000")
+    try:
+        ws = websocket.create_connection(srv.url, header=[
+            f"Authorization: Bearer {mint('device-001')}"])
+        ws.recv()
+        start = time.perf_counter()
+        sent = acked = 0
+        while acked < BACKLOG:
+            while sent < BACKLOG and sent - acked < WINDOW:
+                ws.send(json.dumps({"type": "telemetry", "id": f"b-{sent}",
+                                    "timestamp": format_timestamp(time.time()),
+                                    "payload": {"device_id": "device-001",
+                                                "metrics": {"cpu_usage": sent % 100}}}))
+                sent += 1
+            if json.loads(ws.recv())["type"] == "ack":
+                acked += 1
+        rate = BACKLOG / (time.perf_counter() - start)
+        ws.close()
+        return rate
+    finally:
+        srv.stop()
+
+
+def main() -> int:
+    os.environ.update(child_env())
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        base = baseline_rss()
+        (tmp / "a").mkdir()
+        ours, ssl_loaded = agent_rss(tmp / "a")
+        rows.append(("agent RSS, streaming (MB)", ours / 1024, base / 1024,
+                     f"ssl loaded: {ssl_loaded}"))
+        (tmp / "e").mkdir()
+        put, bare = enqueue_rates(tmp / "e")
+        rows.append(("durable enqueue (msg/s)", put, bare, "fsync per message"))
+        (tmp / "d").mkdir()
+        drain = drain_rate(tmp / "d")
+        rows.append((f"backlog drain of {BACKLOG} (msg/s)", drain, bare_drain_rate(),
+                     f"window {WINDOW}, acked + deleted"))
+    print(f"{'measure':34} {'ours':>10} {'baseline':>10} {'ratio':>7}  note")
+    for name, value, baseline, note in rows:
+        print(f"{name:34} {value:10.1f} {baseline:10.1f} {value / baseline:7.2f}  {note}")
+    print("baselines: bare interpreter + 4 device deps; bare sqlite3 insert; bare "
+          "websocket-client loop")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
