@@ -17,26 +17,13 @@ import logging
 import sys
 from typing import List, Optional
 
-from .errors import AuthError, ConfigError
-
-DEFAULT_CONFIG = "/etc/nexus/agent.yaml"
-EXIT_UNHEALTHY = 1
-EXIT_CONFIG = 78
-
-
-def _load_checked(path: str):  # -> Config
-    from . import config as config_mod
-    from .service import check_token
-
-    cfg = config_mod.load(path)
-    check_token(cfg)
-    return cfg
+from . import cli
+from .cli import EXIT_CONFIG
 
 
 def _daemon_args(argv: List[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="nexus-agent", description="Nexus edge telemetry agent. "
-                                 "Subcommands: status, provision, privileges (each has -h).")
-    ap.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file ({DEFAULT_CONFIG})")
+    ap = cli.parser("nexus-agent", "Nexus edge telemetry agent. "
+                    "Subcommands: status, provision, privileges (each has -h).")
     ap.add_argument("--check-config", action="store_true",
                     help="check the config file and token, print the result, exit")
     return ap.parse_args(argv)
@@ -57,10 +44,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return privileges_main(argv[1:])
     args = _daemon_args(argv)
-    try:
-        cfg = _load_checked(args.config)
-    except (ConfigError, AuthError) as exc:
-        print(f"nexus-agent: config error: {exc}", file=sys.stderr)
+    cfg = cli.load_config(args.config, check_token=True)
+    if cfg is None:
         return EXIT_CONFIG
     if args.check_config:
         print(f"nexus-agent: {args.config} is valid")

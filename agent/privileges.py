@@ -19,11 +19,11 @@ with ``systemctl start that.service``. Install the output as
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import List, Mapping, Tuple
 
+from . import cli
 from .config import CommandSpec
 
 SYSTEMCTL = ("/usr/bin/systemctl", "/bin/systemctl")
@@ -76,18 +76,11 @@ def render(allow: Mapping[str, CommandSpec], user: str, source: str) -> str:
 
 
 def main(argv: List[str]) -> int:
-    from . import config as config_mod
-    from .errors import ConfigError
-
-    ap = argparse.ArgumentParser(prog="nexus-agent privileges", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="/etc/nexus/agent.yaml")
+    ap = cli.parser("nexus-agent privileges", __doc__)
     ap.add_argument("--user", default="nexus-agent", help="the agent's user (nexus-agent)")
     args = ap.parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config)
-    except ConfigError as exc:
-        print(f"nexus-agent: config error: {exc}", file=sys.stderr)
-        return 78
+    cfg = cli.load_config(args.config)
+    if cfg is None:
+        return cli.EXIT_CONFIG
     sys.stdout.write(render(cfg.commands.allow, args.user, args.config))
     return 0

@@ -8,14 +8,14 @@ stopped agent, or a file older than ``STALE_S``); 78 a bad config.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
-EXIT_OK, EXIT_UNHEALTHY, EXIT_NOT_RUNNING, EXIT_CONFIG = 0, 1, 3, 78
+from . import cli
+
+EXIT_OK, EXIT_UNHEALTHY, EXIT_NOT_RUNNING, EXIT_CONFIG = 0, 1, 3, cli.EXIT_CONFIG
 STALE_S = 15.0
 
 
@@ -75,18 +75,11 @@ def render(report: Dict[str, Any], now: float) -> str:
 
 
 def main(argv: List[str]) -> int:
-    from . import config as config_mod
-    from .errors import ConfigError
-
-    ap = argparse.ArgumentParser(prog="nexus-agent status", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="/etc/nexus/agent.yaml")
+    ap = cli.parser("nexus-agent status", __doc__)
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     args = ap.parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config)
-    except ConfigError as exc:
-        print(f"nexus-agent: config error: {exc}", file=sys.stderr)
+    cfg = cli.load_config(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     path = os.path.join(cfg.state_dir, "status.json")
     try:

@@ -1,0 +1,36 @@
+"""What every ``nexus-agent`` subcommand shares: its parser and the one-line config error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from .config import Config
+
+DEFAULT_CONFIG = "/etc/nexus/agent.yaml"
+EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus=78 stops a crash loop
+
+
+def parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
+    """A subcommand parser with ``--config`` and the module docstring as its help."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file ({DEFAULT_CONFIG})")
+    return ap
+
+
+def load_config(path: str, check_token: bool = False) -> Optional[Config]:
+    """The checked config, or None after printing the one-line error naming the key or file."""
+    from . import config as config_mod
+    from .auth import read_token
+    from .errors import AuthError, ConfigError
+
+    try:
+        cfg = config_mod.load(path)
+        if check_token:
+            read_token(cfg.server.token_file)
+    except (ConfigError, AuthError) as exc:
+        print(f"nexus-agent: config error: {exc}", file=sys.stderr)
+        return None
+    return cfg
