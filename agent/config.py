@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
@@ -195,6 +195,23 @@ def _section(raw: Any, name: str) -> Dict[str, Any]:
         if required and key not in out:
             raise ConfigError(f"{name}.{key}" if name else key, "is required")
     return out
+
+
+def changes(old: Config, new: Config) -> List[str]:
+    """``key.path: old -> new`` for every setting that differs (for the reload log line)."""
+    def flat(value: Any, prefix: str) -> Dict[str, Any]:
+        if is_dataclass(value):
+            value = {f.name: getattr(value, f.name) for f in fields(value)}
+        if isinstance(value, Mapping):
+            out: Dict[str, Any] = {}
+            for key, item in value.items():
+                out.update(flat(item, f"{prefix}.{key}" if prefix else str(key)))
+            return out
+        return {prefix: value}
+
+    a, b = flat(old, ""), flat(new, "")
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key) and key != "source"]
 
 
 def _resolve(path: str, base_dir: str) -> str:

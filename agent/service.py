@@ -182,11 +182,12 @@ class Agent:
                 log.warning("reload: %s changed; that takes effect only after a restart", key)
         if new.server.url.split(":")[0] != self.config.server.url.split(":")[0]:
             log.warning("reload: the URL scheme changed; restart the agent to use it")
+        changed = config_mod.changes(self.config, new)
         self.config = new
         self.transport.set_config(new)
         if self.runner is not None:
             self.runner.config = new.commands
-        log.info("reloaded %s", new.source)
+        log.info("reloaded %s: %s", new.source, "; ".join(changed) or "no changes")
 
     # ------------------------------------------------------------------ status
 
