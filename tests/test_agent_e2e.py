@@ -201,3 +201,20 @@ def test_auth_refusal_backs_off_and_is_logged_once(tmp_path):
     finally:
         agent.stop()
         srv.stop()
+
+
+def test_agent_answers_the_servers_protocol_pings(tmp_path):
+    """A server pinging every 0.3 s and closing after 0.3 s without pong keeps the agent."""
+    srv = ServerProcess(0, "--ping-interval", "0.3", "--ping-timeout", "0.3")
+    agent = AgentProcess(write_config(tmp_path, srv.url, telemetry={"interval_s": 5},
+                                      server={"ping_interval_s": 60}))
+    try:
+        wait_for(lambda: agent.status().get("connected"), what="connection")
+        first = agent.status()["reconnects"]
+        # many server pings later (the sampler is quiet: only pongs keep the link)
+        wait_for(lambda: agent.status().get("updated", 0) > time.time() - 1 and
+                 time.time() - agent.status()["started"] > 4, timeout=10)
+        assert agent.status()["reconnects"] == first and agent.status()["connected"]
+    finally:
+        agent.stop()
+        srv.stop()

@@ -56,3 +56,12 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie is dead for our purpose
         return f.read().split()[2] != "Z"
+
+
+def test_run_as_another_user_when_root():
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    out = executor.run(["/usr/bin/id", "-un"], 5, 100, user="nobody")
+    assert out.stdout == "nobody\n"
