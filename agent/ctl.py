@@ -86,8 +86,11 @@ def watch(ws: Any, device: Optional[str], count: Optional[int], out: TextIO,
             return 0 if count is None else EXIT["no_result"]
         env = p.decode(text)
         if env.type == "telemetry.update" and env.payload is not None:
-            print(json.dumps(env.payload) if as_json else format_update(dict(env.payload)),
-                  file=out, flush=True)
+            try:
+                print(json.dumps(env.payload) if as_json else format_update(dict(env.payload)),
+                      file=out, flush=True)
+            except BrokenPipeError:  # `nexus-ctl watch | head`: the reader is done
+                return 0
             seen += 1
         elif env.type == "error":
             print(f"nexus-ctl: server error: {p.parse_error(env)}", file=sys.stderr)
