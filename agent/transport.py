@@ -46,6 +46,7 @@ from . import auth
 from . import protocol as p
 from .config import Config
 from .errors import AuthError, ProtocolError
+from .logsetup import redact
 from .outbox import Outbox, Record
 
 log = logging.getLogger("nexus.transport")
@@ -229,6 +230,7 @@ class Transport:
         os.set_blocking(self._wake_w, False)
         self._auth_refused_logged = False
         self._ws_module: Any = None
+        self.worked = False
 
     # ------------------------------------------------------------------ other threads
 
@@ -250,14 +252,14 @@ class Transport:
         cfg = self.config.reconnect
         delays = backoff_delays(cfg.base_delay_s, cfg.max_delay_s, self.rng)
         while not stop.is_set():
-            worked = False
+            self.worked = False  # set by the session on its first ack or pong
             try:
-                worked = self._connection(stop)
+                self._connection(stop)
             except AuthRefused as exc:
                 self._note_auth_refused(str(exc))
-                delay = self.rng.uniform(cfg.max_delay_s / 2, cfg.max_delay_s)
+                cap = self.config.reconnect.max_delay_s
                 self._after_connection(str(exc))
-                stop.wait(delay)
+                stop.wait(self.rng.uniform(cap / 2, cap))
                 continue
             except (ConnectionLost, OSError, ProtocolError) as exc:
                 self._after_connection(str(exc))
@@ -265,7 +267,7 @@ class Transport:
                 self._after_connection(_describe(exc))
             if stop.is_set():
                 break
-            if worked:
+            if self.worked:  # however it ended, this connection worked: start over at base
                 cfg = self.config.reconnect
                 delays = backoff_delays(cfg.base_delay_s, cfg.max_delay_s, self.rng)
             delay = next(delays)
@@ -274,6 +276,7 @@ class Transport:
         self.health.update(connected=False)
 
     def _after_connection(self, reason: str) -> None:
+        reason = redact(reason)  # a library's message may quote the URL, ?token= and all
         was_connected = self.health.connected
         self.health.update(connected=False, last_error=reason)
         self.health.add("reconnects")
@@ -313,15 +316,15 @@ class Transport:
         _limit_frames(ws, MAX_INCOMING_FRAME)
         return ws
 
-    def _connection(self, stop: threading.Event) -> bool:
-        """One connection from open to close; True if it worked (see the module rules)."""
+    def _connection(self, stop: threading.Event) -> None:
+        """One connection from open to close (or to the exception that ended it)."""
         try:
             ws = self._open()
         except AuthError as exc:
             raise ConnectionLost(f"no usable token: {exc}") from None
         session = _Session(self, ws)
         try:
-            return session.serve(stop)
+            session.serve(stop)
         finally:
             session.close()
 
@@ -340,7 +343,6 @@ class _Session:
         self.last_rx = now
         self.ping_sent: Optional[float] = None
         self.pause_until = 0.0
-        self.worked = False
         self.welcomed = False
         self.plan: Optional[SendPlan] = None
         self.close_code = p.CLOSE_NORMAL
@@ -348,7 +350,7 @@ class _Session:
 
     # ------------------------------------------------------------------ main loop
 
-    def serve(self, stop: threading.Event) -> bool:
+    def serve(self, stop: threading.Event) -> None:
         self._await_welcome()
         t = self.t
         self.plan = SendPlan(t.outbox, t.outbox.stats().last_seq, self.cfg.ack_window)
@@ -361,7 +363,6 @@ class _Session:
             self._check_timers(now)
             self._wait_and_read(self._next_deadline(now) - now)
         self._drain()
-        return self.worked
 
     def _await_welcome(self) -> None:
         deadline = time.monotonic() + self.cfg.connect_timeout_s
@@ -483,11 +484,11 @@ class _Session:
             return  # an ack for a message we no longer track (e.g. dropped): harmless
         del self.inflight[env.id]
         self.acked.append(env.id)  # deleted from the outbox by _flush_acks
-        self.worked = True
+        self.t.worked = True
 
     def _on_pong(self, env: p.Envelope) -> None:
         self.ping_sent = None
-        self.worked = True
+        self.t.worked = True
 
     def _on_error(self, env: p.Envelope) -> None:
         error = p.parse_error(env)

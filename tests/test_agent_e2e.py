@@ -11,6 +11,7 @@ from helpers import (
     ServerProcess,
     connected,
     free_port,
+    mint,
     outbox_ids,
     stored,
     wait_for,
@@ -198,6 +199,11 @@ def test_auth_refusal_backs_off_and_is_logged_once(tmp_path):
         # at the cap (0.5 to 1 s apart) that is at most ~6 in 3 s; base delay would be ~100s
         assert attempts <= 7, attempts
         assert agent.log().count("refused the token") == 1
+        # provisioning rotates the token file: the next attempt reads and uses it
+        token_file = tmp_path / "token"
+        token_file.write_text(mint("device-001") + "\n")
+        wait_for(lambda: agent.status().get("connected"), what="the rotated token to work")
+        assert "accepts the token again" in agent.log()
     finally:
         agent.stop()
         srv.stop()
