@@ -40,15 +40,15 @@ class Sampler:
         self._process = psutil.Process()
         self._boot_time = psutil.boot_time()
         psutil.cpu_percent(interval=None)  # the first call only sets the baseline
-        self._cpu_at = time.monotonic()
+        self._first = True
 
     def sample(self, health: Mapping[str, float]) -> Dict[str, float]:
         """One reading of the system, plus the agent's own ``health`` figures."""
         vm = psutil.virtual_memory()
         # cpu_percent compares with its previous call; right after start that is too short a
         # window to mean anything, so the first sample waits 0.2 s for a real reading.
-        window = 0.2 if time.monotonic() - self._cpu_at < 0.2 else None
-        self._cpu_at = time.monotonic()
+        window = 0.2 if self._first else None
+        self._first = False
         metrics: Dict[str, float] = {
             "cpu_usage": psutil.cpu_percent(interval=window),
             "memory_usage": vm.percent,
