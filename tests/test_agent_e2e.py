@@ -21,12 +21,15 @@ from helpers import (
 from agent import protocol as p
 
 
-def _check_delivered(rows, ids):
-    """Every id arrived exactly once, with its own sample time, in sample order."""
+def _await_delivery(db, ids, what):
+    """Wait until every id is at the server, then check each arrived once, in sample order."""
+    wait_for(lambda: {r["id"] for r in stored(db)} >= set(ids), timeout=20, what=what)
+    rows = stored(db)
     by_id = {r["id"]: r for r in rows}
     missing = [i for i in ids if i not in by_id]
     assert not missing, f"{len(missing)} samples never arrived: {missing[:5]}"
-    assert len(rows) == len(by_id), "an id was stored twice"
+    # the store keys on id; a sample re-queued under a new id would show as a repeated time
+    assert len({r["sample_time"] for r in rows}) == len(rows), "a sample was stored twice"
     times = [p.parse_timestamp(by_id[i]["sample_time"]) for i in ids]
     assert times == sorted(times), "sample times out of order"
 
@@ -78,11 +81,9 @@ def test_server_outage_every_sample_arrives_once_in_order(tmp_path):
         wait_for(lambda: len(outbox_ids(agent.state_dir)) >= 10, what="samples queued offline")
         offline = outbox_ids(agent.state_dir)
         srv = ServerProcess(port, db=str(db))
-        wait_for(lambda: {r["id"] for r in stored(db)} >= set(offline), timeout=20,
-                 what="the backlog to arrive")
-        _check_delivered(stored(db), offline)
-        wait_for(lambda: agent.status().get("queue_depth") == 0 or
-                 agent.status().get("queue_depth", 99) <= 2, what="the outbox to drain")
+        _await_delivery(db, offline, "the backlog to arrive")
+        # drained: at most the live samples of the last moment are still in flight
+        wait_for(lambda: agent.status().get("queue_depth", 99) <= 2, what="the outbox to drain")
     finally:
         assert agent.stop() == 0
         srv.stop()
@@ -100,9 +101,7 @@ def test_sigkill_while_offline_loses_nothing(tmp_path):
     srv = ServerProcess(port, db=str(db))
     agent = AgentProcess(config)
     try:
-        wait_for(lambda: {r["id"] for r in stored(db)} >= set(before_kill), timeout=20,
-                 what="every pre-kill sample at the server")
-        _check_delivered(stored(db), before_kill)
+        _await_delivery(db, before_kill, "every pre-kill sample at the server")
         assert "resuming" in agent.log()
     finally:
         assert agent.stop() == 0
