@@ -15,7 +15,9 @@ Rules and guarantees:
   stays open. Only a client that keeps sending past twice its rate limit is
   closed (1008).
 * The store is SQLite (``:memory:`` unless a file is given), bounded to
-  ``max_rows`` telemetry rows: the oldest are deleted past that.
+  ``max_rows`` telemetry rows: the oldest are deleted past that. Waiting
+  commands and result routes are bounded too (``MAX_PENDING_COMMANDS``,
+  ``MAX_ROUTES``): nothing a client sends grows memory without limit.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from ..errors import ProtocolError
 from .tokens import Identity
 
 RATE_WINDOW_S = 60.0
+MAX_PENDING_COMMANDS = 1000  # commands waiting (ttl_s) for a device to connect
+MAX_ROUTES = 10_000  # commands delivered whose result the operator still awaits
 
 log = logging.getLogger("nexus.server")
 
@@ -210,7 +214,12 @@ class Hub:
         if client.identity.is_device:
             raise ProtocolError(p.FORBIDDEN, "only an operator token may send commands", "type",
                                 env.id)
+        if len(self._pending) >= MAX_PENDING_COMMANDS and request.ttl_s is not None:
+            raise ProtocolError(p.RATE_LIMITED, f"{MAX_PENDING_COMMANDS} commands are already "
+                                "waiting for offline devices", "payload.ttl_s", env.id)
         self._routes[request.command_id] = client.client_id
+        while len(self._routes) > MAX_ROUTES:  # results that never came: forget the oldest
+            del self._routes[next(iter(self._routes))]
         if self._device_listening(request.device_id):
             return self._broadcast("commands", _delivery(request), now)
         if request.ttl_s is None:
