@@ -6,7 +6,8 @@ Rules and guarantees:
 * :class:`Hub` owns all shared state behind one lock. It never sends while it
   holds the lock: every method returns the list of ``(peer, text)`` to send, and
   the caller (``app.py``, one thread per connection) sends them afterwards, so a
-  slow client can never stall the others.
+  slow client never stalls the hub. (It can slow the one sender whose broadcast
+  it receives: the companion server has no per-client send queue.)
 * Telemetry is stored by message id: a resend of an id already stored is acked
   again but neither stored nor broadcast twice (delivery is at-least-once on the
   wire, exactly-once in the store).
