@@ -223,3 +223,26 @@ def test_agent_answers_the_servers_protocol_pings(tmp_path):
     finally:
         agent.stop()
         srv.stop()
+
+
+def test_live_samples_are_not_starved_by_a_backlog(tmp_path):
+    """Paced at 10 msg/s with a 20-sample backlog, a live sample must arrive mid-backlog."""
+    port = free_port()
+    db = tmp_path / "server.db"
+    config = write_config(tmp_path, f"ws://127.0.0.1:{port}/v1/ws",
+                          telemetry={"interval_s": 0.25},
+                          server={"max_messages_per_minute": 600})
+    agent = AgentProcess(config)
+    try:
+        wait_for(lambda: len(outbox_ids(agent.state_dir)) >= 20, what="a backlog")
+        backlog = set(outbox_ids(agent.state_dir))
+        srv = ServerProcess(port, db=str(db))
+        wait_for(lambda: {r["id"] for r in stored(db)} >= backlog, timeout=20,
+                 what="the backlog to drain")
+        arrival = [r["id"] for r in stored(db)]
+        last_backlog = max(arrival.index(i) for i in backlog)
+        first_live = next(n for n, i in enumerate(arrival) if i not in backlog)
+        assert first_live < last_backlog, "live samples waited for the whole backlog"
+        srv.stop()
+    finally:
+        assert agent.stop() == 0
