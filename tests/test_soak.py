@@ -27,7 +27,7 @@ def test_server_killed_repeatedly_loses_nothing(tmp_path):
             srv = ServerProcess(port, db=str(db))
             wait_for(lambda: len(stored(db)) > 0, timeout=20)
             deadline = time.monotonic() + rng.uniform(0.5, 3)
-            wait_for(lambda: time.monotonic() > deadline, timeout=5)
+            wait_for(lambda d=deadline: time.monotonic() > d, timeout=5)  # up-time
             srv.kill()  # SIGKILL: no close frame, acks in flight are lost
         srv = ServerProcess(port, db=str(db))
         wait_for(lambda: len(outbox_ids(agent.state_dir)) <= 2, timeout=60,
