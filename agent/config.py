@@ -32,6 +32,7 @@ class ServerConfig:
     url: str
     token_file: Optional[str] = None
     auth: str = "header"
+    ca_file: Optional[str] = None
     connect_timeout_s: float = 10.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 10.0
@@ -154,7 +155,7 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
     "": {"device_id": (_device_id, True), "state_dir": (_kind(str), True),
          "log_level": (_choice("debug", "info", "warning", "error"), False)},
     "server": {
-        "url": (_url, True), "token_file": (_kind(str), False),
+        "url": (_url, True), "token_file": (_kind(str), False), "ca_file": (_kind(str), False),
         "auth": (_choice("header", "query"), False),
         "connect_timeout_s": (_number(0.1, 300), False),
         "ping_interval_s": (_number(0.1, 3600), False),
@@ -227,8 +228,14 @@ def build(raw: Any, source: str = "") -> Config:
     server = _section(raw.get("server"), "server") if "server" in raw else None
     if server is None:
         raise ConfigError("server", "is required")
-    if "token_file" in server:
-        server["token_file"] = _resolve(server["token_file"], base_dir)
+    for key in ("token_file", "ca_file"):
+        if key in server:
+            server[key] = _resolve(server[key], base_dir)
+    if "ca_file" in server:
+        if not server["url"].startswith("wss://"):
+            raise ConfigError("server.ca_file", "only applies to a wss:// server.url")
+        if not os.access(server["ca_file"], os.R_OK):
+            raise ConfigError("server.ca_file", f"cannot read {server['ca_file']}")
     reconnect = ReconnectConfig(**_section(raw.get("reconnect"), "reconnect"))
     if reconnect.base_delay_s > reconnect.max_delay_s:
         raise ConfigError("reconnect.base_delay_s", "must not exceed reconnect.max_delay_s")

@@ -76,6 +76,19 @@ def import_websocket(url: str) -> Any:
     return websocket
 
 
+def tls_options(url: str, ca_file: Optional[str]) -> Optional[Dict[str, Any]]:
+    """websocket-client's ``sslopt`` for ``url``: verify the server, against ``ca_file`` if
+    given (a private CA), else the system store. None for ``ws://`` (no ssl import)."""
+    if not url.startswith("wss://"):
+        return None
+    import ssl
+
+    options: Dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED, "check_hostname": True}
+    if ca_file:
+        options["ca_certs"] = ca_file
+    return options
+
+
 # --------------------------------------------------------------------------- shared state
 
 
@@ -308,7 +321,8 @@ class Transport:
             header.append(f"Authorization: Bearer {token}")
         try:
             ws = ws_mod.create_connection(url, header=header, timeout=server.connect_timeout_s,
-                                          enable_multithread=False, skip_utf8_validation=False)
+                                          enable_multithread=False,
+                                          sslopt=tls_options(server.url, server.ca_file))
         except ws_mod.WebSocketBadStatusException as exc:
             if exc.status_code in (401, 403):
                 raise AuthRefused(f"HTTP {exc.status_code} at the handshake") from None

@@ -128,7 +128,7 @@ class ServerProcess:
                                      stderr=self._log, text=True, cwd=REPO)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         assert "listening on" in line, f"server did not start: {line!r} {self.log()}"
-        self.url = f"ws://127.0.0.1:{self.port}/v1/ws"
+        self.url = line.split("listening on ", 1)[1].strip()
 
     def log(self) -> str:
         with open(self._log.name) as f:

@@ -67,6 +67,9 @@ def test_defaults_and_relative_paths(tmp_path):
     ({"reconnect__base_delay_s": 100, "reconnect__max_delay_s": 10}, "reconnect.base_delay_s",
      "must not exceed"),
     ({"telemetry": [1, 2]}, "telemetry", "mapping"),
+    ({"server__ca_file": "/etc/hostname"}, "server.ca_file", "wss://"),
+    ({"server__url": "wss://x/v1/ws", "server__ca_file": "/nonexistent/ca.pem"},
+     "server.ca_file", "cannot read"),
 ])
 def test_bad_values_name_the_key(tmp_path, changes, key, words):
     with pytest.raises(ConfigError) as info:

@@ -34,6 +34,8 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
                     help="seconds to wait for a pong before closing (default 30)")
     ap.add_argument("--rate-limit", type=int, default=100,
                     help="messages per client per minute (default 100)")
+    ap.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// (with --tls-key)")
+    ap.add_argument("--tls-key", help="PEM private key for --tls-cert")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every connection event")
     return ap.parse_args(argv)
 
@@ -86,13 +88,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except AuthError as exc:
         print(f"nexus-server: {exc}", file=sys.stderr)
         return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("nexus-server: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     settings = ServerSettings(args.host, args.port, args.db, args.ping_interval,
-                              args.ping_timeout, args.rate_limit)
+                              args.ping_timeout, args.rate_limit, tls_cert=args.tls_cert,
+                              tls_key=args.tls_key)
     try:
         server = CompanionServer(settings, secret)
-    except OSError as exc:
-        print(f"nexus-server: cannot listen on {args.host}:{args.port}: {exc.strerror}",
-              file=sys.stderr)
+    except OSError as exc:  # a busy port, or an unreadable TLS certificate or key
+        print(f"nexus-server: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     stop = threading.Event()
     # The handlers only record the signal; the main thread does the shutdown.

@@ -45,6 +45,8 @@ class ServerSettings:
     rate_limit_per_minute: int = 100
     max_message_bytes: int = p.MAX_MESSAGE_BYTES
     close_timeout_s: float = 2.0
+    tls_cert: Optional[str] = None  # PEM certificate chain; with tls_key, serve wss://
+    tls_key: Optional[str] = None
 
 
 class _Peer:
@@ -64,6 +66,16 @@ class _Peer:
             self.conn.close(code, reason)
         except (ConnectionClosed, OSError):
             pass
+
+
+def _tls_context(settings: ServerSettings) -> Any:
+    if not settings.tls_cert:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
 
 
 def _deliver(out: Outgoing) -> None:
@@ -98,6 +110,7 @@ class CompanionServer:
             ping_timeout=settings.ping_timeout_s,
             close_timeout=settings.close_timeout_s,
             compression=None,  # a compression bomb would bypass max_size accounting
+            ssl=_tls_context(settings),
         )
         self.port: int = self._server.socket.getsockname()[1]
         self._threads = [
@@ -108,7 +121,8 @@ class CompanionServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{self.settings.host}:{self.port}{p.PATH}"
+        scheme = "wss" if self.settings.tls_cert else "ws"
+        return f"{scheme}://{self.settings.host}:{self.port}{p.PATH}"
 
     def start(self) -> CompanionServer:
         for thread in self._threads:
