@@ -2,7 +2,7 @@
 
     nexus-agent provision --device-id ID --server URL --token-file PATH
                           [--config /etc/nexus/agent.yaml] [--state-dir DIR]
-                          [--force] [--no-check]
+                          [--ca-file PEM] [--force] [--no-check]
 
 Order: check the input (as the agent would), check that the server accepts
 the token (unless ``--no-check``), then write the token (``token`` beside the
@@ -43,7 +43,8 @@ class ProvisionError(Exception):
         self.code = code
 
 
-def render_config(device_id: str, server: str, token_path: str, state_dir: str) -> str:
+def render_config(device_id: str, server: str, token_path: str, state_dir: str,
+                  ca_file: Optional[str] = None) -> str:
     """The config text: deterministic, so re-running with the same input changes nothing."""
     q = json.dumps  # a JSON string is a YAML double-quoted scalar: nothing can break out
     return (
@@ -53,6 +54,7 @@ def render_config(device_id: str, server: str, token_path: str, state_dir: str) 
         "server:\n"
         f"  url: {q(server)}\n"
         f"  token_file: {q(token_path)}\n"
+        + (f"  ca_file: {q(os.path.abspath(ca_file))}\n" if ca_file else "")
     )
 
 
@@ -79,15 +81,16 @@ def write_atomic(path: str, data: str) -> None:
         os.close(dir_fd)
 
 
-def check_server(url: str, token: str, timeout: float = 10.0) -> None:
+def check_server(url: str, token: str, ca_file: Optional[str] = None,
+                 timeout: float = 10.0) -> None:
     """ProvisionError unless the server at ``url`` welcomes ``token``."""
     from . import protocol as p
-    from .transport import import_websocket
+    from .transport import import_websocket, tls_options
 
     ws_mod = import_websocket(url)
     try:
         ws = ws_mod.create_connection(url, header=[f"Authorization: Bearer {token}"],
-                                      timeout=timeout)
+                                      timeout=timeout, sslopt=tls_options(url, ca_file))
     except ws_mod.WebSocketBadStatusException as exc:
         code = EXIT_AUTH if exc.status_code in (401, 403) else EXIT_UNREACHABLE
         raise ProvisionError(code, f"server answered HTTP {exc.status_code}") from None
@@ -109,12 +112,12 @@ def check_server(url: str, token: str, timeout: float = 10.0) -> None:
 def provision(args: argparse.Namespace) -> str:
     config_path = os.path.abspath(args.config)
     token_path = os.path.join(os.path.dirname(config_path), "token")
-    text = render_config(args.device_id, args.server, token_path, args.state_dir)
+    text = render_config(args.device_id, args.server, token_path, args.state_dir, args.ca_file)
     try:
         config_mod.build(yaml.safe_load(text), config_path)
     except ConfigError as exc:
         option = {"device_id": "--device-id", "server.url": "--server",
-                  "state_dir": "--state-dir"}.get(exc.key, exc.key)
+                  "state_dir": "--state-dir", "server.ca_file": "--ca-file"}.get(exc.key, exc.key)
         raise ProvisionError(EXIT_INPUT, f"{option}: {exc.reason}") from None
     try:
         token = read_token(args.token_file)
@@ -131,7 +134,7 @@ def provision(args: argparse.Namespace) -> str:
         raise ProvisionError(EXIT_CONFLICT, f"{config_path} exists with other settings; "
                              "re-run with --force to replace it")
     if not args.no_check:
-        check_server(args.server, token)
+        check_server(args.server, token, args.ca_file)
     try:
         write_atomic(token_path, token + "\n")
         if existing != text:
@@ -153,6 +156,7 @@ def main(argv: List[str]) -> int:
                     "(mode 0600); it is copied to 'token' beside the config")
     ap.add_argument("--config", default="/etc/nexus/agent.yaml")
     ap.add_argument("--state-dir", default="/var/lib/nexus-agent")
+    ap.add_argument("--ca-file", help="PEM CA file for a wss:// server with a private CA")
     ap.add_argument("--force", action="store_true", help="replace a config with other settings")
     ap.add_argument("--no-check", action="store_true",
                     help="do not check the token against the server (offline provisioning)")

@@ -47,3 +47,27 @@ def test_wss_with_an_unknown_certificate_is_refused_and_retried(tmp_path, cert):
     finally:
         agent.stop()
         srv.stop()
+
+
+def test_provision_against_a_wss_server_with_private_ca(tmp_path, cert):
+    import sys
+
+    from helpers import REPO, child_env, mint
+
+    from agent import config
+
+    srv = ServerProcess(0, "--tls-cert", str(cert[0]), "--tls-key", str(cert[1]))
+    token = tmp_path / "in.token"
+    token.write_text(mint("gw-7") + "\n")
+    token.chmod(0o600)
+    try:
+        out = subprocess.run([sys.executable, "-m", "agent", "provision", "--device-id", "gw-7",
+                              "--server", srv.url, "--token-file", str(token), "--ca-file",
+                              str(cert[0]), "--config", str(tmp_path / "etc" / "agent.yaml")],
+                             env=child_env(), cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        cfg = config.load(str(tmp_path / "etc" / "agent.yaml"))
+        assert cfg.server.ca_file == str(cert[0])
+    finally:
+        srv.stop()
