@@ -272,3 +272,17 @@ def test_command_ttl_expiry_is_device_offline(server):
     error = op.recv_type("error")
     assert error["id"] == "cmd-exp" and error["error"]["code"] == "DEVICE_OFFLINE"
     assert "ttl_s" in error["error"]["message"]
+
+
+def test_stop_with_many_unresponsive_clients_costs_one_close_timeout():
+    """Clients that never answer the close: closed in parallel, not one timeout each."""
+    import time
+
+    from agent.server.app import CompanionServer, ServerSettings
+
+    srv = CompanionServer(ServerSettings(port=0, close_timeout_s=0.5), SECRET.encode()).start()
+    peers = [connected(srv.url, f"device-{i}") for i in range(20)]
+    start = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - start < 5.0  # serially it would be 20 x 0.5 s = 10 s
+    assert all(peer.close_code() == 1000 for peer in peers)

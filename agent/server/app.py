@@ -12,7 +12,8 @@ Rules:
   every ``ping_interval`` seconds, and a connection that has not answered
   within ``ping_timeout`` is closed (1011).
 * ``stop()`` follows this order: stop accepting, close every client with
-  1000, wait for the handler threads, close the store. It is idempotent.
+  1000 (all at once), wait for the handler threads, close the store. It is
+  idempotent.
 """
 
 from __future__ import annotations
@@ -172,8 +173,16 @@ class CompanionServer:
         self._stopped = True
         self._stop.set()
         self._server.socket.close()  # no new connections from here on
-        for peer in self.hub.peers():
-            peer.close(p.CLOSE_NORMAL, "Server shutting down")
+        # Each close waits for the client's answer (up to close_timeout): in parallel, so a
+        # crowd of unresponsive clients costs one timeout, not one each.
+        closers = [threading.Thread(target=peer.close, args=(p.CLOSE_NORMAL,
+                                                             "Server shutting down"), daemon=True)
+                   for peer in self.hub.peers()]
+        for thread in closers:
+            thread.start()
+        deadline = time.monotonic() + self.settings.close_timeout_s + 1.0
+        for thread in closers:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._server.shutdown()
         self.hub.close()
         log.info("stopped")
