@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import OPEN_PEERS, SECRET  # noqa: E402
+from helpers import CHILDREN, OPEN_PEERS, SECRET  # noqa: E402
 
 os.environ.setdefault("NEXUS_JWT_SECRET", SECRET)
 
@@ -32,6 +32,21 @@ def _close_peers() -> Iterator[None]:
     yield
     while OPEN_PEERS:
         OPEN_PEERS.pop().close()
+
+
+@pytest.fixture(autouse=True)
+def _reap_children() -> Iterator[None]:
+    """A test that fails half-way must not leave an agent or a server running.
+
+    Only what this test started: module-scoped servers are set up before it, and stay.
+    """
+    start = len(CHILDREN)
+    yield
+    while len(CHILDREN) > start:
+        proc = CHILDREN.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 @pytest.fixture(scope="session")

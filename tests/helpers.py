@@ -39,6 +39,7 @@ def mint(subject: str, role: str = "device", ttl: float = 3600, secret: str = SE
 
 
 OPEN_PEERS: List[Peer] = []
+CHILDREN: List[subprocess.Popen] = []  # every server and agent started; killed after each test
 
 
 class Peer:
@@ -126,6 +127,7 @@ class ServerProcess:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="nexus-server-", suffix=".log")
         self.proc = subprocess.Popen(args, env=child_env(), stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, cwd=REPO)
+        CHILDREN.append(self.proc)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         assert "listening on" in line, f"server did not start: {line!r} {self.log()}"
         self.url = line.split("listening on ", 1)[1].strip()
@@ -188,6 +190,7 @@ class AgentProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(config),
                                       *extra], env=env or child_env(), stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=REPO)
+        CHILDREN.append(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text()
