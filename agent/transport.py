@@ -357,6 +357,7 @@ class _Session:
         self.last_rx = now
         self.ping_sent: Optional[float] = None
         self.pause_until = 0.0
+        self.throttled = False
         self.welcomed = False
         self.plan: Optional[SendPlan] = None
         self.close_code = p.CLOSE_NORMAL
@@ -386,10 +387,17 @@ class _Session:
             self._wait_and_read(deadline - time.monotonic())
 
     def _fill(self, now: float) -> None:
-        """Send stored messages while the window has room and the rate allows."""
+        """Send stored messages while the window has room and the rate allows.
+
+        Sets ``throttled`` when messages may be waiting but the rate (or a RATE_LIMITED
+        pause) holds them back: only then is there a reason to wake before a frame, a
+        wake-up or a timer. An empty outbox must not spin the loop.
+        """
         assert self.plan is not None
-        while len(self.inflight) < self.cfg.ack_window and now >= self.pause_until:
-            if self.bucket.wait(now) > 0:
+        self.throttled = False
+        while len(self.inflight) < self.cfg.ack_window:
+            if now < self.pause_until or self.bucket.wait(now) > 0:
+                self.throttled = True
                 return
             record = self.plan.next()
             if record is None:
@@ -417,7 +425,7 @@ class _Session:
             deadlines.append(self.ping_sent + self.cfg.ping_timeout_s)
         if self.inflight:
             deadlines.append(next(iter(self.inflight.values()))[1] + self.cfg.ack_timeout_s)
-        if len(self.inflight) < self.cfg.ack_window:
+        if self.throttled:
             deadlines.append(max(self.pause_until, now + self.bucket.wait(now)))
         return max(now, min(deadlines))
 

@@ -246,3 +246,21 @@ def test_live_samples_are_not_starved_by_a_backlog(tmp_path):
         srv.stop()
     finally:
         assert agent.stop() == 0
+
+
+def test_connected_agent_is_idle_between_samples(tmp_path):
+    """Regression: an empty outbox once made the transport spin a core at select(0)."""
+    import psutil
+
+    srv = ServerProcess()
+    agent = AgentProcess(write_config(tmp_path, srv.url, telemetry={"interval_s": 1}))
+    try:
+        wait_for(lambda: agent.status().get("acked", 0) >= 1, what="a first ack")
+        proc = psutil.Process(agent.proc.pid)
+        before, start = sum(proc.cpu_times()[:2]), time.monotonic()
+        wait_for(lambda: time.monotonic() - start > 3, timeout=5)  # a window to measure over
+        used = sum(proc.cpu_times()[:2]) - before
+        assert used < 0.3 * (time.monotonic() - start), f"{used:.2f} s of CPU in ~3 s"
+    finally:
+        agent.stop()
+        srv.stop()
