@@ -2,7 +2,8 @@
 
 1. Resident memory (RSS) of a running agent streaming to a companion server on
    loopback, against a bare interpreter that only imports the four device
-   dependencies (websocket-client, psutil, PyJWT, PyYAML).
+   dependencies (websocket-client, psutil, PyJWT, PyYAML); and its CPU share at
+   two samples a second, against a bare websocket-client loop sending as much.
 2. Durable enqueue rate: Outbox.put (WAL, synchronous=FULL, bounded) against a
    bare SQLite insert with the same pragmas, on the same disk.
 3. Backlog drain: a pre-filled outbox of N messages delivered and acked through
@@ -56,20 +57,56 @@ def baseline_rss() -> int:
                               check=True).stdout)
 
 
-def agent_rss(tmp: Path) -> tuple:
+def cpu_share(pid: int, seconds: float) -> float:
+    """Percent of one core used by ``pid`` over the next ``seconds``."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    before = sum(proc.cpu_times()[:2])
+    time.sleep(seconds)
+    return 100.0 * (sum(proc.cpu_times()[:2]) - before) / seconds
+
+
+def agent_rss_cpu(tmp: Path) -> tuple:
+    """RSS (kB), CPU % while streaming one sample every 0.5 s, and whether ssl is loaded."""
     srv = ServerProcess(0, "--rate-limit", "100000")
     agent = AgentProcess(write_config(tmp, srv.url, telemetry={"interval_s": 0.5},
                                       log_level="warning"))
     try:
         wait_for(lambda: agent.status().get("acked", 0) >= 10, timeout=30)
-        samples = []
-        for _ in range(5):
-            samples.append(rss_kb(agent.proc.pid))
-            time.sleep(0.5)
+        cpu = cpu_share(agent.proc.pid, 5.0)
+        rss = rss_kb(agent.proc.pid)
         ssl = "ssl" in Path(f"/proc/{agent.proc.pid}/maps").read_text()
-        return max(samples), ssl
+        return rss, cpu, ssl
     finally:
         agent.stop()
+        srv.stop()
+
+
+BARE_CLIENT = """
+import json, sys, time, websocket
+ws = websocket.create_connection(sys.argv[1], header=["Authorization: Bearer " + sys.argv[2]])
+ws.recv()
+i = 0
+while True:
+    ws.send(json.dumps({"type": "telemetry", "id": "b-%d" % i, "payload": {
+        "device_id": "device-001", "metrics": {"cpu_usage": 1.0}}}))
+    ws.recv()
+    i += 1
+    time.sleep(0.5)
+"""
+
+
+def bare_client_cpu() -> float:
+    """The same traffic from a bare websocket-client loop, no queue, no sampling."""
+    srv = ServerProcess(0, "--rate-limit", "100000")
+    proc = subprocess.Popen([sys.executable, "-c", BARE_CLIENT, srv.url, mint("device-001")])
+    try:
+        time.sleep(2.0)
+        return cpu_share(proc.pid, 5.0)
+    finally:
+        proc.kill()
+        proc.wait()
         srv.stop()
 
 
@@ -156,9 +193,11 @@ def main() -> int:
         tmp = Path(d)
         base = baseline_rss()
         (tmp / "a").mkdir()
-        ours, ssl_loaded = agent_rss(tmp / "a")
+        ours, cpu, ssl_loaded = agent_rss_cpu(tmp / "a")
         rows.append(("agent RSS, streaming (MB)", ours / 1024, base / 1024,
                      f"ssl loaded: {ssl_loaded}"))
+        rows.append(("CPU at 2 msg/s (% of a core)", cpu, bare_client_cpu(),
+                     "psutil sampling included"))
         (tmp / "e").mkdir()
         put, bare = enqueue_rates(tmp / "e")
         rows.append(("durable enqueue (msg/s)", put, bare, "fsync per message"))
@@ -169,8 +208,8 @@ def main() -> int:
     print(f"{'measure':34} {'ours':>10} {'baseline':>10} {'ratio':>7}  note")
     for name, value, baseline, note in rows:
         print(f"{name:34} {value:10.1f} {baseline:10.1f} {value / baseline:7.2f}  {note}")
-    print("baselines: bare interpreter + 4 device deps; bare sqlite3 insert; bare "
-          "websocket-client loop")
+    print("baselines: bare interpreter + 4 device deps; bare websocket-client sender; bare "
+          "sqlite3 insert; bare websocket-client loop")
     return 0
 
 
