@@ -461,6 +461,7 @@ class _Session:
         ws_mod = self.t._ws_module
         opcode, frame = self.ws.recv_data_frame(control_frame=True)
         self.last_rx = time.monotonic()
+        self.ping_sent = None  # any frame proves the peer alive (even an error for our ping)
         if opcode == ws_mod.ABNF.OPCODE_CLOSE:
             code = struct.unpack("!H", frame.data[:2])[0] if len(frame.data) >= 2 else None
             reason = frame.data[2:].decode("utf-8", "replace")
