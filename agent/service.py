@@ -179,6 +179,9 @@ class Agent:
         for key in ("state_dir", "queue"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; that takes effect only after a restart", key)
+        if bool(new.commands.allow) != (self.runner is not None):
+            log.warning("reload: commands were %s; that takes effect only after a restart",
+                        "enabled" if new.commands.allow else "disabled")
         if new.server.url.split(":")[0] != self.config.server.url.split(":")[0]:
             log.warning("reload: the URL scheme changed; restart the agent to use it")
         changed = config_mod.changes(self.config, new)
