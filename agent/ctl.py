@@ -43,16 +43,10 @@ def operator_token(token_file: Optional[str]) -> str:
 
 
 def connect(url: str, token: str, timeout: float = 10.0) -> Any:
-    """An open, welcomed connection (websocket-client)."""
-    from .transport import import_websocket
+    """An open, welcomed connection (websocket-client); AuthRefused if the token is not."""
+    from .transport import open_welcomed
 
-    ws_mod = import_websocket(url)
-    ws = ws_mod.create_connection(url, header=[f"Authorization: Bearer {token}"],
-                                  timeout=timeout)
-    env = p.decode(ws.recv())
-    if env.type == "error":
-        raise AuthError(f"server refused the token: {p.parse_error(env).message}")
-    return ws
+    return open_welcomed(url, token, timeout=timeout)
 
 
 def format_update(payload: Dict[str, Any]) -> str:
@@ -154,11 +148,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--ttl", type=float, help="if the device is offline, keep the command "
                    "this many seconds for it instead of failing")
     args = ap.parse_args(argv)
+    from .transport import AuthRefused
+
     try:
-        ws = connect(args.url, operator_token(args.token_file))
+        token = operator_token(args.token_file)
     except AuthError as exc:
         print(f"nexus-ctl: {exc}", file=sys.stderr)
         return EXIT["usage"] if "no operator token" in str(exc) else EXIT["server_error"]
+    try:
+        ws = connect(args.url, token)
+    except AuthRefused as exc:
+        print(f"nexus-ctl: {exc}", file=sys.stderr)
+        return EXIT["server_error"]
     except Exception as exc:  # noqa: BLE001 - connection failures come in many types
         print(f"nexus-ctl: cannot connect to {args.url}: {exc}", file=sys.stderr)
         return EXIT["no_result"]

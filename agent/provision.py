@@ -84,29 +84,14 @@ def write_atomic(path: str, data: str) -> None:
 def check_server(url: str, token: str, ca_file: Optional[str] = None,
                  timeout: float = 10.0) -> None:
     """ProvisionError unless the server at ``url`` welcomes ``token``."""
-    from . import protocol as p
-    from .transport import import_websocket, tls_options
+    from .transport import AuthRefused, open_welcomed
 
-    ws_mod = import_websocket(url)
     try:
-        ws = ws_mod.create_connection(url, header=[f"Authorization: Bearer {token}"],
-                                      timeout=timeout, sslopt=tls_options(url, ca_file))
-    except ws_mod.WebSocketBadStatusException as exc:
-        code = EXIT_AUTH if exc.status_code in (401, 403) else EXIT_UNREACHABLE
-        raise ProvisionError(code, f"server answered HTTP {exc.status_code}") from None
+        open_welcomed(url, token, ca_file, timeout).close()
+    except AuthRefused as exc:
+        raise ProvisionError(EXIT_AUTH, str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - DNS, TCP, TLS and timeouts all mean "unreachable"
         raise ProvisionError(EXIT_UNREACHABLE, f"cannot reach {url}: {exc}") from None
-    try:
-        env = p.decode(ws.recv())
-    except Exception as exc:  # noqa: BLE001
-        raise ProvisionError(EXIT_UNREACHABLE, f"no welcome from {url}: {exc}") from None
-    finally:
-        ws.close()
-    if env.type == "error":
-        raise ProvisionError(EXIT_AUTH, f"server refused the token: "
-                             f"{p.parse_error(env).message}")
-    if env.type != "connected":
-        raise ProvisionError(EXIT_UNREACHABLE, f"unexpected first message {env.type!r}")
 
 
 def provision(args: argparse.Namespace) -> str:

@@ -174,6 +174,45 @@ class AuthRefused(ConnectionLost):
     """The server refused our token (close 4000, or 401/403 at the handshake)."""
 
 
+# --------------------------------------------------------------------------- opening
+
+
+def dial(ws_mod: Any, url: str, header: List[str], timeout: float,
+         ca_file: Optional[str]) -> Any:
+    """``create_connection``, a refused handshake sorted: 401/403 is AuthRefused, any other
+    HTTP status ConnectionLost; network errors come through as they are."""
+    try:
+        return ws_mod.create_connection(url, header=header, timeout=timeout,
+                                        sslopt=tls_options(url, ca_file))
+    except ws_mod.WebSocketBadStatusException as exc:
+        if exc.status_code in (401, 403):
+            raise AuthRefused(f"HTTP {exc.status_code} at the handshake") from None
+        raise ConnectionLost(f"HTTP {exc.status_code} at the handshake") from None
+
+
+def open_welcomed(url: str, token: str, ca_file: Optional[str] = None,
+                  timeout: float = 10.0) -> Any:
+    """A header-authenticated connection that got its ``connected`` (nexus-ctl, provision).
+
+    AuthRefused when the server refuses the token; ConnectionLost, OSError or a
+    websocket-client error when it cannot be reached or answers something else.
+    """
+    ws = dial(import_websocket(url), url, [f"Authorization: Bearer {token}"], timeout, ca_file)
+    try:
+        env = p.decode(ws.recv())
+        if env.type == "error":
+            raise AuthRefused(f"server refused the token: {p.parse_error(env).message}")
+        if env.type != "connected":
+            raise ConnectionLost(f"unexpected first message {env.type!r}")
+    except (AuthRefused, ConnectionLost):
+        ws.close()
+        raise
+    except Exception as exc:  # noqa: BLE001 - a timeout or close of websocket-client's own type
+        ws.close()
+        raise ConnectionLost(f"no welcome from {url}: {exc}") from None
+    return ws
+
+
 # --------------------------------------------------------------------------- what to send next
 
 
@@ -319,14 +358,7 @@ class Transport:
             url += ("&" if "?" in url else "?") + "token=" + quote(token, safe="")
         else:
             header.append(f"Authorization: Bearer {token}")
-        try:
-            ws = ws_mod.create_connection(url, header=header, timeout=server.connect_timeout_s,
-                                          enable_multithread=False,
-                                          sslopt=tls_options(server.url, server.ca_file))
-        except ws_mod.WebSocketBadStatusException as exc:
-            if exc.status_code in (401, 403):
-                raise AuthRefused(f"HTTP {exc.status_code} at the handshake") from None
-            raise ConnectionLost(f"HTTP {exc.status_code} at the handshake") from None
+        ws = dial(ws_mod, url, header, server.connect_timeout_s, server.ca_file)
         _limit_frames(ws, MAX_INCOMING_FRAME)
         return ws
 
