@@ -226,12 +226,6 @@ class Outbox:
             rows = self._db.execute(query + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
         return [Record(*row) for row in rows]
 
-    def get(self, msg_id: str) -> Optional[Record]:
-        with self._lock:
-            row = self._db.execute("SELECT seq, id, type, ts, payload FROM messages WHERE id = ?",
-                                   (msg_id,)).fetchone()
-        return Record(*row) if row else None
-
     def stats(self) -> OutboxStats:
         with self._lock:
             oldest = self._db.execute(

@@ -36,6 +36,7 @@ from typing import Any, Dict, Optional
 
 from . import config as config_mod
 from . import protocol as p
+from .auth import read_token
 from .config import Config
 from .errors import ConfigError, NexusError
 from .metrics import Sampler, TemperatureSource
@@ -172,7 +173,7 @@ class Agent:
     def _reload(self) -> None:
         try:
             new = config_mod.load(self.config.source)
-            check_token(new)
+            read_token(new.server.token_file)  # the same checks as at start
         except (ConfigError, NexusError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
@@ -229,9 +230,3 @@ class Agent:
         except OSError as exc:
             log.warning("cannot write %s: %s", path, exc)
 
-
-def check_token(config: Config) -> None:
-    """The token must be usable now: file present with safe permissions, or NEXUS_TOKEN set."""
-    from .auth import read_token
-
-    read_token(config.server.token_file)
