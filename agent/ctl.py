@@ -9,8 +9,9 @@ short-lived operator token is minted on the spot.
 
 Exit codes of ``command`` (for provisioning scripts): 0 succeeded; 1 failed
 (the command ran and exited non-zero); 3 rejected by the device; 4 timed out
-on the device; 5 refused by the server (device offline, forbidden); 6 no result
-within ``--wait`` or no connection; 2 bad usage.
+on the device; 5 refused by the server (token refused, device offline,
+forbidden); 6 no result within ``--wait`` or no connection; 2 bad usage,
+including a missing, unreadable or group-readable operator token file.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         token = operator_token(args.token_file)
     except AuthError as exc:
         print(f"nexus-ctl: {exc}", file=sys.stderr)
-        return EXIT["usage"] if "no operator token" in str(exc) else EXIT["server_error"]
+        return EXIT["usage"]  # a missing or unsafe local token: the server never saw it
     try:
         ws = connect(args.url, token)
     except AuthRefused as exc:

@@ -67,3 +67,11 @@ def proc_wait(proc, seconds):
         proc.wait(seconds)
     except subprocess.TimeoutExpired:
         pass
+
+
+def test_unsafe_token_file_is_usage_error_not_a_server_refusal(tmp_path):
+    token = tmp_path / "op.token"
+    token.write_text("abc.def.ghi\n")
+    token.chmod(0o644)
+    out = ctl("--token-file", str(token), "watch")
+    assert out.returncode == 2 and "chmod 600" in out.stderr
