@@ -6,8 +6,12 @@
     nexus-agent provision --device-id ID ...    write config and token (fleet scripts)
     nexus-agent privileges [--config PATH]      print the polkit rule for the allow-list
 
-Exit codes: 0 success; 1 unhealthy (status); 78 (EX_CONFIG) a bad config or
-token, so the unit's ``RestartPreventExitStatus=78`` stops a crash loop.
+Exit codes: 0 success (also after one or two stop signals); 1 unhealthy
+(status), or a third stop signal while stopping (out at once); 75
+(EX_TEMPFAIL) the queue is locked by another process or unreadable for a
+reason that may pass (systemd restarts it later); 78 (EX_CONFIG) a bad config,
+token or state_dir, so the unit's ``RestartPreventExitStatus=78`` stops a
+crash loop.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import List, Optional
 from . import cli
 from .cli import EXIT_CONFIG
 
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the queue is locked or the disk fails; systemd retries
+
 
 def _daemon_args(argv: List[str]) -> argparse.Namespace:
     ap = cli.parser("nexus-agent", "Nexus edge telemetry agent. "
@@ -31,6 +37,14 @@ def _daemon_args(argv: List[str]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    inbox = None
+    if argv[:1] not in (["status"], ["provision"], ["privileges"]) and \
+            "--check-config" not in argv and not {"-h", "--help"} & set(argv):
+        # The daemon, before anything slow: from here on SIGHUP, SIGTERM and SIGINT are
+        # recorded (and acted on once it runs), never fatal.
+        from .signals import DAEMON_SIGNALS, SignalInbox
+
+        inbox = SignalInbox(DAEMON_SIGNALS)
     if argv[:1] == ["status"]:
         from .status import main as status_main
 
@@ -44,7 +58,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return privileges_main(argv[1:])
     args = _daemon_args(argv)
-    cfg = cli.load_config(args.config, check_token=True)
+    cfg = cli.load_config(args.config, check_files=True)
     if cfg is None:
         return EXIT_CONFIG
     if args.check_config:
@@ -52,6 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from .logsetup import setup_logging
     from .service import Agent
+    from .store import StoreError
 
     setup_logging(getattr(logging, cfg.log_level.upper()))
     try:
@@ -59,7 +74,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # state_dir not creatable or writable: a deployment error
         print(f"nexus-agent: config error: state_dir: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return agent.run()
+    except StoreError as exc:  # locked, unwritable or failing: never thrown away
+        print(f"nexus-agent: cannot use {exc.path}: {exc.reason}", file=sys.stderr)
+        return EXIT_TEMPFAIL if exc.temporary else EXIT_CONFIG
+    return agent.run(inbox)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
+MAX_CONFIG_CHARS = 1 << 20  # a real config is a few KB
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -171,7 +172,8 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
     "commands": {"allow": (_kind(dict), False),
                  "max_concurrent": (_number(1, 64, integer=True), False),
                  "max_queued": (_number(0, 1000, integer=True), False),
-                 "max_output_bytes": (_number(1024, 16 * 2**20, integer=True), False)},
+                 # a result must fit in one message (protocol.MAX_MESSAGE_BYTES)
+                 "max_output_bytes": (_number(1024, 65536, integer=True), False)},
 }
 
 
@@ -256,15 +258,39 @@ def build(raw: Any, source: str = "") -> Config:
     )
 
 
+def check_state_dir(state_dir: str) -> None:
+    """ConfigError unless this user can create or write ``state_dir`` and its queue files."""
+    probe = state_dir
+    while not os.path.exists(probe):  # it will be created: the nearest existing parent counts
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError("state_dir", f"{probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError("state_dir", f"{probe} is not writable by this user (uid "
+                          f"{os.geteuid()})")
+    for name in ("outbox.db", "commands.db"):
+        path = os.path.join(state_dir, name)
+        if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+            raise ConfigError("state_dir", f"{path} is not readable and writable by this user")
+
+
 def load(path: str) -> Config:
     """Read, parse and check the config file at ``path``."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_CONFIG_CHARS + 1)  # never a whole runaway file into memory
     except OSError as exc:
         raise ConfigError(path, f"cannot read the config file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "the config file is not UTF-8 text") from None
+    if len(text) > MAX_CONFIG_CHARS:
+        raise ConfigError(path, f"the config file is larger than {MAX_CONFIG_CHARS} characters; "
+                          "is it the right file?")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

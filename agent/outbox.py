@@ -24,11 +24,19 @@ message; only then is the row deleted. Delivery is therefore at-least-once.
 
 Bounds: the sum of ``size`` (bytes of the payload) stays under ``max_bytes``;
 a ``put`` that would exceed it first deletes the oldest rows and adds them to
-``dropped``. The daemon never stops for a full queue.
+``dropped``. The daemon never stops for a full queue. Nothing enters that the
+protocol cannot carry: a message whose wire text is over
+``protocol.MAX_MESSAGE_BYTES`` is refused by ``put`` (LocalProtocolError).
 
-Corruption: if the file cannot be opened or fails ``PRAGMA quick_check``, it
-(and its ``-wal``/``-shm``) is renamed to ``outbox.db.corrupt-<time>`` with a
-log line saying so, and a fresh database takes its place.
+Set aside: a message the server refuses for good (``INVALID_MESSAGE``, or a
+connection it keeps closing while that message is the oldest in flight) is
+moved by :meth:`set_aside` to the ``set_aside`` table with the reason, so it
+never blocks the messages behind it. The last ``SET_ASIDE_KEEP`` are kept for
+inspection; the running count is ``meta.set_aside``.
+
+Opening: ``store.open_db`` decides (a lock is waited out, an unwritable or
+failing disk is reported, only real corruption moves the file aside to
+``outbox.db.corrupt-<time>`` and starts a fresh one).
 
 Threads: only this object touches the database; its methods take one lock, so
 the sampler (``put``), the transport (``read_after``, ``ack``) and the status
@@ -37,7 +45,6 @@ reporter (``stats``) may call it from their own threads.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -47,6 +54,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, List, Mapping, Optional
+
+from . import protocol as p
+from . import store
 
 log = logging.getLogger("nexus.outbox")
 
@@ -61,7 +71,17 @@ CREATE TABLE IF NOT EXISTS messages (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS set_aside (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
 """
+SET_ASIDE_KEEP = 100
 
 
 @dataclass(frozen=True)
@@ -76,9 +96,7 @@ class Record:
 
     def envelope_text(self) -> str:
         """The wire text, built without re-encoding the payload."""
-        head = json.dumps({"type": self.type, "id": self.id, "timestamp": self.ts},
-                          separators=(",", ":"))
-        return f'{head[:-1]},"payload":{self.payload}}}'
+        return p.envelope_text(self.type, self.id, self.ts, self.payload)
 
 
 @dataclass(frozen=True)
@@ -88,19 +106,22 @@ class OutboxStats:
     oldest_created: Optional[float]
     dropped: int
     last_seq: int
+    set_aside: int = 0
 
 
 class Outbox:
-    def __init__(self, state_dir: str, max_bytes: int, filename: str = "outbox.db") -> None:
+    def __init__(self, state_dir: str, max_bytes: int, filename: str = "outbox.db",
+                 lock_wait_s: float = store.LOCK_WAIT_S) -> None:
         self.path = os.path.join(state_dir, filename)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self._db = self._open_or_replace()
+        self._db = store.open_db(self.path, self._setup, lock_wait_s, "outbox")
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
         self._depth, self._bytes = int(row[0]), int(row[1])
         self._epoch = self._meta("epoch")
         self._dropped = int(self._meta("dropped"))
+        self._set_aside = int(self._meta("set_aside"))
         self._last_seq = int(self._db.execute(
             "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'messages'"
         ).fetchone()[0])
@@ -110,42 +131,16 @@ class Outbox:
 
     # ------------------------------------------------------------------ opening
 
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves (see transaction()).
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                             timeout=5.0)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # durable across power loss, not just crashes
-        return db
-
-    def _open_or_replace(self) -> sqlite3.Connection:
-        try:
-            db = self._connect()
-            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise sqlite3.DatabaseError("quick_check failed")
-            db.executescript(SCHEMA)
-            self._init_meta(db)
-            return db
-        except sqlite3.DatabaseError as exc:
-            with_suffix = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
-            try:
-                db.close()
-            except (NameError, sqlite3.Error):
-                pass
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(self.path + suffix):
-                    os.replace(self.path + suffix, with_suffix + suffix)
-            log.error("outbox %s is unreadable (%s): moved it to %s and started a fresh one; "
-                      "the messages in it are not sent", self.path, exc, with_suffix)
-            db = self._connect()
-            db.executescript(SCHEMA)
-            self._init_meta(db)
-            return db
+    @classmethod
+    def _setup(cls, db: sqlite3.Connection) -> None:
+        db.executescript(SCHEMA)
+        cls._init_meta(db)
 
     @staticmethod
     def _init_meta(db: sqlite3.Connection) -> None:
         db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(4),))
         db.execute("INSERT OR IGNORE INTO meta VALUES ('dropped', '0')")
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('set_aside', '0')")
 
     def _meta(self, key: str) -> str:
         return str(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
@@ -165,10 +160,18 @@ class Outbox:
 
     def put(self, type_: str, payload: Mapping[str, Any], ts: str,
             now: Optional[float] = None) -> Record:
-        """Store a message durably and return it with its permanent id."""
-        text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        """Store a message durably and return it with its permanent id.
+
+        LocalProtocolError (nothing stored) when its wire text would be over the protocol's
+        size limit: the server could never accept it, and it would block the queue.
+        """
+        text = p.dumps(payload)
         size = len(text.encode("utf-8"))
         created = time.time() if now is None else now
+        with self._lock:
+            seq = self._last_seq + 1
+            msg_id = f"{self._epoch}-{seq}"
+            p.envelope_text(type_, msg_id, ts, text)  # raises when over the limit
         with self._lock, self._transaction() as db:
             self._make_room(db, size)
             seq = self._last_seq + 1
@@ -213,6 +216,24 @@ class Outbox:
             self._depth -= deleted
         return deleted
 
+    def set_aside(self, msg_id: str, reason: str) -> bool:
+        """Move one message out of the queue into ``set_aside`` (see the module docstring);
+        False when it is no longer queued."""
+        with self._lock, self._transaction() as db:
+            row = db.execute("SELECT seq, id, type, ts, payload, size FROM messages WHERE id = ?",
+                             (msg_id,)).fetchone()
+            if row is None:
+                return False
+            db.execute("INSERT OR REPLACE INTO set_aside VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (*row[:5], reason[:500], time.time()))
+            db.execute("DELETE FROM messages WHERE seq = ?", (row[0],))
+            db.execute("DELETE FROM set_aside WHERE seq NOT IN "
+                       "(SELECT seq FROM set_aside ORDER BY seq DESC LIMIT ?)", (SET_ASIDE_KEEP,))
+            self._set_aside += 1
+            db.execute("UPDATE meta SET value = ? WHERE key = 'set_aside'", (str(self._set_aside),))
+            self._depth, self._bytes = self._depth - 1, self._bytes - int(row[5])
+        return True
+
     # ------------------------------------------------------------------ reading
 
     def read_after(self, seq: int, limit: int, upto: Optional[int] = None) -> List[Record]:
@@ -231,7 +252,7 @@ class Outbox:
             oldest = self._db.execute(
                 "SELECT created FROM messages ORDER BY seq LIMIT 1").fetchone()
             return OutboxStats(self._depth, self._bytes, oldest[0] if oldest else None,
-                               self._dropped, self._last_seq)
+                               self._dropped, self._last_seq, self._set_aside)
 
     def close(self) -> None:
         """Checkpoint and close; safe to call twice."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from typing import Any, Callable, Mapping
 from .errors import LocalProtocolError, RemoteProtocolError
 
 PATH = "/v1/ws"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 CHANNELS = ("telemetry", "commands", "tasks", "ai", "events")
 
@@ -61,7 +63,11 @@ CLOSE_INTERNAL = 1011  # keepalive timeout or server fault
 CLOSE_AUTH_FAILED = 4000  # as the platform guide: after an AUTH_FAILED error
 
 # Limits a peer must respect (the companion server enforces them).
-MAX_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 64 * 1024  # what a client may send, and what the agent stores
+# What the server may send: a broadcast wraps an accepted message (64 KiB) with a new
+# envelope, the original id and its sample time, so it must be allowed to be a little larger.
+BROADCAST_OVERHEAD_BYTES = 4 * 1024
+MAX_SERVER_MESSAGE_BYTES = MAX_MESSAGE_BYTES + BROADCAST_OVERHEAD_BYTES
 MAX_ID_CHARS = 128
 MAX_DEVICE_ID_CHARS = 128
 MAX_METRICS = 256
@@ -142,11 +148,39 @@ class Envelope:
         return out
 
 
-def encode(env: Envelope) -> str:
-    """The compact JSON text of ``env``."""
-    text = json.dumps(env.to_dict(), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    if len(text.encode("utf-8")) > MAX_MESSAGE_BYTES:
-        raise LocalProtocolError(INVALID_MESSAGE, "message over the size limit", msg_id=env.id)
+def dumps(value: Any) -> str:
+    """Compact JSON that is always valid UTF-8.
+
+    A peer may send a lone surrogate escape (``"\\ud800"``), which JSON allows and
+    Python decodes into a string UTF-8 cannot carry; echoing it must not fail, so a lone
+    surrogate is written back as its escape (the same JSON value).
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if not _is_unicode(text):
+        # Outside strings JSON text is ASCII, and Python's decoder joins valid pairs, so
+        # every surrogate left is a lone one inside a string: write it as its escape.
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
+
+
+def encode(env: Envelope, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """The compact JSON text of ``env``; LocalProtocolError when over ``limit`` bytes."""
+    return _checked(dumps(env.to_dict()), limit, env.id)
+
+
+def envelope_text(type_: str, msg_id: str, timestamp: str, payload_json: str,
+                  limit: int = MAX_MESSAGE_BYTES) -> str:
+    """The wire text of a message whose payload is already JSON text (the outbox stores
+    payloads as text and sends them without decoding them again)."""
+    head = dumps({"type": type_, "id": msg_id, "timestamp": timestamp})
+    return _checked(f'{head[:-1]},"payload":{payload_json}}}', limit, msg_id)
+
+
+def _checked(text: str, limit: int, msg_id: str | None) -> str:
+    size = len(text.encode("utf-8"))
+    if size > limit:
+        raise LocalProtocolError(INVALID_MESSAGE, f"message of {size} bytes is over the "
+                                 f"{limit}-byte limit", msg_id=msg_id)
     return text
 
 
@@ -172,6 +206,8 @@ def decode(text: str | bytes) -> Envelope:
         obj = json.loads(text)
     except ValueError:
         raise RemoteProtocolError(INVALID_MESSAGE, "Invalid JSON format") from None
+    except RecursionError:  # e.g. 10,000 nested arrays: the parser gives up, so do we
+        raise RemoteProtocolError(INVALID_MESSAGE, "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError(INVALID_MESSAGE, "a message must be a JSON object")
     raw_id = obj.get("id")
@@ -179,6 +215,10 @@ def decode(text: str | bytes) -> Envelope:
     if raw_id is not None and msg_id is None:
         raise RemoteProtocolError(
             INVALID_MESSAGE, f"must be a string of 1 to {MAX_ID_CHARS} characters", "id")
+    if msg_id is not None and not _is_unicode(msg_id):
+        # An id must be echoed in the reply and stored: it has to be real text.
+        raise RemoteProtocolError(INVALID_MESSAGE, "must be valid Unicode (a lone surrogate "
+                                  "escape is not)", "id")
     type_ = obj.get("type")
     if not isinstance(type_, str) or not type_:
         raise RemoteProtocolError(INVALID_MESSAGE, "missing or not a string", "type", msg_id)
@@ -197,6 +237,14 @@ def decode(text: str | bytes) -> Envelope:
     if error is not None:
         _check_error(error, msg_id)
     return Envelope(type_, msg_id, timestamp, payload, error)
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_error(error: Any, msg_id: str | None) -> None:

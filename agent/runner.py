@@ -9,7 +9,13 @@ Rules and guarantees:
   again: its stored result is put in the outbox again; an id whose run was cut
   short by an agent restart is reported ``failed`` with that reason.
 * Results (``succeeded``, ``failed``, ``rejected``, ``timed_out``) go through
-  the outbox like telemetry, so a result produced offline arrives later.
+  the outbox like telemetry, so a result produced offline arrives later. A
+  result always fits in one message: when stdout and stderr together would
+  take it over ``protocol.MAX_MESSAGE_BYTES`` they are cut (stderr keeps at
+  least half the room if it needs it) and the cut is marked in the text.
+* The ledger opens like the outbox (``store.open_db``): a lock is waited out,
+  an unwritable disk is reported, and a corrupt ledger is moved aside (the ids
+  it held could then run again; the log says so).
 * At most ``max_concurrent`` commands run at once and ``max_queued`` wait;
   past that a request is ``rejected`` as busy.
 * Every request, accepted or not, is one line on the ``nexus.audit`` logger
@@ -25,9 +31,10 @@ import queue
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import commands, executor
+from . import commands, executor, store
 from . import protocol as p
 from .config import CommandsConfig
 from .errors import CommandRejected
@@ -46,6 +53,49 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 """
 LEDGER_MAX_ROWS = 10_000
+CUT_MARK = "\n[cut: {n} more characters, to fit the protocol's message size limit]"
+ENVELOPE_ROOM = 512  # type, id, timestamp and JSON punctuation around the payload
+
+
+@dataclass(frozen=True)
+class Job:
+    """An accepted command, handed from the transport thread to a worker."""
+
+    request: p.CommandRequest
+    argv: List[str]
+    timeout_s: float
+    user: Optional[str]
+
+
+def fit_result(result: p.CommandResult, limit: int = p.MAX_MESSAGE_BYTES) -> p.CommandResult:
+    """``result`` with stdout/stderr cut so that its whole message fits in ``limit`` bytes."""
+    bare = len(p.dumps({**result.to_payload(), "stdout": "", "stderr": ""}).encode("utf-8"))
+    room = limit - bare - ENVELOPE_ROOM - 2 * len(CUT_MARK.format(n=10**9))
+    out_size, err_size = _json_size(result.stdout), _json_size(result.stderr)
+    if out_size + err_size <= room + 2 * len(CUT_MARK.format(n=10**9)):
+        return result
+    err_room = min(err_size, max(room // 2, room - out_size))
+    return p.CommandResult(result.command_id, result.device_id, result.status, result.exit_code,
+                           _cut(result.stdout, room - err_room), _cut(result.stderr, err_room),
+                           result.duration_ms)
+
+
+def _json_size(text: str) -> int:
+    """Bytes ``text`` takes inside a JSON string (escapes counted)."""
+    return len(p.dumps(text).encode("utf-8")) - 2
+
+
+def _cut(text: str, room: int) -> str:
+    if _json_size(text) <= room:
+        return text
+    low, high = 0, len(text)  # the longest prefix that fits: binary search
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _json_size(text[:mid]) <= room:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low] + CUT_MARK.format(n=len(text) - low)
 
 
 class CommandRunner:
@@ -56,18 +106,17 @@ class CommandRunner:
         self.outbox = outbox
         self.wake = wake
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(os.path.join(state_dir, "commands.db"),
-                                   check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(LEDGER_SCHEMA)
-        self._work: queue.SimpleQueue[Optional[Dict[str, Any]]] = queue.SimpleQueue()
+        self._db: Optional[sqlite3.Connection] = store.open_db(
+            os.path.join(state_dir, "commands.db"), lambda db: db.executescript(LEDGER_SCHEMA),
+            what="command ledger")
+        self._work: queue.SimpleQueue[Optional[Job]] = queue.SimpleQueue()
         self._waiting = 0
         self._workers: List[threading.Thread] = []
         self._recover()
 
     def _recover(self) -> None:
         """Commands that were accepted but never finished: the agent stopped mid-run."""
+        assert self._db is not None
         rows = self._db.execute("SELECT command_id, name FROM ledger WHERE state = 'accepted'"
                                 ).fetchall()
         for command_id, name in rows:
@@ -108,8 +157,7 @@ class CommandRunner:
         self._record(request.command_id, request.name, "accepted", None)
         audit.info("command %s %s args=%s: accepted, runs %s", request.command_id, request.name,
                    json.dumps(dict(request.args)), executor.describe(argv))
-        self._work.put({"request": request, "argv": argv, "timeout": spec.timeout_s,
-                        "user": spec.run_as})
+        self._work.put(Job(request, argv, spec.timeout_s, spec.run_as))
 
     # ------------------------------------------------------------------ workers
 
@@ -118,10 +166,10 @@ class CommandRunner:
             job = self._work.get()
             if job is None:
                 return
-            request: p.CommandRequest = job["request"]
+            request = job.request
             try:
-                outcome = executor.run(job["argv"], job["timeout"],
-                                       self.config.max_output_bytes, job["user"])
+                outcome = executor.run(job.argv, job.timeout_s, self.config.max_output_bytes,
+                                       job.user)
             except Exception as exc:  # noqa: BLE001 - a worker must survive any failure
                 outcome = executor.Outcome("failed", None, "", f"agent error: {exc}", 0)
             finally:
@@ -133,8 +181,9 @@ class CommandRunner:
         if self._db is None:  # stopping: the ledger still says "accepted", reported on restart
             log.warning("command %s finished while the agent was stopping", command_id)
             return
-        result = p.CommandResult(command_id, self.device_id, outcome.status, outcome.exit_code,
-                                 outcome.stdout, outcome.stderr, outcome.duration_ms)
+        result = fit_result(p.CommandResult(command_id, self.device_id, outcome.status,
+                                            outcome.exit_code, outcome.stdout, outcome.stderr,
+                                            outcome.duration_ms))
         payload = result.to_payload()
         self._record(command_id, name, "done", json.dumps(payload))
         reason = f" ({outcome.stderr})" if outcome.status == "rejected" else ""
@@ -149,8 +198,10 @@ class CommandRunner:
 
     # ------------------------------------------------------------------ ledger
 
-    def _lookup(self, command_id: str) -> Optional[tuple]:
+    def _lookup(self, command_id: str) -> Optional[Tuple[str, Optional[str]]]:
         with self._lock:
+            if self._db is None:
+                return None
             return self._db.execute("SELECT state, result FROM ledger WHERE command_id = ?",
                                     (command_id,)).fetchone()
 
@@ -170,4 +221,4 @@ class CommandRunner:
         with self._lock:
             if self._db is not None:
                 self._db.close()
-                self._db = None  # type: ignore[assignment]
+                self._db = None

@@ -2,8 +2,9 @@
 
 Threads and what each owns:
 
-* main thread: signals (handlers only set events), systemd notifications,
-  the watchdog, the status file, reloads, and the shutdown sequence;
+* main thread: signals (recorded by ``signals.SignalInbox``, acted on here),
+  systemd notifications, the watchdog, the status file, reloads, and the
+  shutdown sequence;
 * ``nexus-sampler``: takes a sample every ``telemetry.interval_s`` and puts it
   in the outbox (timestamp = sample time);
 * ``nexus-transport``: the socket (see ``transport.py``);
@@ -17,6 +18,9 @@ Shutdown (SIGTERM/SIGINT), in this order, within about 5 s:
 * stop the command workers; close the ledger and the outbox (checkpointed).
 
 Nothing unacknowledged is lost: it stays in the outbox for the next start.
+A second SIGTERM/SIGINT while stopping skips the wait for acks (exit 0 all the
+same); a third exits at once with ``EXIT_FORCED`` (everything queued is
+already committed to the outbox, so even that loses nothing).
 
 Reload (SIGHUP): the config file is read again; if it is valid, telemetry
 interval, reconnect delays, server settings and the allow-list take effect
@@ -30,12 +34,15 @@ import json
 import logging
 import os
 import signal
+import sqlite3
+import sys
 import threading
 import time
 from typing import Any, Dict, Optional
 
 from . import config as config_mod
 from . import protocol as p
+from . import store
 from .auth import read_token
 from .config import Config
 from .errors import ConfigError, NexusError
@@ -43,12 +50,15 @@ from .metrics import Sampler, TemperatureSource
 from .outbox import Outbox
 from .runner import CommandRunner
 from .sdnotify import Notifier, watchdog_interval
+from .signals import DAEMON_SIGNALS, SignalInbox
+from .signals import name as signal_name
 from .transport import Health, Transport
 
 log = logging.getLogger("nexus.agent")
 
 STATUS_FILE = "status.json"
 STATUS_EVERY_S = 2.0
+EXIT_FORCED = 1  # a third stop signal: out at once
 
 
 class Agent:
@@ -65,11 +75,12 @@ class Agent:
             self.runner = CommandRunner(config.commands, config.device_id, config.state_dir,
                                         self.outbox, self.transport.wake)
             self.transport.on_command = self.runner.submit
-        self.stop = threading.Event()
-        self.reload = threading.Event()
         self._sampling_stop = threading.Event()
         self._transport_stop = threading.Event()
         self._last_sample = time.monotonic()
+        self.unstored = 0  # samples taken but not stored (a full or failing disk)
+        self._failing = 0  # of those, how many in a row until now
+        self._status_failing = False
         self._threads: Dict[str, threading.Thread] = {}
         self.started = time.time()
 
@@ -95,13 +106,35 @@ class Agent:
         while not self._sampling_stop.wait(max(0.0, next_at - time.monotonic())):
             try:
                 self.sample_once()
-                self._last_sample = time.monotonic()  # only a stored sample counts as progress
-            except Exception:  # noqa: BLE001 - one failed sample must not stop sampling
-                log.exception("sampling failed; trying again next interval")
+                self._last_sample = time.monotonic()  # a stored sample is progress
+                self._sampling_works()
+            except sqlite3.OperationalError as exc:
+                if not store.is_locked(exc):
+                    # A full or failing disk: a restart would not help, so this is not a
+                    # stuck thread for the watchdog (a lock that never ends is).
+                    self._last_sample = time.monotonic()
+                self._sampling_failed(f"cannot store samples: {exc}", traceback=False)
+            except Exception as exc:  # noqa: BLE001 - one failed sample must not stop sampling
+                self._sampling_failed(f"sampling failed: {exc!r}", traceback=True)
             interval = self.config.telemetry.interval_s
             next_at += interval
             if next_at < time.monotonic():  # fell behind (suspend, slow disk): skip, no burst
                 next_at = time.monotonic() + interval
+
+    def _sampling_failed(self, what: str, traceback: bool) -> None:
+        """Count a sample that was not stored; log the first of a run only (a full disk at
+        1 s would otherwise write a line a second to the journal)."""
+        self.unstored += 1
+        self._failing += 1
+        if self._failing == 1:
+            log.error("%s; samples not stored are counted (status: unstored) and this is "
+                      "logged again when it works", what, exc_info=traceback)
+
+    def _sampling_works(self) -> None:
+        if self._failing:
+            log.warning("storing samples again; %d in a row could not be stored (%d in all)",
+                        self._failing, self.unstored)
+            self._failing = 0
 
     # ------------------------------------------------------------------ running
 
@@ -122,35 +155,48 @@ class Agent:
         stuck_after = 3 * self.config.telemetry.interval_s + 5.0
         return threads_ok and runner_ok and time.monotonic() - self._last_sample < stuck_after
 
-    def run(self) -> int:
-        self._install_signals()
+    def run(self, inbox: Optional[SignalInbox] = None) -> int:
+        """Serve until SIGTERM/SIGINT; ``inbox`` is created early by ``__main__`` so a signal
+        in the first moments is recorded, not fatal."""
+        inbox = inbox or SignalInbox(DAEMON_SIGNALS)
         self._start_threads()
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         log.info("started: device %s, server %s, state %s", self.config.device_id,
                  self.config.server.url, self.config.state_dir)
         watchdog = watchdog_interval()
         tick = min(STATUS_EVERY_S, watchdog) if watchdog else STATUS_EVERY_S
-        while not self.stop.wait(tick):
-            if self.reload.is_set():
-                self.reload.clear()
-                self._reload()
+        stops = 0
+        next_tick = time.monotonic()
+        while not stops:
+            for signum in inbox.wait(max(0.0, next_tick - time.monotonic())):
+                if signum == signal.SIGHUP:
+                    self._reload()
+                else:
+                    stops += 1
+                    log.info("%s received", signal_name(signum))
+            if stops or time.monotonic() < next_tick:
+                continue
+            next_tick = time.monotonic() + tick
             self.write_status()
             # WATCHDOG=1 only while every thread makes progress: a stuck one gets us restarted.
             ping = ["WATCHDOG=1"] if watchdog and self.healthy() else []
             self.notifier.notify(*ping, f"STATUS={self.status_line()}")
-        self.shutdown()
+        self.shutdown(inbox, stops)
+        inbox.close()
         return 0
 
-    def _install_signals(self) -> None:
-        # Handlers only record the signal; the main loop acts on it.
-        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
+    def shutdown(self, inbox: Optional[SignalInbox] = None, stops: int = 1) -> None:
+        """The sequence in the module docstring. Safe to call twice.
 
-    def shutdown(self) -> None:
-        """The sequence in the module docstring. Safe to call twice."""
+        While it runs, further stop signals from ``inbox`` count on: the second skips the
+        wait for acks, the third exits the process at once.
+        """
         self.notifier.notify("STOPPING=1")
         log.info("stopping")
+        self._stops = 1
+        self._inbox = inbox
+        for _ in range(stops - 1):  # signals that came together, before the loop saw them
+            self._count_stop("stop signal")
         self._sampling_stop.set()
         self._join("nexus-sampler", 2.0)
         self._transport_stop.set()
@@ -163,10 +209,33 @@ class Agent:
         self.notifier.close()
         log.info("stopped")
 
+    def _more_stop_signals(self) -> None:
+        """Count stop signals that arrive during shutdown (main thread, never a handler)."""
+        inbox = getattr(self, "_inbox", None)
+        if inbox is None:
+            return
+        for signum in inbox.wait(0):
+            if signum != signal.SIGHUP:  # no reload while stopping
+                self._count_stop(signal_name(signum))
+
+    def _count_stop(self, what: str) -> None:
+        self._stops += 1
+        if self._stops == 2:
+            log.warning("%s again: not waiting for acks (nothing is lost: unacked messages "
+                        "stay queued)", what)
+            self.transport.hurry()
+        else:
+            log.warning("%s a third time: exiting at once", what)
+            sys.stderr.flush()
+            os._exit(EXIT_FORCED)
+
     def _join(self, name: str, timeout: float) -> None:
         thread = self._threads.get(name)
         if thread is not None:
-            thread.join(timeout)
+            deadline = time.monotonic() + timeout
+            while thread.is_alive() and time.monotonic() < deadline:
+                thread.join(min(0.05, max(0.0, deadline - time.monotonic())))
+                self._more_stop_signals()
             if thread.is_alive():
                 log.warning("%s did not stop within %.0f s", name, timeout)
 
@@ -205,7 +274,8 @@ class Agent:
             "queue_depth": stats.depth, "queue_bytes": stats.bytes,
             "oldest_queued_at": stats.oldest_created, "dropped": stats.dropped,
             "reconnects": h.reconnects, "sent": h.sent, "acked": h.acked,
-            "rejected": h.rejected, "token_expires": h.token_expires,
+            "set_aside": stats.set_aside, "unstored": self.unstored,
+            "storing": self._failing == 0, "token_expires": h.token_expires,
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
         }
@@ -228,5 +298,15 @@ class Agent:
                 json.dump(data, f)
             os.replace(tmp, path)
         except OSError as exc:
-            log.warning("cannot write %s: %s", path, exc)
+            if not self._status_failing:  # once until it works again: it runs every 2 s
+                log.warning("cannot write %s: %s (logged again when it works)", path, exc)
+                self._status_failing = True
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            return
+        if self._status_failing:
+            log.warning("writing %s again", path)
+            self._status_failing = False
 

@@ -2,7 +2,7 @@
 
 The daemon rewrites that file atomically every 2 s (no network port, nothing
 to connect to). Exit status: 0 healthy (running, fresh, connected); 1 running
-but unhealthy (disconnected, or a thread stuck); 3 not running (no file, a
+but unhealthy (disconnected, a thread stuck, or samples cannot be stored); 3 not running (no file, a
 stopped agent, or a file older than ``STALE_S``); 78 a bad config.
 """
 
@@ -31,7 +31,7 @@ def evaluate(data: Optional[Dict[str, Any]], now: float) -> Dict[str, Any]:
     if data.get("stopped") or now - data.get("updated", 0) > STALE_S or not _pid_alive(
             data.get("pid")):
         report.update(state="not running", exit_code=EXIT_NOT_RUNNING)
-    elif not data.get("connected") or not data.get("healthy"):
+    elif not data.get("connected") or not data.get("healthy") or not data.get("storing", True):
         report.update(state="unhealthy", exit_code=EXIT_UNHEALTHY)
     else:
         report.update(state="healthy", exit_code=EXIT_OK)
@@ -63,7 +63,11 @@ def render(report: Dict[str, Any], now: float) -> str:
         f"last ack:         {_ago(report.get('last_ack_at'), now)}",
         f"queue:            {report['queue_depth']} messages, {report['queue_bytes']} bytes",
         f"oldest queued:    {_ago(report.get('oldest_queued_at'), now)}",
-        f"dropped:          {report['dropped']}",
+        f"dropped:          {report['dropped']}  (the queue was full)",
+        f"set aside:        {report.get('set_aside', 0)}  (refused by the server for good; "
+        "kept in the outbox's set_aside table)",
+        f"not stored:       {report.get('unstored', 0)}"
+        + ("" if report.get("storing", True) else "  (STORING FAILS NOW: disk full or failing?)"),
         f"reconnects:       {report['reconnects']}",
         "token expires:    " + ("unknown" if exp is None else
                                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(exp))

@@ -20,11 +20,24 @@ Rules and guarantees:
   ends the connection. An ack that does not come within ``ack_timeout_s`` does
   the same.
 * Reconnects go on forever: full-jitter exponential backoff capped at
-  ``max_delay_s``, reset only after a connection that worked (welcome received
-  and at least one ack or pong). A refused token (close 4000, HTTP 401/403)
-  backs off at the cap and is logged once until it changes.
-* Stopping: no new sends; wait up to ``drain_s`` for in-flight acks; close with
-  1000. Nothing is lost by a stop: unacked messages stay in the outbox.
+  ``max_delay_s``, reset only after a connection that worked (welcome received,
+  at least one ack or pong) and stayed up for ``STABLE_S``: a server that acks
+  once and closes sees the delays grow like any other failure. A refused token
+  (close 4000, HTTP 401/403) backs off at the cap and is logged once until it
+  changes.
+* What the server sends is bounded: a frame over ``MAX_INCOMING_MESSAGE`` is
+  refused before its payload is read, and so is a fragmented message whose
+  parts add up to more. Frames are read one at a time with a timeout that ends
+  at the next timer, so a peer that trickles bytes or fragments cannot hold
+  the loop: pings, ack timeouts and sends go on.
+* A message the server refuses for good is set aside in the outbox (see
+  ``Outbox.set_aside``), never retried forever in front of the others: one
+  answered with ``INVALID_MESSAGE``; one over the protocol's size limit; and
+  one that was the oldest in flight when the server closed the connection
+  with a refusing code (1003, 1007, 1009, 1011) ``STRIKES`` times in a row.
+* Stopping: no new sends; wait up to ``drain_s`` for in-flight acks (cut
+  short by :meth:`Transport.hurry`); close with 1000. Nothing is lost by a
+  stop: unacked messages stay in the outbox.
 """
 
 from __future__ import annotations
@@ -51,10 +64,14 @@ from .outbox import Outbox, Record
 
 log = logging.getLogger("nexus.transport")
 
-MAX_INCOMING_FRAME = 1 << 20
+MAX_INCOMING_MESSAGE = 1 << 20  # a frame, or a fragmented message all together
 DRAIN_S = 2.0
 MAX_FRAMES_PER_READ = 64
 REJECTING_CODES = (p.INVALID_MESSAGE,)  # the server will never accept that message as it is
+# Close codes that say "I will not take what you sent" (not "I am going away").
+REFUSING_CLOSE_CODES = (1003, 1007, p.CLOSE_TOO_BIG, p.CLOSE_INTERNAL)
+STRIKES = 3  # refusing closes in a row with the same oldest message before it is set aside
+STABLE_S = 10.0  # a connection must last this long (and get an ack) to reset the backoff
 
 
 def import_websocket(url: str) -> Any:
@@ -98,14 +115,12 @@ class Health:
 
     connected: bool = False
     reconnects: int = 0
-    connects: int = 0
     last_ack_at: Optional[float] = None
     clock_offset_s: Optional[float] = None
     token_expires: Optional[float] = None
     last_error: str = ""
     sent: int = 0
     acked: int = 0
-    rejected: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def update(self, **changes: Any) -> None:
@@ -283,6 +298,8 @@ class Transport:
         self._auth_refused_logged = False
         self._ws_module: Any = None
         self.worked = False
+        self._hurry = threading.Event()
+        self._strikes: Tuple[str, int] = ("", 0)  # (oldest in-flight id, refusing closes)
 
     # ------------------------------------------------------------------ other threads
 
@@ -292,6 +309,11 @@ class Transport:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass  # the pipe is full: a wake-up is already pending
+
+    def hurry(self) -> None:
+        """Stopping a second time: do not wait for in-flight acks (main thread only)."""
+        self._hurry.set()
+        self.wake()
 
     def set_config(self, config: Config) -> None:
         """Take a reloaded config; it applies from the next connection."""
@@ -305,6 +327,7 @@ class Transport:
         delays = backoff_delays(cfg.base_delay_s, cfg.max_delay_s, self.rng)
         while not stop.is_set():
             self.worked = False  # set by the session on its first ack or pong
+            started = time.monotonic()
             try:
                 self._connection(stop)
             except AuthRefused as exc:
@@ -319,7 +342,8 @@ class Transport:
                 self._after_connection(_describe(exc))
             if stop.is_set():
                 break
-            if self.worked:  # however it ended, this connection worked: start over at base
+            if self.worked and time.monotonic() - started >= STABLE_S:
+                # However it ended, this connection worked for a while: start over at base.
                 cfg = self.config.reconnect
                 delays = backoff_delays(cfg.base_delay_s, cfg.max_delay_s, self.rng)
             delay = next(delays)
@@ -336,6 +360,24 @@ class Transport:
             log.warning("connection lost: %s", reason)
         else:
             log.info("cannot connect: %s", reason)
+
+    def set_aside(self, record_id: str, reason: str) -> None:
+        """Take a message the server will never accept out of the queue (logged, counted)."""
+        if self.outbox.set_aside(record_id, reason):
+            log.error("set aside message %s: %s; it is kept in the outbox's set_aside table "
+                      "and not sent again", record_id, reason)
+
+    def _strike(self, session: _Session, code: Optional[int], reason: str) -> None:
+        """A connection ended: if the server refused it, count against the oldest in flight."""
+        if code not in REFUSING_CLOSE_CODES or not session.inflight:
+            return
+        oldest = next(iter(session.inflight))
+        count = self._strikes[1] + 1 if self._strikes[0] == oldest else 1
+        self._strikes = (oldest, count)
+        if count >= STRIKES:
+            self._strikes = ("", 0)
+            self.set_aside(oldest, f"the server closed the connection {count} times in a row "
+                           f"while it was the oldest message in flight ({reason})")
 
     def _note_auth_refused(self, reason: str) -> None:
         if not self._auth_refused_logged:
@@ -359,7 +401,7 @@ class Transport:
         else:
             header.append(f"Authorization: Bearer {token}")
         ws = dial(ws_mod, url, header, server.connect_timeout_s, server.ca_file)
-        _limit_frames(ws, MAX_INCOMING_FRAME)
+        _limit_frames(ws, MAX_INCOMING_MESSAGE)
         return ws
 
     def _connection(self, stop: threading.Event) -> None:
@@ -371,6 +413,9 @@ class Transport:
         session = _Session(self, ws)
         try:
             session.serve(stop)
+        except ConnectionLost as exc:
+            self._strike(session, exc.code, str(exc))
+            raise
         finally:
             session.close()
 
@@ -392,8 +437,8 @@ class _Session:
         self.throttled = False
         self.welcomed = False
         self.plan: Optional[SendPlan] = None
-        self.close_code = p.CLOSE_NORMAL
         self.acked: List[str] = []
+        self.message = _Reassembly(MAX_INCOMING_MESSAGE)
 
     # ------------------------------------------------------------------ main loop
 
@@ -434,8 +479,13 @@ class _Session:
             record = self.plan.next()
             if record is None:
                 return
+            try:
+                text = record.envelope_text()
+            except p.LocalProtocolError as exc:  # stored by an older version, or a bug
+                self.t.set_aside(record.id, f"over the protocol's size limit ({exc.message})")
+                continue
             self.bucket.take(now)
-            self._send_text(record.envelope_text())
+            self._send_text(text)
             self.inflight[record.id] = (record, now)
             self.t.health.add("sent")
 
@@ -473,13 +523,19 @@ class _Session:
             if sock not in readable:
                 return
         # Read every frame already waiting, then delete all their acks in one transaction
-        # (one fsync for a burst of acks instead of one each).
+        # (one fsync for a burst of acks instead of one each). Each read may wait only until
+        # the next timer: a peer that trickles a frame must not hold this thread.
+        now = time.monotonic()
+        sock.settimeout(max(0.05, self._next_deadline(now) - now))
         try:
             for _ in range(MAX_FRAMES_PER_READ):
                 self._read_frame()
                 if not _readable_now(sock):
                     break
+        except self.t._ws_module.WebSocketTimeoutException:
+            pass  # part of a frame came; websocket-client keeps it and goes on next time
         finally:
+            sock.settimeout(self.cfg.connect_timeout_s)  # what sends may block for
             self._flush_acks()  # even when the connection drops mid-burst
 
     def _flush_acks(self) -> None:
@@ -490,19 +546,27 @@ class _Session:
             self.acked = []
 
     def _read_frame(self) -> None:
-        ws_mod = self.t._ws_module
-        opcode, frame = self.ws.recv_data_frame(control_frame=True)
+        """Read one frame (not one message: fragments are put together here, bounded)."""
+        abnf = self.t._ws_module.ABNF
+        frame = self.ws.recv_frame()
+        opcode = frame.opcode
         self.last_rx = time.monotonic()
         self.ping_sent = None  # any frame proves the peer alive (even an error for our ping)
-        if opcode == ws_mod.ABNF.OPCODE_CLOSE:
-            code = struct.unpack("!H", frame.data[:2])[0] if len(frame.data) >= 2 else None
-            reason = frame.data[2:].decode("utf-8", "replace")
-            if code == p.CLOSE_AUTH_FAILED:
-                raise AuthRefused(f"close {code} {reason}".strip(), code)
-            raise ConnectionLost(f"server closed the connection with {code} {reason}".strip(),
-                                 code)
-        if opcode in (ws_mod.ABNF.OPCODE_TEXT, ws_mod.ABNF.OPCODE_BINARY):
-            self._handle(frame.data)
+        if opcode == abnf.OPCODE_PING:
+            self.ws.pong(frame.data)  # websocket-client checked it is a valid control frame
+        elif opcode == abnf.OPCODE_CLOSE:
+            self._closed_by_server(frame.data)
+        elif opcode in (abnf.OPCODE_TEXT, abnf.OPCODE_BINARY, abnf.OPCODE_CONT):
+            data = self.message.add(opcode == abnf.OPCODE_CONT, frame.fin, frame.data)
+            if data is not None:
+                self._handle(data)
+
+    def _closed_by_server(self, data: bytes) -> None:
+        code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
+        reason = data[2:].decode("utf-8", "replace")
+        if code == p.CLOSE_AUTH_FAILED:
+            raise AuthRefused(f"close {code} {reason}".strip(), code)
+        raise ConnectionLost(f"server closed the connection with {code} {reason}".strip(), code)
 
     # ------------------------------------------------------------------ messages
 
@@ -526,7 +590,6 @@ class _Session:
         welcome = p.parse_welcome(env)
         offset = welcome.server_time - time.time()
         self.t.health.update(connected=True, clock_offset_s=round(offset, 3))
-        self.t.health.add("connects")
         self.welcomed = True
         if self.t._auth_refused_logged:
             log.warning("the server accepts the token again")
@@ -554,11 +617,9 @@ class _Session:
             self.pause_until = time.monotonic() + 5.0
             log.warning("server rate limit hit; pausing sends for 5 s")
         elif error.code in REJECTING_CODES and entry is not None:
-            self.t.outbox.ack([entry[0].id])
-            self.t.health.add("rejected")
-            log.error("the server rejected message %s for good (%s: %s%s); removed it from the "
-                      "outbox", entry[0].id, error.code, error.message,
-                      f", field {error.field}" if error.field else "")
+            self.t.set_aside(entry[0].id, f"the server rejected it: {error.code}: "
+                             f"{error.message}" + (f" (field {error.field})" if error.field
+                                                   else ""))
         elif error.code == p.AUTH_FAILED:
             raise AuthRefused(f"{error.code}: {error.message}")
         else:
@@ -584,12 +645,12 @@ class _Session:
     def _drain(self) -> None:
         """Stopping: wait briefly for the acks of what is in flight, then close with 1000."""
         deadline = time.monotonic() + DRAIN_S
-        while self.inflight and time.monotonic() < deadline:
+        while self.inflight and time.monotonic() < deadline and not self.t._hurry.is_set():
             self._wait_and_read(deadline - time.monotonic())
 
     def close(self) -> None:
         try:
-            self.ws.close(status=self.close_code, timeout=1.0)
+            self.ws.close(status=p.CLOSE_NORMAL, timeout=1.0)
         except Exception:  # noqa: BLE001 - closing a broken socket may fail in many ways
             pass
         if self.inflight:
@@ -619,6 +680,37 @@ def _drain_pipe(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+class _Reassembly:
+    """Puts a fragmented message together, refusing one over ``limit`` bytes in all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: List[bytes] = []
+        self.size = 0
+        self.open = False
+
+    def add(self, continuation: bool, fin: bool, data: bytes) -> Optional[bytes]:
+        """The whole message once its last frame is in, else None."""
+        if continuation != self.open:
+            what = "a continuation frame without a start" if continuation else \
+                "a new message inside a fragmented one"
+            raise ConnectionLost(f"the server broke the fragmentation rules: {what}", 1002)
+        self.size += len(data)
+        if self.size > self.limit:
+            raise ConnectionLost(f"the server sent a message of over {self.limit} bytes "
+                                 "(in fragments)", p.CLOSE_TOO_BIG)
+        if fin and not self.parts:
+            self.size = 0
+            return data
+        self.parts.append(data)
+        self.open = not fin
+        if not fin:
+            return None
+        whole = b"".join(self.parts)
+        self.parts, self.size = [], 0
+        return whole
 
 
 def _limit_frames(ws: Any, limit: int) -> None:

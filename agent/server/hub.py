@@ -24,6 +24,7 @@ Rules and guarantees:
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import sqlite3
@@ -36,6 +37,9 @@ from ..errors import ProtocolError
 from .tokens import Identity
 
 RATE_WINDOW_S = 60.0
+# What the server sends may be a little larger than what it accepts: a broadcast wraps an
+# accepted message in a new envelope (see protocol.MAX_SERVER_MESSAGE_BYTES).
+_encode = functools.partial(p.encode, limit=p.MAX_SERVER_MESSAGE_BYTES)
 MAX_PENDING_COMMANDS = 1000  # commands waiting (ttl_s) for a device to connect
 MAX_ROUTES = 10_000  # commands delivered whose result the operator still awaits
 
@@ -98,7 +102,7 @@ class Hub:
             self._clients[client.client_id] = client
         welcome = p.make("connected", now, {"client_id": client.client_id,
                                            "server_time": p.format_timestamp(now)})
-        return client, p.encode(welcome)
+        return client, _encode(welcome)
 
     def disconnect(self, client: Client) -> None:
         with self._lock:
@@ -124,7 +128,10 @@ class Hub:
         except ProtocolError as exc:
             if over_rate:
                 return self._rate_error(client, None, now)
-            return self._error(client, exc.code, exc.message, now, exc.msg_id, exc.field)
+            # An error answers the client's message, so it carries that message's id (not
+            # the id of something the hub was building, such as a broadcast).
+            msg_id = env.id if env is not None else exc.msg_id
+            return self._error(client, exc.code, exc.message, now, msg_id, exc.field)
         except Exception:  # noqa: BLE001 - one bad message must not end the connection
             log.exception("internal error handling a message from %s", client.client_id)
             return self._error(client, p.INTERNAL_ERROR, "the server failed to handle this "
@@ -132,7 +139,7 @@ class Hub:
 
     def _error(self, client: Client, code: str, message: str, now: float,
                msg_id: str | None, field_path: str | None = None) -> Outgoing:
-        return [(client.peer, p.encode(p.make_error(code, message, now, msg_id, field_path)))]
+        return [(client.peer, _encode(p.make_error(code, message, now, msg_id, field_path)))]
 
     def _over_rate(self, client: Client, now: float) -> bool:
         """Count this frame in the client's sliding 60 s window; True when over the limit."""
@@ -157,7 +164,7 @@ class Hub:
 
     def _reply(self, client: Client, type_: str, env: p.Envelope, now: float,
                payload: Dict[str, Any] | None = None) -> Outgoing:
-        return [(client.peer, p.encode(p.make(type_, now, payload, env.id)))]
+        return [(client.peer, _encode(p.make(type_, now, payload, env.id)))]
 
     def _ping(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         return self._reply(client, "pong", env, now)
@@ -250,7 +257,7 @@ class Hub:
             log.debug("command result %s was stored before", result.command_id)
         if operator is not None:
             relay = p.make("command.result", now, result.to_payload(), result.command_id)
-            out.append((operator.peer, p.encode(relay)))
+            out.append((operator.peer, _encode(relay)))
         return out
 
     # ------------------------------------------------------------------ routing helpers
@@ -260,7 +267,7 @@ class Hub:
         for client in self._clients.values():
             for sub in client.subscriptions:
                 if sub.channel == channel and p.matches_filters(payload, sub.filters):
-                    out.append((client.peer, p.encode(p.make(f"{channel}.update", now,
+                    out.append((client.peer, _encode(p.make(f"{channel}.update", now,
                                                               payload))))
                     break  # one copy per client, however many subscriptions match
         return out
@@ -292,7 +299,7 @@ class Hub:
                                              f"{pending.request.device_id} did not connect "
                                              "before the command's ttl_s ran out", now,
                                              command_id)
-                        out.append((operator.peer, p.encode(error)))
+                        out.append((operator.peer, _encode(error)))
         return out
 
     def _trim(self, now: float) -> None:

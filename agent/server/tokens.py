@@ -61,13 +61,17 @@ def verify(token: str, secret: bytes) -> Identity:
         raise AuthError("Token expired") from None
     except jwt.PyJWTError:
         raise AuthError("Invalid token") from None
+    exp = claims["exp"]
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        # PyJWT accepts "exp": "9999999999" (it calls int() on it); RFC 7519 says a number.
+        raise AuthError("Token exp must be a number")
     role = claims.get("role")
     if role not in ROLES:
         raise AuthError("Token role must be device or operator")
     sub = claims["sub"]
     if not isinstance(sub, str) or not 0 < len(sub) <= 128:
         raise AuthError("Token subject must be a string of 1 to 128 characters")
-    return Identity(sub, role, float(claims["exp"]))
+    return Identity(sub, role, float(exp))
 
 
 def mint(secret: bytes, subject: str, role: str, ttl_s: float, now: float | None = None) -> str:

@@ -1,0 +1,131 @@
+"""Opening the agent's SQLite files (``outbox.db``, ``commands.db``) without losing them.
+
+Rules, in the order :func:`open_db` applies them:
+
+* **Locked or busy** (another process holds the file): waited out for up to
+  ``lock_wait_s``, said once in the log; after that :class:`StoreError` with
+  ``temporary=True`` (the agent exits 75, EX_TEMPFAIL, and systemd tries
+  again later). The file is never touched: the data in it is intact.
+* **Cannot be opened or written** (read-only ``state_dir``, permissions, an
+  I/O error, a full disk): :class:`StoreError` naming the file and the reason;
+  never moved aside. Read-only and permission problems are deployment errors
+  (``temporary=False``: exit 78, no crash loop); I/O errors may pass.
+* **Corrupt** (SQLite says ``SQLITE_CORRUPT``/``SQLITE_NOTADB``, which Python
+  raises as a plain ``sqlite3.DatabaseError``, or ``PRAGMA quick_check`` is
+  not ``ok``): the file and its ``-wal``/``-shm`` are renamed to
+  ``<file>.corrupt-<time>``, logged as an error, and a fresh file is made.
+  Only this case loses what was in the file, and it says so.
+
+``sqlite3.OperationalError`` is a subclass of ``DatabaseError``, which is why
+corruption is recognised by the exact type and never by ``isinstance``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from typing import Callable, Optional
+
+from .errors import NexusError
+
+log = logging.getLogger("nexus.store")
+
+LOCK_WAIT_S = 10.0  # under systemd's TimeoutStartSec and TimeoutStopSec
+_LOCKED = ("locked", "busy")
+_DEPLOYMENT = ("readonly", "read-only", "unable to open", "permission")
+
+
+class StoreError(NexusError):
+    """A state file that cannot be used now; ``temporary`` when trying later may work."""
+
+    def __init__(self, path: str, reason: str, temporary: bool) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.temporary = temporary
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """True only for SQLite's own verdict that the file is damaged or not a database."""
+    return type(exc) is sqlite3.DatabaseError
+
+
+def is_locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in str(exc).lower() for word in _LOCKED)
+
+
+def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
+    # isolation_level=None: callers issue BEGIN/COMMIT themselves.
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                         timeout=busy_timeout_s)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # durable across power loss, not just crashes
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("quick_check failed")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
+            lock_wait_s: float = LOCK_WAIT_S, what: str = "file") -> sqlite3.Connection:
+    """A checked connection to ``path`` with ``setup`` (schema, meta rows) applied.
+
+    Raises StoreError for what must not be thrown away (a lock, an unwritable or failing
+    disk); moves a corrupt file aside and starts afresh (logged).
+    """
+    deadline = time.monotonic() + lock_wait_s
+    waiting_logged = False
+    set_aside = 0
+    while True:
+        try:
+            db = _connect(path, busy_timeout_s=min(1.0, lock_wait_s))
+            try:
+                setup(db)
+            except BaseException:
+                db.close()
+                raise
+            if waiting_logged:
+                log.warning("%s %s: the lock was released; carrying on with its data", what,
+                            path)
+            return db
+        except sqlite3.DatabaseError as exc:
+            if is_locked(exc):
+                if time.monotonic() >= deadline:
+                    raise StoreError(path, f"locked by another process for over "
+                                     f"{lock_wait_s:g} s (the file is left as it is)",
+                                     temporary=True) from None
+                if not waiting_logged:
+                    log.warning("%s %s is locked by another process; waiting up to %g s",
+                                what, path, lock_wait_s)
+                    waiting_logged = True
+                continue
+            if not is_corruption(exc):
+                reason = str(exc)
+                deployment = any(word in reason.lower() for word in _DEPLOYMENT)
+                raise StoreError(path, f"cannot open or write it: {reason}"
+                                 + (" (is state_dir writable by this user?)" if deployment
+                                    else ""), temporary=not deployment) from None
+            if set_aside:
+                raise StoreError(path, f"a fresh file fails too: {exc}", temporary=True) from None
+            set_aside_corrupt(path, str(exc), what)
+            set_aside += 1
+            # Loop: the fresh file opens like any other (and may itself be locked or fail).
+
+
+def set_aside_corrupt(path: str, reason: str, what: str) -> Optional[str]:
+    """Rename a corrupt ``path`` (and its -wal/-shm) out of the way; the new name."""
+    target = f"{path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+    moved = False
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.replace(path + suffix, target + suffix)
+            moved = True
+    log.error("%s %s is corrupt (%s): moved it to %s and started a fresh one; what it held "
+              "is not used", what, path, reason, target)
+    return target if moved else None
