@@ -1,24 +1,20 @@
-"""The only code that talks to the server: connect, send, read, heartbeat, reconnect.
+"""The only code that talks to the server: connect, send, read, reconnect.
 
-Rules and guarantees:
+The rules of a connection (welcome, ack window, pace, pings, ack timeout,
+RATE_LIMITED, rejects, commands) live in ``session.py``, sans I/O. This module
+is the I/O around them:
 
 * One thread (the one running :meth:`Transport.run`) owns the socket and all
   per-connection state. Other threads reach it only through the outbox (new
   messages) and :meth:`Transport.wake` (a byte on a pipe, so ``select`` returns
   at once instead of polling).
-* What is sent comes from the outbox, oldest first, at most ``ack_window``
-  messages unacknowledged at a time, and never faster than
-  ``max_messages_per_minute`` (a token bucket that pings share), so the
-  server's rate limit is never hit. A message leaves the outbox only on its
-  ``ack``; whatever is in flight when a connection drops is sent again, with
-  the same id, on the next one.
-* Backlog and live messages are interleaved: the messages that were waiting at
-  connect time (the backlog) are sent in order, alternating with those sampled
-  since, so a long backlog never starves live data. Each stream is in order.
-* A dead peer is noticed even when TCP stays silent: a ``ping`` goes out after
-  ``ping_interval_s`` without traffic, and no answer within ``ping_timeout_s``
-  ends the connection. An ack that does not come within ``ack_timeout_s`` does
-  the same.
+* What is sent comes from the outbox, oldest first; a message leaves the
+  outbox only on its ``ack``; whatever is in flight when a connection drops is
+  sent again, with the same id, on the next one.
+* Backlog and live messages are interleaved (``SendPlan``): the messages that
+  were waiting at connect time (the backlog) are sent in order, alternating
+  with those sampled since, so a long backlog never starves live data. Each
+  stream is in order.
 * Reconnects go on forever: full-jitter exponential backoff capped at
   ``max_delay_s``, reset only after a connection that worked (welcome received,
   at least one ack or pong) and stayed up for ``STABLE_S``: a server that acks
@@ -28,14 +24,14 @@ Rules and guarantees:
 * What the server sends is bounded: a frame over ``MAX_INCOMING_MESSAGE`` is
   refused before its payload is read, and so is a fragmented message whose
   parts add up to more. Frames are read one at a time with a timeout that ends
-  at the next timer, so a peer that trickles bytes or fragments cannot hold
-  the loop: pings, ack timeouts and sends go on.
+  at the session's next deadline, so a peer that trickles bytes or fragments
+  cannot hold the loop: pings, ack timeouts and sends go on.
 * A message the server refuses for good is set aside in the outbox (see
   ``Outbox.set_aside``), never retried forever in front of the others: one
   answered with ``INVALID_MESSAGE``; one over the protocol's size limit; and
   one that was the oldest in flight when the server closed the connection
   with a refusing code (1003, 1007, 1009, 1011) ``STRIKES`` times in a row.
-* Stopping: no new sends; wait up to ``drain_s`` for in-flight acks (cut
+* Stopping: no new sends; wait up to ``DRAIN_S`` for in-flight acks (cut
   short by :meth:`Transport.hurry`); close with 1000. Nothing is lost by a
   stop: unacked messages stay in the outbox.
 """
@@ -61,13 +57,20 @@ from .config import Config
 from .errors import AuthError, ProtocolError
 from .logsetup import redact
 from .outbox import Outbox, Record
+from .session import (  # noqa: F401 - TokenBucket: re-exported for callers and tests
+    AuthRefused,
+    ConnectionLost,
+    Outgoing,
+    Session,
+    SessionConfig,
+    TokenBucket,
+)
 
 log = logging.getLogger("nexus.transport")
 
 MAX_INCOMING_MESSAGE = 1 << 20  # a frame, or a fragmented message all together
 DRAIN_S = 2.0
 MAX_FRAMES_PER_READ = 64
-REJECTING_CODES = (p.INVALID_MESSAGE,)  # the server will never accept that message as it is
 # Close codes that say "I will not take what you sent" (not "I am going away").
 REFUSING_CLOSE_CODES = (1003, 1007, p.CLOSE_TOO_BIG, p.CLOSE_INTERNAL)
 STRIKES = 3  # refusing closes in a row with the same oldest message before it is set aside
@@ -146,47 +149,6 @@ def backoff_delays(base: float, cap: float, rng: random.Random) -> Iterator[floa
     while True:
         yield rng.uniform(0, min(cap, base * (2 ** min(attempt, 30))))
         attempt += 1
-
-
-class TokenBucket:
-    """``rate`` tokens a second, at most ``capacity`` saved up."""
-
-    def __init__(self, per_minute: int, now: float) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, min(10.0, per_minute / 10.0))
-        self.tokens = self.capacity
-        self.stamp = now
-
-    def _refill(self, now: float) -> None:
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        self._refill(now)
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def wait(self, now: float) -> float:
-        """Seconds until a token is available."""
-        self._refill(now)
-        return 0.0 if self.tokens >= 1.0 else (1.0 - self.tokens) / self.rate
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class ConnectionLost(Exception):
-    """This connection is over; ``code`` is the close code when the server sent one."""
-
-    def __init__(self, reason: str, code: Optional[int] = None) -> None:
-        super().__init__(reason)
-        self.code = code
-
-
-class AuthRefused(ConnectionLost):
-    """The server refused our token (close 4000, or 401/403 at the handshake)."""
 
 
 # --------------------------------------------------------------------------- opening
@@ -367,11 +329,10 @@ class Transport:
             log.error("set aside message %s: %s; it is kept in the outbox's set_aside table "
                       "and not sent again", record_id, reason)
 
-    def _strike(self, session: _Session, code: Optional[int], reason: str) -> None:
+    def _strike(self, oldest: Optional[str], code: Optional[int], reason: str) -> None:
         """A connection ended: if the server refused it, count against the oldest in flight."""
-        if code not in REFUSING_CLOSE_CODES or not session.inflight:
+        if code not in REFUSING_CLOSE_CODES or oldest is None:
             return
-        oldest = next(iter(session.inflight))
         count = self._strikes[1] + 1 if self._strikes[0] == oldest else 1
         self._strikes = (oldest, count)
         if count >= STRIKES:
@@ -410,106 +371,102 @@ class Transport:
             ws = self._open()
         except AuthError as exc:
             raise ConnectionLost(f"no usable token: {exc}") from None
-        session = _Session(self, ws)
+        connection = _Connection(self, ws)
         try:
-            session.serve(stop)
+            connection.serve(stop)
         except ConnectionLost as exc:
-            self._strike(session, exc.code, str(exc))
+            self._strike(connection.session.oldest_in_flight(), exc.code, str(exc))
             raise
         finally:
-            session.close()
+            connection.close()
 
 
-class _Session:
-    """The state of one connection; lives and dies on the transport thread."""
+class _Connection:
+    """One connection's I/O: the socket, ``select`` and the outbox around a
+    :class:`~agent.session.Session`, which holds every rule. Transport thread only."""
 
     def __init__(self, transport: Transport, ws: Any) -> None:
         self.t = transport
         self.ws = ws
-        self.cfg = transport.config.server
-        self.inflight: collections.OrderedDict[str, Tuple[Record, float]] = \
-            collections.OrderedDict()
-        now = time.monotonic()
-        self.bucket = TokenBucket(self.cfg.max_messages_per_minute, now)
-        self.last_rx = now
-        self.ping_sent: Optional[float] = None
-        self.pause_until = 0.0
-        self.throttled = False
-        self.welcomed = False
+        cfg = transport.config
+        self.session = Session(SessionConfig(
+            cfg.device_id, cfg.server.connect_timeout_s, cfg.server.ping_interval_s,
+            cfg.server.ping_timeout_s, cfg.server.ack_timeout_s, cfg.server.ack_window,
+            cfg.server.max_messages_per_minute, transport.on_command is not None),
+            time.monotonic())
         self.plan: Optional[SendPlan] = None
-        self.acked: List[str] = []
         self.message = _Reassembly(MAX_INCOMING_MESSAGE)
+        self.read_timeout = cfg.server.connect_timeout_s  # what a send may block for
 
     # ------------------------------------------------------------------ main loop
 
     def serve(self, stop: threading.Event) -> None:
-        self._await_welcome()
-        t = self.t
-        self.plan = SendPlan(t.outbox, t.outbox.stats().last_seq, self.cfg.ack_window)
-        if t.on_command is not None:
-            self._send_text(p.encode(p.make("subscribe", time.time(), {
-                "channel": "commands", "filters": {"device_id": t.config.device_id}})))
         while not stop.is_set():
             now = time.monotonic()
             self._fill(now)
-            self._check_timers(now)
-            self._wait_and_read(self._next_deadline(now) - now)
+            self.session.tick(now, time.time())
+            self._apply()
+            self._wait_and_read(self.session.deadline(now) - now)
         self._drain()
 
-    def _await_welcome(self) -> None:
-        deadline = time.monotonic() + self.cfg.connect_timeout_s
-        while not self.welcomed:
-            if time.monotonic() > deadline:
-                raise ConnectionLost("no 'connected' message from the server")
-            self._wait_and_read(deadline - time.monotonic())
-
     def _fill(self, now: float) -> None:
-        """Send stored messages while the window has room and the rate allows.
-
-        Sets ``throttled`` when messages may be waiting but the rate (or a RATE_LIMITED
-        pause) holds them back: only then is there a reason to wake before a frame, a
-        wake-up or a timer. An empty outbox must not spin the loop.
-        """
-        assert self.plan is not None
-        self.throttled = False
-        while len(self.inflight) < self.cfg.ack_window:
-            if now < self.pause_until or self.bucket.wait(now) > 0:
-                self.throttled = True
+        """Send stored messages while the session allows (window, rate, pause)."""
+        if self.plan is None:
+            return
+        while self.session.may_send(now):
+            message = self.session.next_retry() or self._next_stored()
+            if message is None:
                 return
+            self.session.send(message, now)
+            self.t.health.add("sent")
+        self._apply()
+
+    def _next_stored(self) -> Optional[Outgoing]:
+        assert self.plan is not None
+        while True:
             record = self.plan.next()
             if record is None:
-                return
+                return None
             try:
-                text = record.envelope_text()
+                return Outgoing(record.id, record.envelope_text())
             except p.LocalProtocolError as exc:  # stored by an older version, or a bug
                 self.t.set_aside(record.id, f"over the protocol's size limit ({exc.message})")
-                continue
-            self.bucket.take(now)
-            self._send_text(text)
-            self.inflight[record.id] = (record, now)
-            self.t.health.add("sent")
 
-    def _check_timers(self, now: float) -> None:
-        if self.ping_sent is not None and now - self.ping_sent > self.cfg.ping_timeout_s:
-            raise ConnectionLost(f"no answer to ping within {self.cfg.ping_timeout_s:g} s")
-        if self.ping_sent is None and now - self.last_rx >= self.cfg.ping_interval_s:
-            self.bucket.take(now)  # pings count against the server's rate limit too
-            self._send_text(p.encode(p.make("ping", time.time())))
-            self.ping_sent = now
-        if self.inflight:
-            _, sent_at = next(iter(self.inflight.values()))
-            if now - sent_at > self.cfg.ack_timeout_s:
-                raise ConnectionLost(f"no ack within {self.cfg.ack_timeout_s:g} s")
+    def _apply(self) -> None:
+        """Carry out what the session decided: write, delete, set aside, hand over."""
+        s = self.session
+        if s.open and self.plan is None:
+            self._welcomed(s)
+        sends, s.sends = s.sends, []
+        for text in sends:
+            self.ws.send(text)
+        if s.acks:
+            # One transaction (one fsync) for a burst of acks instead of one each.
+            acked, s.acks = s.acks, []
+            self.t.outbox.ack(acked)
+            self.t.health.update(last_ack_at=time.time())
+            self.t.health.add("acked", len(acked))
+        aside, s.set_aside = s.set_aside, []
+        for msg_id, reason in aside:
+            self.t.set_aside(msg_id, reason)
+        commands, s.commands = s.commands, []
+        for request in commands:
+            assert self.t.on_command is not None
+            self.t.on_command(request)
+        if s.worked:
+            self.t.worked = True
 
-    def _next_deadline(self, now: float) -> float:
-        deadlines = [self.last_rx + self.cfg.ping_interval_s, now + 1.0]
-        if self.ping_sent is not None:
-            deadlines.append(self.ping_sent + self.cfg.ping_timeout_s)
-        if self.inflight:
-            deadlines.append(next(iter(self.inflight.values()))[1] + self.cfg.ack_timeout_s)
-        if self.throttled:
-            deadlines.append(max(self.pause_until, now + self.bucket.wait(now)))
-        return max(now, min(deadlines))
+    def _welcomed(self, s: Session) -> None:
+        assert s.welcome is not None
+        t = self.t
+        self.plan = SendPlan(t.outbox, t.outbox.stats().last_seq, self.session.cfg.ack_window)
+        offset = s.welcome.server_time - time.time()
+        t.health.update(connected=True, clock_offset_s=round(offset, 3))
+        if t._auth_refused_logged:
+            log.warning("the server accepts the token again")
+            t._auth_refused_logged = False
+        log.info("connected as %s (clock offset to the server %+.3f s)", s.welcome.client_id,
+                 offset)
 
     def _wait_and_read(self, timeout: float) -> None:
         sock = self.ws.sock
@@ -522,11 +479,10 @@ class _Session:
                 _drain_pipe(self.t._wake_r)
             if sock not in readable:
                 return
-        # Read every frame already waiting, then delete all their acks in one transaction
-        # (one fsync for a burst of acks instead of one each). Each read may wait only until
-        # the next timer: a peer that trickles a frame must not hold this thread.
+        # Read every frame already waiting, then apply them together. Each read may wait
+        # only until the next timer: a peer that trickles a frame must not hold this thread.
         now = time.monotonic()
-        sock.settimeout(max(0.05, self._next_deadline(now) - now))
+        sock.settimeout(max(0.05, self.session.deadline(now) - now))
         try:
             for _ in range(MAX_FRAMES_PER_READ):
                 self._read_frame()
@@ -535,117 +491,31 @@ class _Session:
         except self.t._ws_module.WebSocketTimeoutException:
             pass  # part of a frame came; websocket-client keeps it and goes on next time
         finally:
-            sock.settimeout(self.cfg.connect_timeout_s)  # what sends may block for
-            self._flush_acks()  # even when the connection drops mid-burst
-
-    def _flush_acks(self) -> None:
-        if self.acked:
-            self.t.outbox.ack(self.acked)
-            self.t.health.update(last_ack_at=time.time())
-            self.t.health.add("acked", len(self.acked))
-            self.acked = []
+            sock.settimeout(self.read_timeout)
+            self._apply()  # even when the connection drops mid-burst
 
     def _read_frame(self) -> None:
         """Read one frame (not one message: fragments are put together here, bounded)."""
         abnf = self.t._ws_module.ABNF
         frame = self.ws.recv_frame()
         opcode = frame.opcode
-        self.last_rx = time.monotonic()
-        self.ping_sent = None  # any frame proves the peer alive (even an error for our ping)
+        self.session.frame_seen(time.monotonic())
         if opcode == abnf.OPCODE_PING:
             self.ws.pong(frame.data)  # websocket-client checked it is a valid control frame
         elif opcode == abnf.OPCODE_CLOSE:
-            self._closed_by_server(frame.data)
+            _closed_by_server(frame.data)
         elif opcode in (abnf.OPCODE_TEXT, abnf.OPCODE_BINARY, abnf.OPCODE_CONT):
             data = self.message.add(opcode == abnf.OPCODE_CONT, frame.fin, frame.data)
             if data is not None:
-                self._handle(data)
+                self.session.receive(data, time.monotonic(), time.time())
 
-    def _closed_by_server(self, data: bytes) -> None:
-        code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
-        reason = data[2:].decode("utf-8", "replace")
-        if code == p.CLOSE_AUTH_FAILED:
-            raise AuthRefused(f"close {code} {reason}".strip(), code)
-        raise ConnectionLost(f"server closed the connection with {code} {reason}".strip(), code)
-
-    # ------------------------------------------------------------------ messages
-
-    def _handle(self, data: Any) -> None:
-        try:
-            env = p.decode(data.decode("utf-8") if isinstance(data, bytes) else data)
-        except (ProtocolError, UnicodeDecodeError) as exc:
-            log.warning("ignored a malformed message from the server: %s", exc)
-            return
-        handler = _HANDLERS.get(env.type)
-        if handler is None:
-            if not env.type.endswith(".update"):
-                log.debug("ignored a message of type %r", env.type[:64])
-            return
-        try:
-            handler(self, env)
-        except ProtocolError as exc:
-            log.warning("ignored a %s message: %s", env.type, exc)
-
-    def _on_connected(self, env: p.Envelope) -> None:
-        welcome = p.parse_welcome(env)
-        offset = welcome.server_time - time.time()
-        self.t.health.update(connected=True, clock_offset_s=round(offset, 3))
-        self.welcomed = True
-        if self.t._auth_refused_logged:
-            log.warning("the server accepts the token again")
-            self.t._auth_refused_logged = False
-        log.info("connected as %s (clock offset to the server %+.3f s)", welcome.client_id,
-                 offset)
-
-    def _on_ack(self, env: p.Envelope) -> None:
-        if env.id is None or env.id not in self.inflight:
-            return  # an ack for a message we no longer track (e.g. dropped): harmless
-        del self.inflight[env.id]
-        self.acked.append(env.id)  # deleted from the outbox by _flush_acks
-        self.t.worked = True
-
-    def _on_pong(self, env: p.Envelope) -> None:
-        self.ping_sent = None
-        self.t.worked = True
-
-    def _on_error(self, env: p.Envelope) -> None:
-        error = p.parse_error(env)
-        entry = self.inflight.pop(error.msg_id, None) if error.msg_id else None
-        if error.code == p.RATE_LIMITED and entry is not None:
-            assert self.plan is not None
-            self.plan.retry.append(entry[0])
-            self.pause_until = time.monotonic() + 5.0
-            log.warning("server rate limit hit; pausing sends for 5 s")
-        elif error.code in REJECTING_CODES and entry is not None:
-            self.t.set_aside(entry[0].id, f"the server rejected it: {error.code}: "
-                             f"{error.message}" + (f" (field {error.field})" if error.field
-                                                   else ""))
-        elif error.code == p.AUTH_FAILED:
-            raise AuthRefused(f"{error.code}: {error.message}")
-        else:
-            # Kept in the outbox: it is sent again on the next connection.
-            log.error("server error %s: %s%s", error.code, error.message,
-                      f" (message {error.msg_id})" if error.msg_id else "")
-
-    def _on_command(self, env: p.Envelope) -> None:
-        if self.t.on_command is None:
-            return
-        request = p.parse_command_delivery(env)
-        if request.device_id != self.t.config.device_id:
-            log.warning("ignored command %s addressed to %s", request.command_id,
-                        request.device_id)
-            return
-        self.t.on_command(request)
-
-    # ------------------------------------------------------------------ sending and closing
-
-    def _send_text(self, text: str) -> None:
-        self.ws.send(text)
+    # ------------------------------------------------------------------ closing
 
     def _drain(self) -> None:
         """Stopping: wait briefly for the acks of what is in flight, then close with 1000."""
         deadline = time.monotonic() + DRAIN_S
-        while self.inflight and time.monotonic() < deadline and not self.t._hurry.is_set():
+        while self.session.inflight and time.monotonic() < deadline and \
+                not self.t._hurry.is_set():
             self._wait_and_read(deadline - time.monotonic())
 
     def close(self) -> None:
@@ -653,18 +523,17 @@ class _Session:
             self.ws.close(status=p.CLOSE_NORMAL, timeout=1.0)
         except Exception:  # noqa: BLE001 - closing a broken socket may fail in many ways
             pass
-        if self.inflight:
+        if self.session.inflight:
             log.info("%d messages were in flight; they stay queued and are sent again",
-                     len(self.inflight))
+                     len(self.session.inflight))
 
 
-_HANDLERS: Dict[str, Callable[[_Session, p.Envelope], None]] = {
-    "connected": _Session._on_connected,
-    "ack": _Session._on_ack,
-    "pong": _Session._on_pong,
-    "error": _Session._on_error,
-    "commands.update": _Session._on_command,
-}
+def _closed_by_server(data: bytes) -> None:
+    code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
+    reason = data[2:].decode("utf-8", "replace")
+    if code == p.CLOSE_AUTH_FAILED:
+        raise AuthRefused(f"close {code} {reason}".strip(), code)
+    raise ConnectionLost(f"server closed the connection with {code} {reason}".strip(), code)
 
 
 def _readable_now(sock: Any) -> bool:

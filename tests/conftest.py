@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import CHILDREN, OPEN_PEERS, SECRET  # noqa: E402
+from helpers import CHILDREN, FAKE_SERVERS, OPEN_PEERS, SECRET  # noqa: E402
 
 os.environ.setdefault("NEXUS_JWT_SECRET", SECRET)
 
@@ -32,6 +32,8 @@ def _close_peers() -> Iterator[None]:
     yield
     while OPEN_PEERS:
         OPEN_PEERS.pop().close()
+    while FAKE_SERVERS:
+        FAKE_SERVERS.pop().close()
 
 
 @pytest.fixture(autouse=True)

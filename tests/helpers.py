@@ -246,3 +246,46 @@ def stored(db_path: Path, device_id: str = "device-001") -> List[Dict[str, Any]]
     finally:
         db.close()
     return [{"id": r[0], "sample_time": r[1], "payload": json.loads(r[2])} for r in rows]
+
+
+class FakeServer:
+    """A WebSocket server in this process whose behaviour the test writes: a peer that lies,
+    stalls, floods or fragments. ``handler(conn)`` runs once per connection (websockets'
+    sync API); ``connections`` counts them."""
+
+    def __init__(self, handler: Callable[[Any], None]) -> None:
+        import threading
+
+        from websockets.sync.server import serve
+
+        self.connections = 0
+
+        def counted(conn: Any) -> None:
+            self.connections += 1
+            handler(conn)
+
+        self.server = serve(counted, "127.0.0.1", 0, compression=None, max_size=2**21,
+                            ping_interval=None)
+        self.url = f"ws://127.0.0.1:{self.server.socket.getsockname()[1]}/v1/ws"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        FAKE_SERVERS.append(self)
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+FAKE_SERVERS: List[FakeServer] = []
+
+
+def welcome(conn: Any) -> None:
+    """Send the guide's ``connected`` message on ``conn``."""
+    now = time.time()
+    from agent import protocol as p
+
+    conn.send(json.dumps({"type": "connected", "id": "w", "timestamp": p.format_timestamp(now),
+                          "payload": {"client_id": "fake",
+                                      "server_time": p.format_timestamp(now)}}))
+
+
+def ack(conn: Any, msg_id: str) -> None:
+    conn.send(json.dumps({"type": "ack", "id": msg_id, "timestamp": "2025-01-01T00:00:00.000Z"}))
