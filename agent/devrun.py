@@ -5,6 +5,11 @@ the companion server on 127.0.0.1:8765 in this process, start ``nexus-agent
 --config config/agent.local.yaml`` as a child process (its log goes to
 stderr), and print each ``telemetry.update`` as one line until Ctrl-C (or
 ``--duration`` seconds). Then the agent gets SIGTERM and the server stops.
+
+Ctrl-C reaches the whole foreground process group: the agent gets SIGINT from
+the terminal and SIGTERM from here, which it takes as "stop, do not wait for
+acks". If it has not exited within ``AGENT_GRACE_S`` it is killed, and this
+says so; nothing is left running either way.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import config as config_mod
+from .signals import STOP_SIGNALS, SignalInbox
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config" / "agent.local.yaml"
+AGENT_GRACE_S = 3.5  # with the server's stop, Ctrl-C is done within 5 s
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -38,6 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agent.devrun", description=__doc__)
     ap.add_argument("--config", default=str(CONFIG), help="agent config (default: %(default)s)")
     ap.add_argument("--duration", type=float, help="stop after this many seconds")
+    inbox = SignalInbox(STOP_SIGNALS)  # before anything slow: handlers only record
     args = ap.parse_args(argv)
 
     from . import ctl
@@ -62,26 +70,38 @@ def main(argv: Optional[List[str]] = None) -> int:
           file=sys.stderr)
     agent = subprocess.Popen([sys.executable, "-m", "agent", "--config", args.config],
                              cwd=ROOT)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    ws = ctl.connect(server.url, mint(secret, "devrun", "operator", 86400))
-    watcher = threading.Thread(target=ctl.watch, args=(ws, cfg.device_id, None, sys.stdout),
-                               daemon=True)
-    watcher.start()
-    deadline = time.monotonic() + args.duration if args.duration else None
-    while not stop.wait(0.2):
-        if deadline and time.monotonic() > deadline:
-            break
-        if agent.poll() is not None:
-            print(f"devrun: the agent exited with {agent.returncode}", file=sys.stderr)
-            break
-    agent.terminate()
-    code = agent.wait(10)
-    server.stop()  # closes the watcher's connection too
+    try:
+        ws = ctl.connect(server.url, mint(secret, "devrun", "operator", 86400))
+        watcher = threading.Thread(target=ctl.watch, args=(ws, cfg.device_id, None, sys.stdout),
+                                   daemon=True)
+        watcher.start()
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not inbox.wait(0.2):
+            if deadline and time.monotonic() > deadline:
+                break
+            if agent.poll() is not None:
+                print(f"devrun: the agent exited with {agent.returncode}", file=sys.stderr)
+                break
+    finally:
+        code = _stop_agent(agent)
+        server.stop()  # closes the watcher's connection too
     watcher.join(2)
     ws.close()
+    inbox.close()
     return 0 if code in (0, -signal.SIGTERM) else code
+
+
+def _stop_agent(agent: subprocess.Popen) -> int:
+    """SIGTERM, then SIGKILL after AGENT_GRACE_S (said on stderr); its exit code."""
+    if agent.poll() is None:
+        agent.terminate()
+    try:
+        return agent.wait(AGENT_GRACE_S)
+    except subprocess.TimeoutExpired:
+        print(f"devrun: the agent did not stop within {AGENT_GRACE_S:g} s; killed it",
+              file=sys.stderr)
+        agent.kill()
+        return agent.wait()
 
 
 if __name__ == "__main__":

@@ -211,9 +211,10 @@ class Session:
         """When the caller must call :meth:`tick` again at the latest (monotonic)."""
         if not self.open:
             return self.started + self.cfg.connect_timeout_s
-        deadlines = [self.last_rx + self.cfg.ping_interval_s, now + 1.0]
-        if self.ping_sent is not None:
-            deadlines.append(self.ping_sent + self.cfg.ping_timeout_s)
+        # While a ping is out, its timeout is the deadline, not the (past) time to send one:
+        # the loop must not spin waiting for the pong.
+        deadlines = [self.last_rx + self.cfg.ping_interval_s if self.ping_sent is None
+                     else self.ping_sent + self.cfg.ping_timeout_s]
         if self.inflight:
             deadlines.append(next(iter(self.inflight.values()))[1] + self.cfg.ack_timeout_s)
         if self.throttled:

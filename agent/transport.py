@@ -406,7 +406,8 @@ class _Connection:
             self._fill(now)
             self.session.tick(now, time.time())
             self._apply()
-            self._wait_and_read(self.session.deadline(now) - now)
+            # At least once a second besides: a safety net, as wake-ups already come by pipe.
+            self._wait_and_read(min(self.session.deadline(now), now + 1.0) - now)
         self._drain()
 
     def _fill(self, now: float) -> None:
@@ -482,7 +483,7 @@ class _Connection:
         # Read every frame already waiting, then apply them together. Each read may wait
         # only until the next timer: a peer that trickles a frame must not hold this thread.
         now = time.monotonic()
-        sock.settimeout(max(0.05, self.session.deadline(now) - now))
+        sock.settimeout(max(0.05, min(self.session.deadline(now), now + 1.0) - now))
         try:
             for _ in range(MAX_FRAMES_PER_READ):
                 self._read_frame()

@@ -1,20 +1,20 @@
 """``nexus-server``: the companion server, and ``nexus-server token`` to mint tokens.
 
-Exit codes: 0 after a clean stop (SIGTERM or SIGINT), 2 for bad usage or a
-missing secret, 1 when the port cannot be bound.
+Exit codes: 0 after a clean stop (SIGTERM or SIGINT; more of them while it
+stops change nothing: the stop is bounded by the close timeout), 2 for bad
+usage or a missing secret, 1 when the port cannot be bound.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from typing import List, Optional
 
 from ..errors import AuthError
 from ..logsetup import setup_logging
+from ..signals import STOP_SIGNALS, SignalInbox
 
 
 def _serve_args(argv: List[str]) -> argparse.Namespace:
@@ -74,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["token"]:
         return _token(argv[1:])
+    # Handlers only record; the main thread does the shutdown (see agent/signals.py).
+    inbox = SignalInbox(STOP_SIGNALS)
     args = _serve_args(argv)
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
@@ -99,15 +101,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:  # a busy port, or an unreadable TLS certificate or key
         print(f"nexus-server: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    # The handlers only record the signal; the main thread does the shutdown.
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     server.start()
     print(f"nexus-server listening on {server.url}", flush=True)
-    while not stop.wait(1.0):
+    while not inbox.wait(None):
         pass
     server.stop()
+    inbox.close()
     return 0
 
 
