@@ -19,10 +19,21 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, List, Mapping, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .config import CommandSpec
 from .errors import CommandRejected, ConfigError
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """One allow-listed command: what ``parse_allow_list`` makes of a config entry."""
+
+    name: str
+    argv: Tuple[str, ...]
+    timeout_s: float = 30.0
+    args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    run_as: Optional[str] = None
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PLACEHOLDER = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]{0,31})\}$")

@@ -7,9 +7,12 @@ Rules:
   guessed or silently ignored.
 * Relative paths are resolved against the directory of the config file, so a
   config means the same thing whatever the working directory.
-* The token is *not* read here, only checked for existence and safe
-  permissions (``auth.check_token_file``); the transport re-reads it on every
-  connect so provisioning can rotate it.
+* The token is not read here: ``cli.load_config(check_files=True)`` reads it
+  once to check it (``auth.read_token``), and the transport reads it again on
+  every connect, so provisioning can rotate it. ``check_state_dir`` checks
+  that ``state_dir`` can be written.
+* The allow-list's rules and its entry type live in ``commands.py``, which
+  imports nothing from here.
 
 ``config/agent.example.yaml`` documents every key; keep it in step with ``_SPEC``.
 """
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
+from .commands import CommandSpec, parse_allow_list
 from .errors import ConfigError
 
 MAX_CONFIG_CHARS = 1 << 20  # a real config is a few KB
@@ -56,17 +60,6 @@ class QueueConfig:
 class ReconnectConfig:
     base_delay_s: float = 1.0
     max_delay_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class CommandSpec:
-    """One allow-listed command (see ``commands.py`` for how it is checked and filled)."""
-
-    name: str
-    argv: Tuple[str, ...]
-    timeout_s: float = 30.0
-    args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    run_as: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -242,8 +235,6 @@ def build(raw: Any, source: str = "") -> Config:
     if reconnect.base_delay_s > reconnect.max_delay_s:
         raise ConfigError("reconnect.base_delay_s", "must not exceed reconnect.max_delay_s")
     commands_raw = _section(raw.get("commands"), "commands")
-    from .commands import parse_allow_list  # the allow-list rules live with the commands
-
     allow = parse_allow_list(commands_raw.pop("allow", {}), "commands.allow")
     return Config(
         device_id=top["device_id"],

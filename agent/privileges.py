@@ -24,7 +24,7 @@ import sys
 from typing import List, Mapping, Tuple
 
 from . import cli
-from .config import CommandSpec
+from .commands import CommandSpec
 
 SYSTEMCTL = ("/usr/bin/systemctl", "/bin/systemctl")
 UNIT_VERBS = ("start", "stop", "restart", "reload", "try-restart")

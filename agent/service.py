@@ -30,7 +30,6 @@ the old config stays. ``state_dir`` and ``queue.max_bytes`` need a restart.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -42,7 +41,7 @@ from typing import Any, Dict, Optional
 
 from . import config as config_mod
 from . import protocol as p
-from . import store
+from . import statusfile, store
 from .auth import read_token
 from .config import Config
 from .errors import ConfigError, NexusError
@@ -56,7 +55,6 @@ from .transport import Health, Transport
 
 log = logging.getLogger("nexus.agent")
 
-STATUS_FILE = "status.json"
 STATUS_EVERY_S = 2.0
 EXIT_FORCED = 1  # a third stop signal: out at once
 
@@ -288,23 +286,16 @@ class Agent:
                f"{stats.dropped}"
 
     def write_status(self, stopped: bool = False) -> None:
-        """Atomically replace ``status.json`` in state_dir (read by ``nexus-agent status``)."""
+        """Atomically replace the status file (read by ``nexus-agent status``)."""
         data = self.status()
         data["stopped"] = stopped
-        path = os.path.join(self.config.state_dir, STATUS_FILE)
-        tmp = f"{path}.tmp"
+        path = statusfile.path(self.config.state_dir)
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-            os.replace(tmp, path)
+            statusfile.write(self.config.state_dir, data)
         except OSError as exc:
             if not self._status_failing:  # once until it works again: it runs every 2 s
                 log.warning("cannot write %s: %s (logged again when it works)", path, exc)
                 self._status_failing = True
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             return
         if self._status_failing:
             log.warning("writing %s again", path)

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from . import cli
+from . import cli, statusfile
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_NOT_RUNNING, EXIT_CONFIG = 0, 1, 3, cli.EXIT_CONFIG
 STALE_S = 15.0
@@ -85,12 +85,7 @@ def main(argv: List[str]) -> int:
     cfg = cli.load_config(args.config)
     if cfg is None:
         return EXIT_CONFIG
-    path = os.path.join(cfg.state_dir, "status.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        data = None
+    data = statusfile.read(cfg.state_dir)
     now = time.time()
     report = evaluate(data, now)
     print(json.dumps(report, sort_keys=True) if args.json else render(report, now))
