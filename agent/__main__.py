@@ -77,7 +77,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except StoreError as exc:  # locked, unwritable or failing: never thrown away
         print(f"nexus-agent: cannot use {exc.path}: {exc.reason}", file=sys.stderr)
         return EXIT_TEMPFAIL if exc.temporary else EXIT_CONFIG
-    return agent.run(inbox)
+    code = agent.run(inbox)
+    from .signals import leave
+
+    leave(code)  # no finalization: a late second stop signal must not kill us on the way out
+    return code  # not reached
 
 
 if __name__ == "__main__":

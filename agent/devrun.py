@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import config as config_mod
-from .signals import STOP_SIGNALS, SignalInbox
+from .signals import STOP_SIGNALS, SignalInbox, leave
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config" / "agent.local.yaml"
@@ -87,8 +87,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         server.stop()  # closes the watcher's connection too
     watcher.join(2)
     ws.close()
-    inbox.close()
-    return 0 if code in (0, -signal.SIGTERM) else code
+    leave(0 if code in (0, -signal.SIGTERM) else code)  # see signals.leave
+    return 0  # not reached
 
 
 def _stop_agent(agent: subprocess.Popen) -> int:

@@ -180,7 +180,6 @@ class Agent:
             ping = ["WATCHDOG=1"] if watchdog and self.healthy() else []
             self.notifier.notify(*ping, f"STATUS={self.status_line()}")
         self.shutdown(inbox, stops)
-        inbox.close()
         return 0
 
     def shutdown(self, inbox: Optional[SignalInbox] = None, stops: int = 1) -> None:

@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -407,28 +406,21 @@ def test_sighup_while_the_config_is_being_read_does_not_kill_the_agent(tmp_path)
     os.mkfifo(fifo)
     agent = AgentProcess(fifo)
 
-    def serve_reloads():  # each reload opens the FIFO again: answer it
-        for _ in range(6):
-            try:
-                with open(fifo, "w") as again:
-                    again.write(real.read_text())
-            except BrokenPipeError:  # opened while the first read was closing: again
-                continue
-
     try:
         with open(fifo, "w") as writer:  # returns once the agent has opened it for reading
             agent.proc.send_signal(signal.SIGHUP)
             agent.proc.send_signal(signal.SIGHUP)
             writer.write(real.read_text())
-        threading.Thread(target=serve_reloads, daemon=True).start()
+            # Before the agent can see EOF: a regular file takes the FIFO's name, so the
+            # reloads those SIGHUPs ask for read a file instead of blocking on a FIFO.
+            shutil.copy(real, tmp_path / "next.yaml")
+            os.replace(tmp_path / "next.yaml", fifo)
         wait_for(lambda: agent.status().get("connected"), what="the agent to run")
         wait_for(lambda: "reloaded" in agent.log(), what="the recorded SIGHUP acted on")
         assert agent.stop() == 0
     finally:
         agent.kill()
         srv.stop()
-        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # frees a writer still waiting
-        os.close(fd)
 
 
 def test_token_with_exp_as_a_string_is_refused(server):

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from ..errors import AuthError
 from ..logsetup import setup_logging
-from ..signals import STOP_SIGNALS, SignalInbox
+from ..signals import STOP_SIGNALS, SignalInbox, leave
 
 
 def _serve_args(argv: List[str]) -> argparse.Namespace:
@@ -106,8 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     while not inbox.wait(None):
         pass
     server.stop()
-    inbox.close()
-    return 0
+    leave(0)  # no finalization: a late second stop signal must not kill us on the way out
+    return 0  # not reached
 
 
 if __name__ == "__main__":
