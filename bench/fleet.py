@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -63,6 +66,9 @@ class Ours:
         self._proc = ServerProcess(port)
         self.pid, self.url = self._proc.proc.pid, self._proc.url
 
+    def log(self) -> str:
+        return self._proc.log()
+
     def stop(self) -> None:
         self._proc.stop(30)
 
@@ -87,6 +93,9 @@ class Guide:
                 raise RuntimeError("the guide server did not start")
             time.sleep(0.05)
         self.pid, self.url = self._proc.pid, f"ws://127.0.0.1:{port}/v1/ws"
+
+    def log(self) -> str:
+        return Path(self._log.name).read_text()
 
     def stop(self) -> None:
         self._proc.terminate()
@@ -209,11 +218,27 @@ async def connect_fleet(url: str, n: int, prefix: str) -> List[ClientConnection]
 
 
 async def stalled_operator(url: str) -> ClientConnection:
-    """Subscribed to all telemetry, then reads no more (max_queue=1: the socket fills)."""
-    conn = await open_client(url, "stalled-operator", "operator", max_queue=1)
+    """Subscribed to all telemetry, then reads no more (max_queue=1: the socket fills).
+
+    Its receive buffer is small (4 KiB, set before connecting so the window never
+    grows): Linux would otherwise buffer up to tcp_rmem's maximum (32 MiB here) for it
+    before the server notices anything.
+    """
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    conn = await open_client(url, "stalled-operator", "operator", max_queue=1, sock=sock)
     await conn.send(json.dumps({"type": "subscribe", "id": "s",
                                 "payload": {"channel": "telemetry"}}))
     return conn
+
+
+async def drain(conn: ClientConnection) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in conn:
+            pass
 
 
 async def run_load(server: object, devices: int, rate: float, seconds: float,
@@ -222,6 +247,7 @@ async def run_load(server: object, devices: int, rate: float, seconds: float,
     result = LoadResult(server.name + (" + stalled op" if stalled else ""),  # type: ignore
                         devices)
     operator = await stalled_operator(url) if stalled else None
+    closed = asyncio.ensure_future(operator.wait_closed()) if operator else None
     conns = await connect_fleet(url, devices, "device")
     result.connected = len(conns)
     fleet = [Device(c, f"device-{i:05d}", result) for i, c in enumerate(conns)]
@@ -239,8 +265,13 @@ async def run_load(server: object, devices: int, rate: float, seconds: float,
     while result.acked < result.sent and loop.time() < deadline:
         await asyncio.sleep(0.1)
     if operator is not None:
-        code = operator.close_code
-        result.note = f"stalled operator closed with {code}" if code else "stalled op still open"
+        assert closed is not None
+        # Only read now: the close frame is behind everything the kernels buffered.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(drain(operator), 2.0)
+        logged = server.log().count("send queue is full")  # type: ignore[attr-defined]
+        result.note = (f"stalled operator closed ({operator.close_code} seen), overflow "
+                       f"logged {logged}x" if closed.done() else "stalled operator still open")
         operator.transport.abort()
     await asyncio.gather(*(c.close() for c in conns))
     for task in readers:
