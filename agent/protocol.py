@@ -60,6 +60,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008  # e.g. a binary frame where text is required
 CLOSE_TOO_BIG = 1009  # a message over the size limit
 CLOSE_INTERNAL = 1011  # keepalive timeout or server fault
+CLOSE_TRY_AGAIN = 1013  # server side: the client did not read and its send queue filled
 CLOSE_AUTH_FAILED = 4000  # as the platform guide: after an AUTH_FAILED error
 
 # Limits a peer must respect (the companion server enforces them).

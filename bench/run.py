@@ -9,6 +9,11 @@
 3. Backlog drain: a pre-filled outbox of N messages delivered and acked through
    nexus-server, against a bare websocket-client loop sending the same number
    of messages with the same window to the same server.
+4. Fleet (bench/fleet.py, short): 1,000 devices at 1 msg/s for 10 s against
+   nexus-server and the guide's Node reference server, with and without a
+   stalled operator, and a reconnect storm of 500 clients. Its own table;
+   ``python bench/fleet.py --devices 5000 --seconds 30 --stalled`` for the
+   full run.
 
 Prints a table; exits non-zero only if something failed to run.
 """
@@ -27,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers import (  # noqa: E402
     AgentProcess,
@@ -210,7 +216,11 @@ def main() -> int:
         print(f"{name:34} {value:10.1f} {baseline:10.1f} {value / baseline:7.2f}  {note}")
     print("baselines: bare interpreter + 4 device deps; bare websocket-client sender; bare "
           "sqlite3 insert; bare websocket-client loop")
-    return 0
+    print()
+    import fleet
+
+    return fleet.main(["--devices", "1000", "--rate", "1", "--seconds", "10", "--stalled",
+                       "--storm", "500"])
 
 
 if __name__ == "__main__":

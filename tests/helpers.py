@@ -46,13 +46,14 @@ class Peer:
     """A test client over a real socket; frames are JSON objects. Closed after each test."""
 
     def __init__(self, url: str, token: Optional[str] = None, header: bool = True,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, sockopt: tuple = ()) -> None:
         headers: List[str] = []
         if token and header:
             headers.append(f"Authorization: Bearer {token}")
         elif token:
             url = f"{url}?token={token}"
-        self.ws = websocket.create_connection(url, header=headers, timeout=timeout)
+        self.ws = websocket.create_connection(url, header=headers, timeout=timeout,
+                                              sockopt=sockopt)
         OPEN_PEERS.append(self)
 
     def send(self, obj: Any) -> None:

@@ -1,32 +1,44 @@
-"""The companion server's network side: the ``websockets`` threaded server around a Hub.
+"""The companion server's network side: the ``websockets`` asyncio server around a Hub.
 
 Rules:
 
-* One handler thread per connection (the library's model); the handler owns
-  its connection. Other threads only call ``Connection.send``/``close``, which
-  the library makes thread-safe.
+* One event loop in one daemon thread serves every connection; no thread per
+  connection. The Hub is called only from that loop (``hub.telemetry()`` may
+  also be called from other threads: the Hub keeps its lock).
+* Each client has a bounded send queue (:class:`SendQueue`) and one writer
+  task that drains it. The Hub's answers are put on the queues without
+  waiting, so a client that does not read delays nobody but itself. When a
+  queue would pass ``send_queue_messages`` or ``send_queue_bytes``, what it
+  holds is dropped and the client is closed with 1013 (try again later),
+  logged once.
 * Authentication happens after the WebSocket handshake, exactly as the
   platform guide does it: a bad token gets an ``error`` with ``AUTH_FAILED``,
   then close code 4000.
 * The library enforces the size limit (close 1009) and the heartbeat: a ping
   every ``ping_interval`` seconds, and a connection that has not answered
-  within ``ping_timeout`` is closed (1011).
-* ``stop()`` follows this order: stop accepting, close every client with
-  1000 (all at once), wait for the handler threads, close the store. It is
-  idempotent.
+  within ``ping_timeout`` is closed (1011). Compression is off: it would cost
+  about 64 KiB per connection and let a compression bomb around ``max_size``.
+* Every close is bounded: a client that does not take the close frame within
+  ``close_timeout`` is aborted (TCP closed under it).
+* ``stop()`` follows this order: stop accepting, flush and close every client
+  with 1000 (all at once, bounded by ``close_timeout``), close what is left
+  (connections still authenticating), stop the loop, close the store. It is
+  idempotent and may be called from any thread but the loop's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Deque, Optional, Set
 from urllib.parse import parse_qs, urlsplit
 
+from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.server import Server, ServerConnection, serve
 
 from .. import protocol as p
 from ..errors import AuthError
@@ -48,25 +60,98 @@ class ServerSettings:
     close_timeout_s: float = 2.0
     tls_cert: Optional[str] = None  # PEM certificate chain; with tls_key, serve wss://
     tls_key: Optional[str] = None
+    # Per-client send queue, on top of the library's write buffer (write_limit_bytes):
+    # about 4,000 telemetry broadcasts, a few seconds of a whole fleet for an operator.
+    send_queue_messages: int = 4096
+    send_queue_bytes: int = 1 << 20
+    write_limit_bytes: int = 64 * 1024
 
 
-class _Peer:
-    """A connection as the Hub sees it: sends that fail on a closed socket are dropped."""
+class SendQueue:
+    """A client as the Hub sees it: a bounded queue of texts and the writer task draining it.
 
-    def __init__(self, conn: ServerConnection) -> None:
+    ``send`` and ``close`` never wait; they are called on the loop thread only.
+    """
+
+    def __init__(self, conn: ServerConnection, settings: ServerSettings, name: str) -> None:
         self.conn = conn
+        self.name = name
+        self._settings = settings
+        self._texts: Deque[str] = collections.deque()
+        self._bytes = 0
+        self._ready = asyncio.Event()
+        self._writer: Optional[asyncio.Task[None]] = None
+        self._closer: Optional[asyncio.Task[None]] = None
+
+    def start(self) -> None:
+        self._writer = asyncio.ensure_future(self._write())
 
     def send(self, text: str) -> None:
-        try:
-            self.conn.send(text)
-        except (ConnectionClosed, OSError):
-            pass  # the handler thread sees the close and unregisters the client
+        if self._closer is not None:
+            return  # closing: nothing more goes out
+        size = len(text)
+        if (len(self._texts) >= self._settings.send_queue_messages
+                or self._bytes + size > self._settings.send_queue_bytes):
+            log.warning("%s does not read: its send queue is full (%d messages, %d bytes); "
+                        "closing it with %d", self.name, len(self._texts), self._bytes,
+                        p.CLOSE_TRY_AGAIN)
+            self._texts.clear()
+            self._bytes = 0
+            self._begin_close(p.CLOSE_TRY_AGAIN, "send queue full", flush=False)
+            return
+        self._texts.append(text)
+        self._bytes += size
+        self._ready.set()
 
     def close(self, code: int, reason: str) -> None:
+        """Send what is queued, then close with ``code``; the first call wins."""
+        self._begin_close(code, reason, flush=True)
+
+    async def closed(self) -> None:
+        """Wait until a close that was begun has finished (at most about 2 close timeouts)."""
+        if self._closer is not None:
+            await asyncio.shield(self._closer)
+
+    def cancel(self) -> None:
+        """The connection is gone: stop the writer."""
+        if self._writer is not None:
+            self._writer.cancel()
+
+    def _begin_close(self, code: int, reason: str, flush: bool) -> None:
+        if self._closer is None:
+            self._closer = asyncio.ensure_future(self._close(code, reason, flush))
+            self._ready.set()  # wake the writer: it exits once the queue is empty
+
+    async def _write(self) -> None:
         try:
-            self.conn.close(code, reason)
-        except (ConnectionClosed, OSError):
-            pass
+            while True:
+                while not self._texts:
+                    if self._closer is not None:
+                        return
+                    self._ready.clear()
+                    await self._ready.wait()
+                text = self._texts.popleft()
+                self._bytes -= len(text)
+                # Waits only while the library's write buffer is over write_limit, that
+                # is, while this client does not read; other clients are not involved.
+                await self.conn.send(text)
+        except ConnectionClosed:
+            pass  # the handler sees the close and unregisters the client
+
+    async def _close(self, code: int, reason: str, flush: bool) -> None:
+        timeout = self._settings.close_timeout_s
+        writer = self._writer
+        if writer is not None and not writer.done():
+            if flush:
+                # asyncio.wait, not wait_for: a timeout must not cancel the writer yet.
+                await asyncio.wait([writer], timeout=timeout)
+            writer.cancel()  # stuck in a send to a client that does not read
+        try:
+            # close() waits for the client to take the close frame and answer it; a
+            # client that does not read would hold it forever.
+            await asyncio.wait_for(self.conn.close(code, reason), timeout + 0.5)
+        except asyncio.TimeoutError:
+            self.conn.transport.abort()
 
 
 def _tls_context(settings: ServerSettings) -> Any:
@@ -95,30 +180,46 @@ def _token_from(conn: ServerConnection) -> Optional[str]:
 
 
 class CompanionServer:
-    """A running companion server; ``port`` is the bound port (useful with port 0)."""
+    """A running companion server; ``port`` is the bound port (useful with port 0).
+
+    The constructor binds the port (OSError if it cannot); ``start()`` runs the
+    event loop in a daemon thread; ``stop()`` ends it.
+    """
 
     def __init__(self, settings: ServerSettings, secret: bytes) -> None:
         self.settings = settings
         self._secret = secret
         self.hub = Hub(settings.db, HubSettings(settings.rate_limit_per_minute))
-        self._stop = threading.Event()
+        self._stop_lock = threading.Lock()
         self._stopped = False
-        self._server: Server = serve(
-            self._handle, settings.host, settings.port,
+        self._loop = asyncio.new_event_loop()
+        self._tasks: Set[asyncio.Task[None]] = set()  # strong references to background tasks
+        try:
+            # Bound here, on this thread, before the loop runs: a busy port fails the
+            # constructor, as callers expect.
+            self._server: Server = self._loop.run_until_complete(self._serve())
+        except BaseException:
+            self._loop.close()
+            self.hub.close()
+            raise
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        self._thread = threading.Thread(target=self._run, name="nexus-server-loop", daemon=True)
+
+    async def _serve(self) -> Server:
+        return await serve(
+            self._handle, self.settings.host, self.settings.port,
             process_request=self._check_path,
-            max_size=settings.max_message_bytes,
-            ping_interval=settings.ping_interval_s,
-            ping_timeout=settings.ping_timeout_s,
-            close_timeout=settings.close_timeout_s,
-            compression=None,  # a compression bomb would bypass max_size accounting
-            ssl=_tls_context(settings),
+            max_size=self.settings.max_message_bytes,
+            ping_interval=self.settings.ping_interval_s,
+            ping_timeout=self.settings.ping_timeout_s,
+            close_timeout=self.settings.close_timeout_s,
+            # Off: permessage-deflate keeps about 64 KiB of zlib state per connection,
+            # telemetry is small, and a compression bomb would get around max_size.
+            compression=None,
+            write_limit=self.settings.write_limit_bytes,
+            ssl=_tls_context(self.settings),
+            backlog=1024,  # a reconnect storm arrives all at once
         )
-        self.port: int = self._server.socket.getsockname()[1]
-        self._threads = [
-            threading.Thread(target=self._server.serve_forever, name="nexus-server-accept",
-                             daemon=True),
-            threading.Thread(target=self._ticker, name="nexus-server-tick", daemon=True),
-        ]
 
     @property
     def url(self) -> str:
@@ -126,21 +227,31 @@ class CompanionServer:
         return f"{scheme}://{self.settings.host}:{self.port}{p.PATH}"
 
     def start(self) -> CompanionServer:
-        for thread in self._threads:
-            thread.start()
+        self._thread.start()
         log.info("listening on %s", self.url)
         return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._spawn(self._ticker())
+        self._loop.run_forever()
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _check_path(self, conn: ServerConnection, request: Any) -> Any:
         if urlsplit(request.path).path != p.PATH:
             return conn.respond(404, f"the Nexus endpoint is {p.PATH}\n")
         return None
 
-    def _ticker(self) -> None:
-        while not self._stop.wait(1.0):
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
             _deliver(self.hub.tick(time.time()))
 
-    def _handle(self, conn: ServerConnection) -> None:
+    async def _handle(self, conn: ServerConnection) -> None:
         try:
             token = _token_from(conn)
             if token is None:
@@ -149,40 +260,71 @@ class CompanionServer:
         except AuthError as exc:
             log.info("auth failed from %s: %s", conn.remote_address, exc)
             error = p.make_error(p.AUTH_FAILED, str(exc), time.time())
-            _Peer(conn).send(p.encode(error))
-            _Peer(conn).close(p.CLOSE_AUTH_FAILED, "Authentication failed")
+            try:
+                await conn.send(p.encode(error))
+            except ConnectionClosed:
+                return
+            await conn.close(p.CLOSE_AUTH_FAILED, "Authentication failed")
             return
-        peer = _Peer(conn)
+        await self._serve_client(conn, identity)
+
+    async def _serve_client(self, conn: ServerConnection, identity: tokens.Identity) -> None:
+        peer = SendQueue(conn, self.settings, f"{identity.role} {identity.subject}")
         client, welcome = self.hub.connect(identity, peer, time.time())
-        log.info("%s connected: %s %s", client.client_id, identity.role, identity.subject)
+        peer.name = f"{client.client_id} ({peer.name})"
+        log.info("%s connected", peer.name)
+        peer.send(welcome)
+        peer.start()
         try:
-            peer.send(welcome)
-            for frame in conn:
+            async for frame in conn:
                 _deliver(self.hub.handle(client, frame, time.time()))
         except ConnectionClosed:
             pass
         finally:
             self.hub.disconnect(client)
+            # A close we began (1008, 1013, 1000) must finish before this handler returns:
+            # the library would otherwise close the connection itself, with its own code.
+            await peer.closed()
+            peer.cancel()
             rcvd = conn.close_code if conn.close_code is not None else "none"
             log.info("%s disconnected (close code %s)", client.client_id, rcvd)
 
+    async def _shutdown(self) -> None:
+        self._server.close(close_connections=False)  # no new connections from here on
+        # All at once, so a crowd of unresponsive clients costs one close timeout, not one
+        # each. Each flushes what is queued for it first (the last acks).
+        peers = [peer for peer in self.hub.peers() if isinstance(peer, SendQueue)]
+        for peer in peers:
+            peer.close(p.CLOSE_NORMAL, "Server shutting down")
+        if peers:
+            await asyncio.gather(*(peer.closed() for peer in peers))
+        # Connections still authenticating; the library closes them with the code given.
+        for conn in self._server.connections:
+            self._spawn(conn.close(p.CLOSE_NORMAL, "Server shutting down"))
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), self.settings.close_timeout_s + 1)
+        except asyncio.TimeoutError:
+            log.warning("some connections did not close in time")
+        for task in list(self._tasks):
+            task.cancel()
+
     def stop(self) -> None:
         """Close every client with 1000, stop serving, close the store. Safe to call twice."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._stop.set()
-        self._server.socket.close()  # no new connections from here on
-        # Each close waits for the client's answer (up to close_timeout): in parallel, so a
-        # crowd of unresponsive clients costs one timeout, not one each.
-        closers = [threading.Thread(target=peer.close, args=(p.CLOSE_NORMAL,
-                                                             "Server shutting down"), daemon=True)
-                   for peer in self.hub.peers()]
-        for thread in closers:
-            thread.start()
-        deadline = time.monotonic() + self.settings.close_timeout_s + 1.0
-        for thread in closers:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        self._server.shutdown()
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        if self._thread.is_alive():
+            done = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+            try:
+                done.result(3 * self.settings.close_timeout_s + 5.0)
+            except Exception:  # noqa: BLE001 - stopping anyway; say why
+                log.exception("shutdown did not finish cleanly")
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5.0)
+        else:  # never started
+            self._loop.run_until_complete(self._shutdown())
+        if not self._thread.is_alive():
+            self._loop.close()
         self.hub.close()
         log.info("stopped")

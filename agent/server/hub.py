@@ -5,9 +5,11 @@ Rules and guarantees:
 
 * :class:`Hub` owns all shared state behind one lock. It never sends while it
   holds the lock: every method returns the list of ``(peer, text)`` to send, and
-  the caller (``app.py``, one thread per connection) sends them afterwards, so a
-  slow client never stalls the hub. (It can slow the one sender whose broadcast
-  it receives: the companion server has no per-client send queue.)
+  the caller (``app.py``, on its event loop) puts each on that peer's bounded
+  send queue afterwards (``Peer.send`` never waits), so a client that does not
+  read stalls neither the hub nor anyone else.
+* A broadcast visits only the clients subscribed to its channel (an index kept
+  beside the subscriptions), not the whole fleet.
 * Telemetry is stored by message id: a resend of an id already stored is acked
   again but neither stored nor broadcast twice (delivery is at-least-once on the
   wire, exactly-once in the store).
@@ -47,7 +49,7 @@ log = logging.getLogger("nexus.server")
 
 
 class Peer(Protocol):
-    """A connection as the hub sees it."""
+    """A connection as the hub sees it: ``send`` and ``close`` must not wait."""
 
     def send(self, text: str) -> None: ...
 
@@ -86,6 +88,7 @@ class Hub:
         self._clients: Dict[str, Client] = {}
         self._pending: Dict[str, PendingCommand] = {}  # command_id -> waiting for its device
         self._routes: Dict[str, str] = {}  # command_id -> operator client_id awaiting the result
+        self._listeners: Dict[str, Dict[str, Client]] = {}  # channel -> client_id -> client
         # check_same_thread=False: every use is under self._lock.
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         if db_path != ":memory:":
@@ -107,6 +110,8 @@ class Hub:
     def disconnect(self, client: Client) -> None:
         with self._lock:
             self._clients.pop(client.client_id, None)
+            for listeners in self._listeners.values():
+                listeners.pop(client.client_id, None)
 
     def peers(self) -> List[Peer]:
         with self._lock:
@@ -184,6 +189,7 @@ class Hub:
                 raise ProtocolError(p.INVALID_MESSAGE, "too many subscriptions", "payload",
                                     env.id)
             client.subscriptions.append(sub)
+            self._listeners.setdefault(sub.channel, {})[client.client_id] = client
         out = self._reply(client, "subscribed", env, now,
                           {"channel": sub.channel, "filters": filters})
         if sub.channel == "commands" and client.identity.is_device:
@@ -193,6 +199,7 @@ class Hub:
     def _unsubscribe(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         sub = p.parse_subscription(env, need_filters=False)
         client.subscriptions = [s for s in client.subscriptions if s.channel != sub.channel]
+        self._listeners.get(sub.channel, {}).pop(client.client_id, None)
         return self._reply(client, "unsubscribed", env, now, {"channel": sub.channel})
 
     def _telemetry(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
@@ -264,7 +271,7 @@ class Hub:
 
     def _broadcast(self, channel: str, payload: Dict[str, Any], now: float) -> Outgoing:
         out: Outgoing = []
-        for client in self._clients.values():
+        for client in self._listeners.get(channel, {}).values():
             for sub in client.subscriptions:
                 if sub.channel == channel and p.matches_filters(payload, sub.filters):
                     out.append((client.peer, _encode(p.make(f"{channel}.update", now,
