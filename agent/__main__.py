@@ -61,7 +61,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = cli.load_config(args.config, check_files=True)
     if cfg is None:
         return EXIT_CONFIG
+    from .config import pace_warning
+
+    warning = pace_warning(cfg)
     if args.check_config:
+        if warning:
+            print(f"nexus-agent: warning: {warning}", file=sys.stderr)
         print(f"nexus-agent: {args.config} is valid")
         return 0
     from .logsetup import setup_logging

@@ -249,6 +249,25 @@ def build(raw: Any, source: str = "") -> Config:
     )
 
 
+def pace_warning(cfg: Config) -> Optional[str]:
+    """A warning when the sample rate leaves too little of the message budget to drain a
+    backlog with single messages (None when an outage drains at least as fast as it grew)."""
+    live = 60.0 / cfg.telemetry.interval_s  # messages a minute for live samples alone
+    budget = cfg.server.max_messages_per_minute
+    spare = budget - live
+    if spare >= live:
+        return None
+    if spare <= 0:
+        drain = "so a backlog never drains and the queue only grows"
+    else:
+        drain = (f"so a backlog drains at {spare:.0f} messages a minute: a day offline takes "
+                 f"{24 * live / spare:.0f} hours to arrive")
+    return (f"telemetry.interval_s {cfg.telemetry.interval_s:g} makes {live:.0f} messages a "
+            f"minute against server.max_messages_per_minute {budget}, {drain} with single "
+            "messages. A server that offers telemetry.batch (nexus-server does) takes the "
+            "backlog in batches instead, in minutes; or sample less often.")
+
+
 def check_state_dir(state_dir: str) -> None:
     """ConfigError unless this user can create or write ``state_dir`` and its queue files."""
     probe = state_dir

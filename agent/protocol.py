@@ -78,7 +78,15 @@ MAX_ARG_CHARS = 1024
 
 COMMAND_STATUSES = ("succeeded", "failed", "rejected", "timed_out")
 
-CLIENT_TYPES = ("ping", "subscribe", "unsubscribe", "telemetry", "command", "command.result")
+TELEMETRY_BATCH = "telemetry.batch"  # an extension: used only when the server offers it
+CLIENT_TYPES = ("ping", "subscribe", "unsubscribe", "telemetry", "command", "command.result",
+                TELEMETRY_BATCH)
+
+# telemetry.batch: what the companion server offers in its welcome. A batch is one frame,
+# so max_bytes stays under the 1 MiB an agent accepts; the rest of the protocol keeps
+# MAX_MESSAGE_BYTES.
+MAX_BATCH_ITEMS = 1000
+MAX_BATCH_BYTES = 768 * 1024
 
 
 # --------------------------------------------------------------------------- time and ids
@@ -343,15 +351,19 @@ def _payload(env: Envelope) -> Mapping[str, Any]:
 def parse_telemetry(env: Envelope) -> Telemetry:
     p = _payload(env)
     device_id = _short_str(p, "device_id", "payload", env.id, MAX_DEVICE_ID_CHARS)
-    metrics = _get(p, "metrics", (dict,), "payload", env.id)
+    return Telemetry(device_id, _metrics(p, "payload", env.id))
+
+
+def _metrics(obj: Mapping[str, Any], path: str, msg_id: str | None) -> Mapping[str, float]:
+    metrics = _get(obj, "metrics", (dict,), path, msg_id)
     if len(metrics) > MAX_METRICS:
         raise RemoteProtocolError(INVALID_MESSAGE, f"more than {MAX_METRICS} metrics",
-                                  "payload.metrics", env.id)
+                                  f"{path}.metrics", msg_id)
     for key, value in metrics.items():
         if not _number(value):
             raise RemoteProtocolError(INVALID_MESSAGE, "must be a finite number",
-                                      f"payload.metrics.{key}", env.id)
-    return Telemetry(device_id, metrics)
+                                      f"{path}.metrics.{key}", msg_id)
+    return metrics
 
 
 def parse_subscription(env: Envelope, need_filters: bool = True) -> Subscription:
@@ -426,6 +438,84 @@ def parse_command_result(env: Envelope) -> CommandResult:
         duration)
 
 
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    id: str
+    timestamp: str
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class ItemRejected:
+    index: int
+    id: str | None
+    field: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "id": self.id, "field": self.field,
+                "message": self.message}
+
+
+@dataclass(frozen=True)
+class TelemetryBatch:
+    device_id: str
+    items: list[BatchItem]  # the valid ones, in order
+    rejected: list[ItemRejected]  # one per invalid item; the others are still taken
+
+
+def batch_text(batch_id: str, now: float, device_id: str, item_texts: list[str]) -> str:
+    """The wire text of a batch whose items are already JSON (see :func:`batch_item_text`).
+    The caller keeps it under the offered ``max_bytes``."""
+    head = dumps({"type": TELEMETRY_BATCH, "id": batch_id, "timestamp": format_timestamp(now),
+                  "payload": {"device_id": device_id, "items": []}})
+    return f"{head[:-3]}{','.join(item_texts)}]}}}}"
+
+
+def batch_item_text(msg_id: str, timestamp: str, metrics: Mapping[str, Any]) -> str:
+    return dumps({"id": msg_id, "timestamp": timestamp, "metrics": metrics})
+
+
+def parse_telemetry_batch(env: Envelope, max_items: int = MAX_BATCH_ITEMS) -> TelemetryBatch:
+    """A batch: the envelope must be right (else RemoteProtocolError); each bad item is
+    named in ``rejected`` (``payload.items.3.metrics.cpu_usage``) and the rest is kept."""
+    p = _payload(env)
+    device_id = _short_str(p, "device_id", "payload", env.id, MAX_DEVICE_ID_CHARS)
+    raw = _get(p, "items", (list,), "payload", env.id)
+    if not 0 < len(raw) <= max_items:
+        raise RemoteProtocolError(INVALID_MESSAGE, f"must hold 1 to {max_items} items",
+                                  "payload.items", env.id)
+    items: list[BatchItem] = []
+    rejected: list[ItemRejected] = []
+    for index, item in enumerate(raw):
+        try:
+            items.append(_batch_item(item, f"payload.items.{index}", env.id))
+        except RemoteProtocolError as exc:
+            item_id = item.get("id") if isinstance(item, dict) else None
+            rejected.append(ItemRejected(index, item_id if isinstance(item_id, str) and
+                                         _is_unicode(item_id) else None,
+                                         exc.field or f"payload.items.{index}", exc.message))
+    return TelemetryBatch(device_id, items, rejected)
+
+
+def _batch_item(item: Any, path: str, msg_id: str | None) -> BatchItem:
+    if not isinstance(item, dict):
+        raise RemoteProtocolError(INVALID_MESSAGE, "must be an object", path, msg_id)
+    item_id = _short_str(item, "id", path, msg_id, MAX_ID_CHARS)
+    if not _is_unicode(item_id):
+        raise RemoteProtocolError(INVALID_MESSAGE, "must be valid Unicode", f"{path}.id", msg_id)
+    timestamp = _get(item, "timestamp", (str,), path, msg_id)
+    try:
+        parse_timestamp(timestamp)
+    except ValueError:
+        raise RemoteProtocolError(INVALID_MESSAGE, "not an ISO-8601 timestamp with a zone",
+                                  f"{path}.timestamp", msg_id) from None
+    return BatchItem(item_id, timestamp, _metrics(item, path, msg_id))
+
+
 def check_client_message(env: Envelope) -> None:
     """Full validation of a client-to-server message (the server calls this)."""
     if env.type not in CLIENT_TYPES:
@@ -440,6 +530,7 @@ def check_client_message(env: Envelope) -> None:
 
 _CLIENT_CHECKS: dict[str, Callable[[Envelope], object]] = {
     "telemetry": parse_telemetry,
+    TELEMETRY_BATCH: parse_telemetry_batch,
     "subscribe": parse_subscription,
     "unsubscribe": lambda env: parse_subscription(env, need_filters=False),
     "command": parse_command,
@@ -456,9 +547,18 @@ def matches_filters(payload: Mapping[str, Any], filters: Mapping[str, Any]) -> b
 
 
 @dataclass(frozen=True)
+class BatchOffer:
+    """The server's ``capabilities["telemetry.batch"]``: the most a batch may hold."""
+
+    max_items: int
+    max_bytes: int
+
+
+@dataclass(frozen=True)
 class Welcome:
     client_id: str
     server_time: float
+    batch: BatchOffer | None = None  # None: send single ``telemetry`` messages only
 
 
 @dataclass(frozen=True)
@@ -478,7 +578,28 @@ def parse_welcome(env: Envelope) -> Welcome:
     except ValueError:
         raise RemoteProtocolError(INVALID_MESSAGE, "not an ISO-8601 timestamp",
                                   "payload.server_time", env.id) from None
-    return Welcome(client_id, server_time)
+    return Welcome(client_id, server_time, _batch_offer(p.get("capabilities")))
+
+
+def _batch_offer(capabilities: Any) -> BatchOffer | None:
+    """The batch offer if it is there and sane; anything else is "not offered"."""
+    offer = capabilities.get(TELEMETRY_BATCH) if isinstance(capabilities, dict) else None
+    if not isinstance(offer, dict):
+        return None
+    items, size = offer.get("max_items"), offer.get("max_bytes")
+    if not (isinstance(items, int) and isinstance(size, int) and not isinstance(items, bool)
+            and not isinstance(size, bool) and items >= 2 and size >= 1024):
+        return None
+    return BatchOffer(items, size)
+
+
+def welcome_payload(client_id: str, now: float, batch: BatchOffer | None) -> dict[str, Any]:
+    """The ``connected`` payload; ``capabilities`` only when something is offered."""
+    payload: dict[str, Any] = {"client_id": client_id, "server_time": format_timestamp(now)}
+    if batch is not None:
+        payload["capabilities"] = {TELEMETRY_BATCH: {"max_items": batch.max_items,
+                                                     "max_bytes": batch.max_bytes}}
+    return payload
 
 
 def parse_error(env: Envelope) -> ServerError:

@@ -30,6 +30,7 @@ the old config stays. ``state_dir`` and ``queue.max_bytes`` need a restart.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -37,7 +38,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Deque, Dict, Optional, Tuple
 
 from . import config as config_mod
 from . import protocol as p
@@ -57,6 +58,7 @@ log = logging.getLogger("nexus.agent")
 
 STATUS_EVERY_S = 2.0
 EXIT_FORCED = 1  # a third stop signal: out at once
+DRAIN_WINDOW_S = 60.0  # the drain rate in the status is over this long
 
 
 class Agent:
@@ -79,6 +81,7 @@ class Agent:
         self.unstored = 0  # samples taken but not stored (a full or failing disk)
         self._failing = 0  # of those, how many in a row until now
         self._status_failing = False
+        self._acks_seen: Deque[Tuple[float, int]] = collections.deque()  # (when, acked so far)
         self._threads: Dict[str, threading.Thread] = {}
         self.started = time.time()
 
@@ -161,6 +164,9 @@ class Agent:
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         log.info("started: device %s, server %s, state %s", self.config.device_id,
                  self.config.server.url, self.config.state_dir)
+        warning = config_mod.pace_warning(self.config)
+        if warning:
+            log.warning("%s", warning)
         watchdog = watchdog_interval()
         tick = min(STATUS_EVERY_S, watchdog) if watchdog else STATUS_EVERY_S
         stops = 0
@@ -175,6 +181,9 @@ class Agent:
             if stops or time.monotonic() < next_tick:
                 continue
             next_tick = time.monotonic() + tick
+            self._acks_seen.append((time.monotonic(), self.health.snapshot().acked))
+            while self._acks_seen[0][0] < time.monotonic() - DRAIN_WINDOW_S:
+                self._acks_seen.popleft()
             self.write_status()
             # WATCHDOG=1 only while every thread makes progress: a stuck one gets us restarted.
             ping = ["WATCHDOG=1"] if watchdog and self.healthy() else []
@@ -272,10 +281,21 @@ class Agent:
             "oldest_queued_at": stats.oldest_created, "dropped": stats.dropped,
             "reconnects": h.reconnects, "sent": h.sent, "acked": h.acked,
             "set_aside": stats.set_aside, "unstored": self.unstored,
+            **self._drain(stats.depth),
             "storing": self._failing == 0, "token_expires": h.token_expires,
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
         }
+
+    def _drain(self, depth: int) -> Dict[str, Optional[float]]:
+        """Acked messages a minute over the last DRAIN_WINDOW_S, and the time to empty."""
+        if len(self._acks_seen) < 2:
+            return {"drain_per_min": None, "drain_eta_s": None}
+        (t0, a0), (t1, a1) = self._acks_seen[0], self._acks_seen[-1]
+        rate = (a1 - a0) / (t1 - t0) * 60.0 if t1 > t0 else 0.0
+        eta = depth / rate * 60.0 if rate > 0 else None
+        return {"drain_per_min": round(rate, 1), "drain_eta_s": None if eta is None else
+                round(eta, 1)}
 
     def status_line(self) -> str:
         h = self.health.snapshot()

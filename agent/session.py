@@ -14,12 +14,21 @@ The rules, all of them:
 * **Window and pace.** At most ``ack_window`` messages unacknowledged, and no
   more than ``max_messages_per_minute`` sent (a token bucket; pings take from
   it too), so the server's rate limit is never hit.
+* **Batches.** Only when the welcome offers ``telemetry.batch`` (and the
+  config allows it) does :attr:`batch_offer` say so; the transport then sends
+  the backlog as batches within the offered limits. A batch is one message for
+  the window and the pace.
 * **Acks.** An ``ack`` for a message in flight moves its id to ``acks`` (the
-  transport deletes them from the outbox, a burst in one transaction). An ack
-  for anything else is ignored.
+  transport deletes them from the outbox, a burst in one transaction); for a
+  batch, the ids of all its items, except those the ack lists as
+  ``rejected``, which are set aside with the server's reason. An ack for
+  anything else is ignored.
 * **Errors.** ``RATE_LIMITED`` for a message in flight: it goes first again,
   after a 5 s pause of all sends. ``INVALID_MESSAGE`` for one: it is set aside
-  (``set_aside``), never sent again. ``AUTH_FAILED``: the connection ends as
+  (``set_aside``), never sent again; for a whole batch (or
+  ``UNKNOWN_MESSAGE_TYPE`` for one) the connection ends with
+  :class:`BatchesRefused` instead and nothing is set aside: the transport
+  sends single messages from then on. ``AUTH_FAILED``: the connection ends as
   refused. Any other: logged; the message stays queued for the next connection.
 * **Liveness.** Any frame proves the peer alive. After ``ping_interval_s``
   without one, a ``ping``; no frame within ``ping_timeout_s`` of it ends the
@@ -40,7 +49,7 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from . import protocol as p
 from .errors import ProtocolError
@@ -63,12 +72,18 @@ class AuthRefused(ConnectionLost):
     """The server refused our token (close 4000, AUTH_FAILED, or 401/403 at the handshake)."""
 
 
+class BatchesRefused(ConnectionLost):
+    """The server offered telemetry.batch but refused one as a whole: use single messages."""
+
+
 @dataclass(frozen=True)
 class Outgoing:
-    """A stored message as the session sees it: its id and its wire text."""
+    """What goes out for stored messages: its id and wire text; for a ``telemetry.batch``,
+    ``items`` are the ids of the stored messages it carries (its ack covers them all)."""
 
     id: str
     text: str
+    items: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,7 @@ class SessionConfig:
     ack_window: int
     max_messages_per_minute: int
     subscribe_commands: bool = False
+    batches: bool = True  # take the server's telemetry.batch offer when there is one
 
 
 class TokenBucket:
@@ -140,6 +156,13 @@ class Session:
     def open(self) -> bool:
         """Welcomed: stored messages may go."""
         return self.welcome is not None
+
+    @property
+    def batch_offer(self) -> Optional[p.BatchOffer]:
+        """The server's telemetry.batch limits, when offered and allowed."""
+        if self.welcome is None or not self.cfg.batches:
+            return None
+        return self.welcome.batch
 
     # ------------------------------------------------------------------ inputs
 
@@ -236,9 +259,18 @@ class Session:
     def _on_ack(self, env: p.Envelope, now: float, wall: float) -> None:
         if env.id is None or env.id not in self.inflight:
             return  # an ack for a message we no longer track (e.g. dropped): harmless
-        del self.inflight[env.id]
-        self.acks.append(env.id)
+        message, _ = self.inflight.pop(env.id)
         self.worked = True
+        if not message.items:
+            self.acks.append(env.id)
+            return
+        rejected = _rejected_items(env.payload, message.items)
+        for index, item_id in enumerate(message.items):
+            if index in rejected:
+                self.set_aside.append((item_id, f"the server rejected it in a batch: "
+                                       f"{rejected[index]}"))
+            else:
+                self.acks.append(item_id)
 
     def _on_pong(self, env: p.Envelope, now: float, wall: float) -> None:
         self.ping_sent = None
@@ -251,6 +283,10 @@ class Session:
             self.retry.append(entry[0])
             self.pause_until = now + RATE_LIMIT_PAUSE_S
             log.warning("server rate limit hit; pausing sends for %g s", RATE_LIMIT_PAUSE_S)
+        elif entry is not None and entry[0].items and error.code in (
+                *REJECTING_CODES, p.UNKNOWN_MESSAGE_TYPE):
+            raise BatchesRefused(f"the server refused a telemetry.batch ({error.code}: "
+                                 f"{error.message}); sending single messages from now on")
         elif error.code in REJECTING_CODES and entry is not None:
             self.set_aside.append((entry[0].id, f"the server rejected it: {error.code}: "
                                    f"{error.message}" + (f" (field {error.field})"
@@ -271,6 +307,18 @@ class Session:
                         request.device_id)
             return
         self.commands.append(request)
+
+
+def _rejected_items(payload: Any, items: Tuple[str, ...]) -> Dict[int, str]:
+    """index -> reason, for the items a batch's ack lists as rejected (by index and id)."""
+    listed = payload.get("rejected") if isinstance(payload, dict) else None
+    out: Dict[int, str] = {}
+    for entry in listed if isinstance(listed, list) else []:
+        index = entry.get("index") if isinstance(entry, dict) else None
+        if isinstance(index, int) and 0 <= index < len(items) and \
+                entry.get("id") in (None, items[index]):
+            out[index] = f"{entry.get('field', '')}: {entry.get('message', '')}"[:300]
+    return out
 
 
 _HANDLERS: Dict[str, Callable[[Session, p.Envelope, float, float], None]] = {

@@ -50,6 +50,17 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
+def _drain(report: Dict[str, Any]) -> str:
+    rate, eta = report.get("drain_per_min"), report.get("drain_eta_s")
+    if rate is None:
+        return "not measured yet"
+    if not report.get("queue_depth"):
+        return f"{rate:.0f} messages a minute acked; the queue is empty"
+    if not rate or eta is None:
+        return "nothing acked in the last minute"
+    return f"{rate:.0f} messages a minute acked; empty in about {eta / 60:.1f} min"
+
+
 def render(report: Dict[str, Any], now: float) -> str:
     if "device_id" not in report:
         return f"nexus-agent: {report['state']} (no status file)"
@@ -63,6 +74,7 @@ def render(report: Dict[str, Any], now: float) -> str:
         f"last ack:         {_ago(report.get('last_ack_at'), now)}",
         f"queue:            {report['queue_depth']} messages, {report['queue_bytes']} bytes",
         f"oldest queued:    {_ago(report.get('oldest_queued_at'), now)}",
+        f"drain:            {_drain(report)}",
         f"dropped:          {report['dropped']}  (the queue was full)",
         f"set aside:        {report.get('set_aside', 0)}  (refused by the server for good; "
         "kept in the outbox's set_aside table)",

@@ -39,6 +39,7 @@ is the I/O around them:
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import random
@@ -48,7 +49,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
 from urllib.parse import quote
 
 from . import auth
@@ -59,6 +60,7 @@ from .logsetup import redact
 from .outbox import Outbox, Record
 from .session import (  # noqa: F401 - TokenBucket: re-exported for callers and tests
     AuthRefused,
+    BatchesRefused,
     ConnectionLost,
     Outgoing,
     Session,
@@ -69,6 +71,8 @@ from .session import (  # noqa: F401 - TokenBucket: re-exported for callers and 
 log = logging.getLogger("nexus.transport")
 
 MAX_INCOMING_MESSAGE = 1 << 20  # a frame, or a fragmented message all together
+MAX_BATCH_BYTES = 1 << 20  # what we send in one telemetry.batch, whatever is offered
+BATCH_ENVELOPE_BYTES = 512  # type, id, timestamp, device id and punctuation
 DRAIN_S = 2.0
 MAX_FRAMES_PER_READ = 64
 # Close codes that say "I will not take what you sent" (not "I am going away").
@@ -194,49 +198,82 @@ def open_welcomed(url: str, token: str, ca_file: Optional[str] = None,
 
 
 class SendPlan:
-    """Which stored message goes next on this connection.
+    """Which stored messages go next on this connection.
 
     Two cursors over the outbox: ``backlog`` (seq up to ``boundary``, what was
     waiting at connect) and ``live`` (above it). Both read a few rows at a time
-    (never the whole backlog); ``retry`` holds messages the server asked us to
-    send again (RATE_LIMITED), which go first.
+    (never the whole backlog). Live goes first, so a sample taken now leaves
+    within one interval however long the backlog; the backlog takes what the
+    pace leaves. With a ``batch`` offer the backlog's telemetry goes out as
+    lists of records (one ``telemetry.batch``) within both of its limits.
     """
 
-    def __init__(self, outbox: Outbox, boundary: int, batch: int) -> None:
+    def __init__(self, outbox: Outbox, boundary: int, rows: int,
+                 batch: Optional[p.BatchOffer] = None, device_id: str = "") -> None:
         self.outbox = outbox
         self.boundary = boundary
+        self.rows = rows
         self.batch = batch
+        self.device_id = device_id
         self.backlog_seq = 0
         self.live_seq = boundary
         self.buffers: Dict[str, Deque[Record]] = {"backlog": collections.deque(),
                                                   "live": collections.deque()}
-        self.retry: Deque[Record] = collections.deque()
-        self.turn = "backlog"
 
-    def _refill(self, stream: str) -> None:
+    def _refill(self, stream: str, rows: int) -> bool:
+        """True when the stream's buffer holds something."""
         buf = self.buffers[stream]
-        if buf:
-            return
-        if stream == "backlog":
-            rows = self.outbox.read_after(self.backlog_seq, self.batch, upto=self.boundary)
-        else:
-            rows = self.outbox.read_after(self.live_seq, self.batch)
-        if rows:
+        if not buf:
             if stream == "backlog":
-                self.backlog_seq = rows[-1].seq
+                got = self.outbox.read_after(self.backlog_seq, rows, upto=self.boundary)
+                self.backlog_seq = got[-1].seq if got else self.backlog_seq
             else:
-                self.live_seq = rows[-1].seq
-            buf.extend(rows)
+                got = self.outbox.read_after(self.live_seq, rows)
+                self.live_seq = got[-1].seq if got else self.live_seq
+            buf.extend(got)
+        return bool(buf)
 
-    def next(self) -> Optional[Record]:
-        if self.retry:
-            return self.retry.popleft()
-        for stream in (self.turn, "live" if self.turn == "backlog" else "backlog"):
-            self._refill(stream)
-            if self.buffers[stream]:
-                self.turn = "live" if stream == "backlog" else "backlog"
-                return self.buffers[stream].popleft()
+    def next(self) -> Union[Record, List[Tuple[Record, str]], None]:
+        """A record to send alone, or a batch as (record, item text) pairs, or None."""
+        if self._refill("live", self.rows):
+            return self.buffers["live"].popleft()
+        if self.batch is None:
+            return self.buffers["backlog"].popleft() if self._refill("backlog", self.rows) \
+                else None
+        items = self._next_batch(self.batch)
+        if items:
+            return items
+        return self.buffers["backlog"].popleft() if self._refill("backlog", self.rows) else None
+
+    def _next_batch(self, offer: p.BatchOffer) -> List[Tuple[Record, str]]:
+        """Backlog telemetry from the front of the backlog, up to both limits (may be [])."""
+        room = min(offer.max_bytes, MAX_BATCH_BYTES) - BATCH_ENVELOPE_BYTES
+        items: List[Tuple[Record, str]] = []
+        buf = self.buffers["backlog"]
+        while len(items) < offer.max_items and self._refill("backlog", offer.max_items):
+            text = _item_text(buf[0], self.device_id)
+            if text is None:
+                break  # not telemetry of this device: it goes alone, after this batch
+            size = len(text.encode("utf-8")) + 1
+            if size > room:
+                break
+            room -= size
+            items.append((buf.popleft(), text))
+        return items
+
+
+def _item_text(record: Record, device_id: str) -> Optional[str]:
+    """The batch item for a stored telemetry message of ``device_id``, else None."""
+    if record.type != "telemetry":
         return None
+    try:
+        payload = json.loads(record.payload)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or payload.get("device_id") != device_id or \
+            set(payload) != {"device_id", "metrics"}:
+        return None
+    return p.batch_item_text(record.id, record.ts, payload["metrics"])
 
 
 # --------------------------------------------------------------------------- the transport
@@ -261,6 +298,7 @@ class Transport:
         self._ws_module: Any = None
         self.worked = False
         self._hurry = threading.Event()
+        self.batches_allowed = True  # off for good once a server refuses a whole batch
         self._strikes: Tuple[str, int] = ("", 0)  # (oldest in-flight id, refusing closes)
 
     # ------------------------------------------------------------------ other threads
@@ -374,6 +412,10 @@ class Transport:
         connection = _Connection(self, ws)
         try:
             connection.serve(stop)
+        except BatchesRefused as exc:
+            self.batches_allowed = False
+            log.error("%s", exc)
+            raise
         except ConnectionLost as exc:
             self._strike(connection.session.oldest_in_flight(), exc.code, str(exc))
             raise
@@ -392,8 +434,8 @@ class _Connection:
         self.session = Session(SessionConfig(
             cfg.device_id, cfg.server.connect_timeout_s, cfg.server.ping_interval_s,
             cfg.server.ping_timeout_s, cfg.server.ack_timeout_s, cfg.server.ack_window,
-            cfg.server.max_messages_per_minute, transport.on_command is not None),
-            time.monotonic())
+            cfg.server.max_messages_per_minute, transport.on_command is not None,
+            batches=transport.batches_allowed), time.monotonic())
         self.plan: Optional[SendPlan] = None
         self.message = _Reassembly(MAX_INCOMING_MESSAGE)
         self.read_timeout = cfg.server.connect_timeout_s  # what a send may block for
@@ -428,6 +470,11 @@ class _Connection:
             record = self.plan.next()
             if record is None:
                 return None
+            if isinstance(record, list):  # a telemetry.batch
+                batch_id = p.new_id("batch")
+                text = p.batch_text(batch_id, time.time(), self.t.config.device_id,
+                                    [item for _, item in record])
+                return Outgoing(batch_id, text, tuple(r.id for r, _ in record))
             try:
                 return Outgoing(record.id, record.envelope_text())
             except p.LocalProtocolError as exc:  # stored by an older version, or a bug
@@ -460,14 +507,15 @@ class _Connection:
     def _welcomed(self, s: Session) -> None:
         assert s.welcome is not None
         t = self.t
-        self.plan = SendPlan(t.outbox, t.outbox.stats().last_seq, self.session.cfg.ack_window)
+        self.plan = SendPlan(t.outbox, t.outbox.stats().last_seq, self.session.cfg.ack_window,
+                             s.batch_offer, t.config.device_id)
         offset = s.welcome.server_time - time.time()
         t.health.update(connected=True, clock_offset_s=round(offset, 3))
         if t._auth_refused_logged:
             log.warning("the server accepts the token again")
             t._auth_refused_logged = False
-        log.info("connected as %s (clock offset to the server %+.3f s)", s.welcome.client_id,
-                 offset)
+        log.info("connected as %s (clock offset to the server %+.3f s%s)", s.welcome.client_id,
+                 offset, "; telemetry.batch offered" if s.batch_offer else "")
 
     def _wait_and_read(self, timeout: float) -> None:
         sock = self.ws.sock

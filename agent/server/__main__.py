@@ -34,6 +34,8 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
                     help="seconds to wait for a pong before closing (default 30)")
     ap.add_argument("--rate-limit", type=int, default=100,
                     help="messages per client per minute (default 100)")
+    ap.add_argument("--no-batches", action="store_true",
+                    help="do not offer telemetry.batch (serve the guide's protocol only)")
     ap.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// (with --tls-key)")
     ap.add_argument("--tls-key", help="PEM private key for --tls-cert")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every connection event")
@@ -95,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     settings = ServerSettings(args.host, args.port, args.db, args.ping_interval,
                               args.ping_timeout, args.rate_limit, tls_cert=args.tls_cert,
-                              tls_key=args.tls_key)
+                              tls_key=args.tls_key, offer_batches=not args.no_batches)
     try:
         server = CompanionServer(settings, secret)
     except OSError as exc:  # a busy port, or an unreadable TLS certificate or key

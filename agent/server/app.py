@@ -43,6 +43,7 @@ from websockets.exceptions import ConnectionClosed
 from .. import protocol as p
 from ..errors import AuthError
 from . import tokens
+from . import hub as hub_mod
 from .hub import Hub, HubSettings, Outgoing
 
 log = logging.getLogger("nexus.server")
@@ -57,6 +58,7 @@ class ServerSettings:
     ping_timeout_s: float = 30.0
     rate_limit_per_minute: int = 100
     max_message_bytes: int = p.MAX_MESSAGE_BYTES
+    offer_batches: bool = True  # telemetry.batch in the welcome (docs/protocol.md)
     close_timeout_s: float = 2.0
     tls_cert: Optional[str] = None  # PEM certificate chain; with tls_key, serve wss://
     tls_key: Optional[str] = None
@@ -189,7 +191,9 @@ class CompanionServer:
     def __init__(self, settings: ServerSettings, secret: bytes) -> None:
         self.settings = settings
         self._secret = secret
-        self.hub = Hub(settings.db, HubSettings(settings.rate_limit_per_minute))
+        self.hub = Hub(settings.db, HubSettings(
+            settings.rate_limit_per_minute,
+            batch=hub_mod.DEFAULT_BATCH_OFFER if settings.offer_batches else None))
         self._stop_lock = threading.Lock()
         self._stopped = False
         self._loop = asyncio.new_event_loop()
@@ -209,7 +213,10 @@ class CompanionServer:
         return await serve(
             self._handle, self.settings.host, self.settings.port,
             process_request=self._check_path,
-            max_size=self.settings.max_message_bytes,
+            # A telemetry.batch may be larger than other messages; the hub closes any other
+            # message over max_message_bytes with 1009 itself.
+            max_size=max(self.settings.max_message_bytes, p.MAX_BATCH_BYTES)
+            if self.settings.offer_batches else self.settings.max_message_bytes,
             ping_interval=self.settings.ping_interval_s,
             ping_timeout=self.settings.ping_timeout_s,
             close_timeout=self.settings.close_timeout_s,

@@ -75,9 +75,14 @@ class PendingCommand:
     expires: float
 
 
+DEFAULT_BATCH_OFFER = p.BatchOffer(p.MAX_BATCH_ITEMS, p.MAX_BATCH_BYTES)
+
+
 @dataclass(frozen=True)
 class HubSettings:
     rate_limit_per_minute: int = 100
+    # telemetry.batch, offered in every welcome; None offers nothing (the guide's protocol)
+    batch: p.BatchOffer | None = DEFAULT_BATCH_OFFER
     max_rows: int = 100_000
 
 
@@ -103,8 +108,8 @@ class Hub:
         client = Client(p.new_id("client"), identity, peer)
         with self._lock:
             self._clients[client.client_id] = client
-        welcome = p.make("connected", now, {"client_id": client.client_id,
-                                           "server_time": p.format_timestamp(now)})
+        welcome = p.make("connected", now, p.welcome_payload(client.client_id, now,
+                                                           self.settings.batch))
         return client, _encode(welcome)
 
     def disconnect(self, client: Client) -> None:
@@ -123,8 +128,14 @@ class Hub:
         """Everything to send in answer to one frame from ``client``."""
         over_rate = self._over_rate(client, now)  # every frame counts, even a malformed one
         env: p.Envelope | None = None
+        if _too_big(text):
+            # The frame limit lets a batch through; everything else keeps 64 KiB.
+            env = _batch_or_none(text)
+            if env is None:
+                client.peer.close(p.CLOSE_TOO_BIG, "message too big")
+                return []
         try:
-            env = p.decode(text)
+            env = env or p.decode(text)
             if over_rate:
                 return self._rate_error(client, env.id, now)
             p.check_client_message(env)
@@ -204,25 +215,53 @@ class Hub:
 
     def _telemetry(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         data = p.parse_telemetry(env)
+        self._check_sender(client, data.device_id, env.id)
+        assert env.id is not None and env.payload is not None
+        out = self._reply(client, "ack", env, now)
+        return out + (self._store(env.id, data.device_id, env.timestamp or
+                                  p.format_timestamp(now), env.payload, now) or [])
+
+    def _telemetry_batch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+        """Every valid item stored and broadcast as if it came alone; one ack says what was
+        taken. A bad item rejects only itself (named by index and field in the ack)."""
+        offer = self.settings.batch
+        if offer is None:
+            raise ProtocolError(p.UNKNOWN_MESSAGE_TYPE, "telemetry.batch is not offered by "
+                                "this server; send single telemetry messages", "type", env.id)
+        batch = p.parse_telemetry_batch(env, offer.max_items)
+        self._check_sender(client, batch.device_id, env.id)
+        broadcasts: Outgoing = []
+        stored = 0
+        for item in batch.items:
+            new = self._store(item.id, batch.device_id, item.timestamp,
+                              {"device_id": batch.device_id, "metrics": item.metrics}, now)
+            stored += new is not None
+            broadcasts += new or []
+        ack = self._reply(client, "ack", env, now, {
+            "items": len(batch.items) + len(batch.rejected), "stored": stored,
+            "rejected": [r.to_dict() for r in batch.rejected]})
+        return ack + broadcasts
+
+    def _check_sender(self, client: Client, device_id: str, msg_id: str | None) -> None:
         if not client.identity.is_device:
             raise ProtocolError(p.FORBIDDEN, "only a device token may send telemetry", "type",
-                                env.id)
-        if data.device_id != client.identity.subject:
+                                msg_id)
+        if device_id != client.identity.subject:
             raise ProtocolError(p.FORBIDDEN, "a device may only send telemetry for its own "
-                                "device_id", "payload.device_id", env.id)
-        assert env.id is not None and env.payload is not None
-        sample_time = env.timestamp or p.format_timestamp(now)
+                                "device_id", "payload.device_id", msg_id)
+
+    def _store(self, msg_id: str, device_id: str, sample_time: str, payload: Any,
+               now: float) -> Outgoing | None:
+        """Store one sample by id: its broadcasts when new, None when stored before."""
         cur = self._db.execute(
             "INSERT OR IGNORE INTO telemetry (id, device_id, sample_time, received_at, payload)"
             " VALUES (?, ?, ?, ?, ?)",
-            (env.id, data.device_id, sample_time, p.format_timestamp(now),
-             json.dumps(env.payload)))
-        out = self._reply(client, "ack", env, now)
-        if cur.rowcount == 1:
-            self._trim(now)
-            update = dict(env.payload, message_id=env.id, sample_time=sample_time)
-            out += self._broadcast("telemetry", update, now)
-        return out
+            (msg_id, device_id, sample_time, p.format_timestamp(now), json.dumps(payload)))
+        if cur.rowcount != 1:
+            return None
+        self._trim(now)
+        update = dict(payload, message_id=msg_id, sample_time=sample_time)
+        return self._broadcast("telemetry", update, now)
 
     def _command(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         request = p.parse_command(env)
@@ -334,6 +373,22 @@ class Hub:
             self._db.close()
 
 
+def _too_big(text: str | bytes) -> bool:
+    """Over MAX_MESSAGE_BYTES (the cheap length test first: a character is 1-4 bytes)."""
+    if len(text) * 4 <= p.MAX_MESSAGE_BYTES:
+        return False
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
+    return size > p.MAX_MESSAGE_BYTES
+
+
+def _batch_or_none(text: str | bytes) -> p.Envelope | None:
+    try:
+        env = p.decode(text)
+    except ProtocolError:
+        return None
+    return env if env.type == p.TELEMETRY_BATCH else None
+
+
 def _delivery(request: p.CommandRequest) -> Dict[str, Any]:
     return {"command_id": request.command_id, "device_id": request.device_id,
             "name": request.name, "args": dict(request.args)}
@@ -344,6 +399,7 @@ _HANDLERS = {
     "subscribe": Hub._subscribe,
     "unsubscribe": Hub._unsubscribe,
     "telemetry": Hub._telemetry,
+    p.TELEMETRY_BATCH: Hub._telemetry_batch,
     "command": Hub._command,
     "command.result": Hub._command_result,
 }
