@@ -239,3 +239,66 @@ def test_commands_ignored_without_an_allow_list():
     s.receive(json.dumps({"type": "commands.update", "id": "u", "payload": {
         "command_id": "c", "device_id": "device-001", "name": "ls", "args": {}}}), 0.0, WALL)
     assert s.commands == []
+
+
+# ---------------------------------------------------------------- batches
+
+
+def batch(ids):
+    return Outgoing("b-1", "{}", tuple(ids))
+
+
+def welcome_with_batches(now=WALL):
+    return p.encode(p.make("connected", now, p.welcome_payload(
+        "c1", now, p.BatchOffer(1000, 700_000))))
+
+
+def test_batches_only_when_offered_and_allowed():
+    assert opened().batch_offer is None  # the guide's welcome offers nothing
+    s = Session(config(), 0.0)
+    s.receive(welcome_with_batches(), 0.0, WALL)
+    assert s.batch_offer == p.BatchOffer(1000, 700_000)
+    s = Session(config(batches=False), 0.0)
+    s.receive(welcome_with_batches(), 0.0, WALL)
+    assert s.batch_offer is None
+
+
+def test_a_batch_ack_deletes_its_items_and_sets_aside_the_rejected():
+    s = opened()
+    s.send(batch(["e-1", "e-2", "e-3"]), 0.0)
+    s.receive(json.dumps({"type": "ack", "id": "b-1", "payload": {
+        "items": 3, "stored": 2, "rejected": [{"index": 1, "id": "e-2",
+                                               "field": "payload.items.1.metrics.x",
+                                               "message": "must be a finite number"}]}}),
+        0.1, WALL)
+    assert s.acks == ["e-1", "e-3"]
+    assert s.set_aside == [("e-2", "the server rejected it in a batch: "
+                            "payload.items.1.metrics.x: must be a finite number")]
+    assert not s.inflight and s.worked
+
+
+def test_a_plain_ack_for_a_batch_deletes_every_item():
+    s = opened()
+    s.send(batch(["e-1", "e-2"]), 0.0)
+    s.receive(reply("ack", "b-1"), 0.1, WALL)
+    assert s.acks == ["e-1", "e-2"] and s.set_aside == []
+
+
+@pytest.mark.parametrize("code", ["INVALID_MESSAGE", "UNKNOWN_MESSAGE_TYPE"])
+def test_a_refused_batch_sets_nothing_aside_and_ends_with_batches_refused(code):
+    from agent.session import BatchesRefused
+
+    s = opened()
+    s.send(batch(["e-1", "e-2"]), 0.0)
+    with pytest.raises(BatchesRefused):
+        s.receive(error("b-1", code), 0.1, WALL)
+    assert s.set_aside == [] and s.acks == []
+
+
+def test_a_welcome_with_a_bad_offer_offers_nothing():
+    for offer in ("yes", {"max_items": "many", "max_bytes": 10}, {"max_items": 1}):
+        s = Session(config(), 0.0)
+        s.receive(json.dumps({"type": "connected", "id": "w", "payload": {
+            "client_id": "c", "server_time": p.format_timestamp(WALL),
+            "capabilities": {"telemetry.batch": offer}}}), 0.0, WALL)
+        assert s.open and s.batch_offer is None

@@ -40,17 +40,49 @@ def test_token_bucket_paces_to_the_rate():
     assert sent <= 90 + 9
 
 
-def test_send_plan_interleaves_backlog_and_live(tmp_path):
+def test_send_plan_puts_live_first_and_the_backlog_in_order(tmp_path):
+    """Live first: a sample taken now leaves within one interval whatever the backlog (the
+    backlog takes the pace's spare room, so a long one never starves live data)."""
     box = Outbox(str(tmp_path), 10**6)
     for i in range(6):
         box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
-    plan = SendPlan(box, boundary=box.stats().last_seq, batch=2)
+    plan = SendPlan(box, boundary=box.stats().last_seq, rows=2)
     assert plan.next().seq == 1
     for i in range(6, 9):
         box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
-    order = [plan.next().seq for _ in range(8)]
-    assert order == [7, 2, 8, 3, 9, 4, 5, 6]  # live alternates with the backlog
+    order = [plan.next().seq for _ in range(4)]
+    assert order == [7, 8, 9, 2]
+    box.put("telemetry", {"i": 9}, "2025-01-01T00:00:00.000Z")
+    order = [plan.next().seq for _ in range(5)]
+    assert order == [10, 3, 4, 5, 6]
     assert plan.next() is None
+
+
+def test_send_plan_batches_the_backlog_within_both_limits(tmp_path):
+    from agent import protocol as p
+
+    box = Outbox(str(tmp_path), 10**7)
+    for i in range(25):
+        box.put("telemetry", {"device_id": "d", "metrics": {"cpu_usage": i}},
+                "2025-01-01T00:00:00.000Z")
+    box.put("command.result", {"command_id": "c"}, "2025-01-01T00:00:00.000Z")  # alone
+    box.put("telemetry", {"device_id": "d", "metrics": {"cpu_usage": 99}},
+            "2025-01-01T00:00:00.000Z")
+    plan = SendPlan(box, boundary=box.stats().last_seq, rows=4,
+                    batch=p.BatchOffer(max_items=10, max_bytes=10**6), device_id="d")
+    sizes = []
+    while True:
+        nxt = plan.next()
+        if nxt is None:
+            break
+        sizes.append(len(nxt) if isinstance(nxt, list) else nxt.type)
+    assert sizes == [10, 10, 5, "command.result", 1]
+    # the byte limit: items of ~70 bytes, 2 KiB offered minus the envelope's room
+    plan = SendPlan(box, boundary=box.stats().last_seq, rows=4,
+                    batch=p.BatchOffer(max_items=1000, max_bytes=2048), device_id="d")
+    first = plan.next()
+    text = p.batch_text("b", 0, "d", [item for _, item in first])
+    assert 10 < len(first) < 25 and len(text) <= 2048
 
 
 def test_ws_url_does_not_import_ssl():
