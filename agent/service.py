@@ -64,7 +64,9 @@ class Agent:
                  notifier: Optional[Notifier] = None) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
-        self.outbox = Outbox(config.state_dir, config.queue.max_bytes)
+        self.outbox = Outbox(config.state_dir, config.queue.max_bytes,
+                             durability=config.queue.durability,
+                             sync_interval_s=config.queue.sync_interval_s)
         self.health = Health()
         self.sampler = Sampler(config.state_dir, temperatures)
         self.runner: Optional[CommandRunner] = None
