@@ -54,6 +54,8 @@ class TelemetryConfig:
 @dataclass(frozen=True)
 class QueueConfig:
     max_bytes: int = 50_000_000
+    durability: str = "normal"  # or "full": see agent/outbox.py and docs/design.md
+    sync_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
         "max_messages_per_minute": (_number(2, 100_000, integer=True), False),
     },
     "telemetry": {"interval_s": (_number(0.05, 86400), False)},
-    "queue": {"max_bytes": (_number(65536, 10**12, integer=True), False)},
+    "queue": {"max_bytes": (_number(65536, 10**12, integer=True), False),
+              "durability": (_choice("normal", "full"), False),
+              "sync_interval_s": (_number(0.01, 300), False)},
     "reconnect": {"base_delay_s": (_number(0.01, 3600), False),
                   "max_delay_s": (_number(0.1, 86400), False)},
     "commands": {"allow": (_kind(dict), False),

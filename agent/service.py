@@ -56,7 +56,7 @@ from .transport import Health, Transport
 
 log = logging.getLogger("nexus.agent")
 
-STATUS_EVERY_S = 2.0
+STATUS_EVERY_S = 2.0  # how often the main loop looks; the file is rewritten only on change
 EXIT_FORCED = 1  # a third stop signal: out at once
 DRAIN_WINDOW_S = 60.0  # the drain rate in the status is over this long
 
@@ -66,7 +66,9 @@ class Agent:
                  notifier: Optional[Notifier] = None) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
-        self.outbox = Outbox(config.state_dir, config.queue.max_bytes)
+        self.outbox = Outbox(config.state_dir, config.queue.max_bytes,
+                             durability=config.queue.durability,
+                             sync_interval_s=config.queue.sync_interval_s)
         self.health = Health()
         self.sampler = Sampler(config.state_dir, temperatures)
         self.runner: Optional[CommandRunner] = None
@@ -82,6 +84,8 @@ class Agent:
         self._failing = 0  # of those, how many in a row until now
         self._status_failing = False
         self._acks_seen: Deque[Tuple[float, int]] = collections.deque()  # (when, acked so far)
+        self._status_written: Optional[Dict[str, Any]] = None  # as last written, sans time
+        self._status_written_at = 0.0
         self._threads: Dict[str, threading.Thread] = {}
         self.started = time.time()
 
@@ -275,6 +279,7 @@ class Agent:
         now = time.time()
         return {
             "device_id": self.config.device_id, "server": self.config.server.url,
+            "state_dir": self.config.state_dir,
             "pid": os.getpid(), "updated": now, "started": self.started,
             "connected": h.connected, "last_ack_at": h.last_ack_at,
             "queue_depth": stats.depth, "queue_bytes": stats.bytes,
@@ -305,9 +310,16 @@ class Agent:
                f"{stats.dropped}"
 
     def write_status(self, stopped: bool = False) -> None:
-        """Atomically replace the status file (read by ``nexus-agent status``)."""
+        """Atomically replace the status file (read by ``nexus-agent status``) when something
+        in it changed (``updated`` aside), or ``statusfile.REFRESH_S`` after the last write:
+        outside systemd's runtime directory it is on the SD card too."""
         data = self.status()
         data["stopped"] = stopped
+        facts = {key: value for key, value in data.items() if key != "updated"}
+        now = time.monotonic()
+        if facts == self._status_written and \
+                now - self._status_written_at < statusfile.REFRESH_S:
+            return
         path = statusfile.path(self.config.state_dir)
         try:
             statusfile.write(self.config.state_dir, data)
@@ -316,6 +328,7 @@ class Agent:
                 log.warning("cannot write %s: %s (logged again when it works)", path, exc)
                 self._status_failing = True
             return
+        self._status_written, self._status_written_at = facts, now
         if self._status_failing:
             log.warning("writing %s again", path)
             self._status_failing = False

@@ -1,9 +1,12 @@
-"""``nexus-agent status``: the running agent's health, read from ``state_dir/status.json``.
+"""``nexus-agent status``: the running agent's health, read from its status file.
 
-The daemon rewrites that file atomically every 2 s (no network port, nothing
-to connect to). Exit status: 0 healthy (running, fresh, connected); 1 running
-but unhealthy (disconnected, a thread stuck, or samples cannot be stored); 3 not running (no file, a
-stopped agent, or a file older than ``STALE_S``); 78 a bad config.
+The daemon rewrites that file atomically when something in it changes, and at
+least every 30 s (no network port, nothing to connect to); ``statusfile.py``
+says where it is (the runtime directory under systemd, else ``state_dir``).
+Exit status: 0 healthy (running, fresh, connected); 1 running but unhealthy
+(disconnected, a thread stuck, or samples cannot be stored); 3 not running (no
+file, a stopped agent, a process that is gone, or a file older than
+``STALE_S``); 78 a bad config.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Dict, List, Optional
 from . import cli, statusfile
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_NOT_RUNNING, EXIT_CONFIG = 0, 1, 3, cli.EXIT_CONFIG
-STALE_S = 15.0
+STALE_S = statusfile.STALE_S
 
 
 def _ago(ts: Optional[float], now: float) -> str:

@@ -35,6 +35,7 @@ log = logging.getLogger("nexus.store")
 LOCK_WAIT_S = 10.0  # under systemd's TimeoutStartSec and TimeoutStopSec
 _LOCKED = ("locked", "busy")
 _DEPLOYMENT = ("readonly", "read-only", "unable to open", "permission")
+_SYNCHRONOUS = {"FULL": "FULL", "NORMAL": "NORMAL"}  # no other value reaches a PRAGMA
 
 
 class StoreError(NexusError):
@@ -57,13 +58,20 @@ def is_locked(exc: BaseException) -> bool:
         word in str(exc).lower() for word in _LOCKED)
 
 
-def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
+def _connect(path: str, busy_timeout_s: float, synchronous: str,
+             page_size: Optional[int]) -> sqlite3.Connection:
     # isolation_level=None: callers issue BEGIN/COMMIT themselves.
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                          timeout=busy_timeout_s)
     try:
+        if page_size:
+            # Only a new file takes it (before WAL mode is set); an existing one keeps its own.
+            db.execute(f"PRAGMA page_size={int(page_size)}")
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")  # durable across power loss, not just crashes
+        # FULL: each commit is fsynced (survives a power cut). NORMAL (WAL): a commit is in
+        # the OS page cache when it returns, which survives a killed process; the WAL is
+        # synced at checkpoints (never corrupt), and the outbox syncs it on a timer.
+        db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
         if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise sqlite3.DatabaseError("quick_check failed")
     except BaseException:
@@ -73,8 +81,12 @@ def _connect(path: str, busy_timeout_s: float) -> sqlite3.Connection:
 
 
 def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
-            lock_wait_s: float = LOCK_WAIT_S, what: str = "file") -> sqlite3.Connection:
+            lock_wait_s: float = LOCK_WAIT_S, what: str = "file", synchronous: str = "FULL",
+            page_size: Optional[int] = None) -> sqlite3.Connection:
     """A checked connection to ``path`` with ``setup`` (schema, meta rows) applied.
+
+    ``synchronous`` is FULL (every commit synced) or NORMAL; ``page_size`` applies to a
+    file created now.
 
     Raises StoreError for what must not be thrown away (a lock, an unwritable or failing
     disk); moves a corrupt file aside and starts afresh (logged).
@@ -84,7 +96,7 @@ def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
     set_aside = 0
     while True:
         try:
-            db = _connect(path, busy_timeout_s=min(1.0, lock_wait_s))
+            db = _connect(path, min(1.0, lock_wait_s), synchronous, page_size)
             try:
                 setup(db)
             except BaseException:

@@ -217,6 +217,10 @@ def main() -> int:
     print("baselines: bare interpreter + 4 device deps; bare websocket-client sender; bare "
           "sqlite3 insert; bare websocket-client loop")
     print()
+    import disk  # bench/disk.py: flash writes per sample (about 75 s)
+
+    disk.main([])
+    print()
     import fleet
 
     return fleet.main(["--devices", "1000", "--rate", "1", "--seconds", "10", "--stalled",

@@ -227,7 +227,9 @@ def outbox_ids(state_dir: Path) -> List[str]:
         return []
     db = sqlite3.connect(f"file:{state_dir / 'outbox.db'}?mode=ro", uri=True)
     try:
-        return [r[0] for r in db.execute("SELECT id FROM messages ORDER BY seq")]
+        return [r[0] for r in db.execute(
+            "SELECT (SELECT value FROM meta WHERE key = 'epoch') || '-' || seq "
+            "FROM messages ORDER BY seq")]
     except sqlite3.OperationalError:  # not created yet
         return []
     finally:

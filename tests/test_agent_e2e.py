@@ -70,11 +70,12 @@ def test_an_operator_watching_sees_live_updates(tmp_path):
         srv.stop()
 
 
-def test_server_outage_every_sample_arrives_once_in_order(tmp_path):
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_server_outage_every_sample_arrives_once_in_order(tmp_path, durability):
     port = free_port()
     db = tmp_path / "server.db"
     srv = ServerProcess(port, db=str(db))
-    agent = AgentProcess(write_config(tmp_path, srv.url))
+    agent = AgentProcess(write_config(tmp_path, srv.url, queue={"durability": durability}))
     try:
         wait_for(lambda: len(stored(db)) >= 2, what="first samples")
         srv.stop()
@@ -89,10 +90,12 @@ def test_server_outage_every_sample_arrives_once_in_order(tmp_path):
         srv.stop()
 
 
-def test_sigkill_while_offline_loses_nothing(tmp_path):
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_sigkill_while_offline_loses_nothing(tmp_path, durability):
     port = free_port()
     db = tmp_path / "server.db"
-    config = write_config(tmp_path, f"ws://127.0.0.1:{port}/v1/ws")
+    config = write_config(tmp_path, f"ws://127.0.0.1:{port}/v1/ws",
+                          queue={"durability": durability})
     agent = AgentProcess(config)
     wait_for(lambda: len(outbox_ids(agent.state_dir)) >= 8, what="samples queued offline")
     agent.kill()  # SIGKILL: no chance to flush anything
@@ -109,9 +112,12 @@ def test_sigkill_while_offline_loses_nothing(tmp_path):
 
 
 def test_queue_cap_drops_oldest_and_reports_it(tmp_path):
+    """With ``full`` (the default ``normal`` runs the other e2e tests; the bound with acks
+    waiting is in test_outbox.py)."""
     port = free_port()
     db = tmp_path / "server.db"
-    config = write_config(tmp_path, f"ws://127.0.0.1:{port}/v1/ws", queue={"max_bytes": 65536},
+    config = write_config(tmp_path, f"ws://127.0.0.1:{port}/v1/ws",
+                          queue={"max_bytes": 65536, "durability": "full"},
                           telemetry={"interval_s": 0.05})
     agent = AgentProcess(config)
     try:

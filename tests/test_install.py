@@ -36,6 +36,8 @@ def test_layout(installed):
     assert 'sys.path.insert(0, "/usr/lib/nexus-agent")' in wrapper.read_text()
     unit = (installed / "usr/lib/systemd/system/nexus-agent.service").read_text()
     assert "ExecStart=/usr/bin/nexus-agent --config /etc/nexus/agent.yaml" in unit
+    # the status file goes to $RUNTIME_DIRECTORY (a tmpfs), not the SD card
+    assert "\nRuntimeDirectory=nexus-agent\n" in unit
     rule = (installed / "usr/share/nexus-agent/50-nexus-agent.rules.example").read_text()
     assert 'unit === "nexus-app.service" && verb === "restart"' in rule
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import socket
@@ -136,18 +137,25 @@ def test_sighup_with_broken_config_keeps_the_old_one(tmp_path):
         srv.stop()
 
 
-def status(config, *extra):
+def _status(config, *extra, env=None):
     out = subprocess.run([sys.executable, "-m", "agent", "status", "--config", str(config),
-                          *extra], env=child_env(), cwd=REPO, capture_output=True, text=True,
-                         timeout=30)
+                          *extra], env=env or child_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=30)
     return out.returncode, out.stdout
 
 
-def test_status_tells_the_truth_before_and_after_the_server_goes(tmp_path):
+@pytest.mark.parametrize("where", ["state_dir", "runtime_dir"])
+def test_status_tells_the_truth_before_and_after_the_server_goes(tmp_path, where):
+    """Under systemd ($RUNTIME_DIRECTORY, a tmpfs) the file is there and not in state_dir."""
     srv = ServerProcess()
     config = write_config(tmp_path, srv.url)
+    env = child_env()
+    if where == "runtime_dir":
+        (tmp_path / "run").mkdir()
+        env["RUNTIME_DIRECTORY"] = str(tmp_path / "run")
+    status = functools.partial(_status, env=env)
     assert status(config)[0] == 3  # not running yet
-    agent = AgentProcess(config)
+    agent = AgentProcess(config, env=env)
     try:
         code, out = wait_for(lambda: (lambda r: r[0] == 0 and r)(status(config, "--json")),
                              what="a healthy status")
@@ -162,6 +170,8 @@ def test_status_tells_the_truth_before_and_after_the_server_goes(tmp_path):
         report = json.loads(out)
         assert report["connected"] is False and report["last_error"]
         assert report["queue_depth"] >= 0
+        in_state_dir = (tmp_path / "state" / "status.json").exists()
+        assert in_state_dir == (where == "state_dir")
     finally:
         agent.stop()
     assert status(config)[0] == 3  # stopped
