@@ -9,7 +9,10 @@
 3. Backlog drain: a pre-filled outbox of N messages delivered and acked through
    nexus-server, against a bare websocket-client loop sending the same number
    of messages with the same window to the same server.
-4. Fleet (bench/fleet.py, short): 1,000 devices at 1 msg/s for 10 s against
+4. A day offline at 1 s (bench/batch.py): 86,400 queued samples drained with
+   telemetry.batch against nexus-server, and with singles against
+   ``nexus-server --no-batches``; time to empty, rate, live delay, RSS.
+5. Fleet (bench/fleet.py, short): 1,000 devices at 1 msg/s for 10 s against
    nexus-server and the guide's Node reference server, with and without a
    stalled operator, and a reconnect storm of 500 clients. Its own table;
    ``python bench/fleet.py --devices 5000 --seconds 30 --stalled`` for the
@@ -220,6 +223,10 @@ def main() -> int:
     import disk  # bench/disk.py: flash writes per sample (about 75 s)
 
     disk.main([])
+    print()
+    import batch  # bench/batch.py: a day offline at 1 s, batches against singles
+
+    batch.main(["--singles-seconds", "60"])
     print()
     import fleet
 

@@ -232,7 +232,9 @@ def test_agent_answers_the_servers_protocol_pings(tmp_path):
 
 
 def test_live_samples_are_not_starved_by_a_backlog(tmp_path):
-    """Paced at 10 msg/s with a 20-sample backlog, a live sample must arrive mid-backlog."""
+    """Paced at 10 msg/s with a 20-sample backlog sent as single messages (a server without
+    telemetry.batch), a live sample must arrive mid-backlog. With batches, see
+    test_batches.py: 20 samples leave in one message."""
     port = free_port()
     db = tmp_path / "server.db"
     config = write_config(tmp_path, f"ws://127.0.0.1:{port}/v1/ws",
@@ -242,7 +244,7 @@ def test_live_samples_are_not_starved_by_a_backlog(tmp_path):
     try:
         wait_for(lambda: len(outbox_ids(agent.state_dir)) >= 20, what="a backlog")
         backlog = set(outbox_ids(agent.state_dir))
-        srv = ServerProcess(port, db=str(db))
+        srv = ServerProcess(port, "--no-batches", db=str(db))
         wait_for(lambda: {r["id"] for r in stored(db)} >= backlog, timeout=20,
                  what="the backlog to drain")
         arrival = [r["id"] for r in stored(db)]
