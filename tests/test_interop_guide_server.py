@@ -48,3 +48,30 @@ def test_agent_streams_to_the_guide_reference_server(tmp_path, node_path, auth):
     finally:
         assert agent.stop() == 0
         server.stop()
+
+
+def test_guide_server_gets_only_single_telemetry_from_an_agent_with_a_backlog(tmp_path,
+                                                                             node_path):
+    """The guide's server offers no capabilities: a backlog must arrive as plain telemetry
+    messages (a telemetry.batch would be answered UNKNOWN_MESSAGE_TYPE and logged)."""
+    from agent.outbox import Outbox
+
+    box = Outbox(str(tmp_path / "state"), 10**7)
+    for i in range(40):
+        box.put("telemetry", {"device_id": "device-001", "metrics": {"cpu_usage": 1.0,
+                                                                     "memory_usage": 2.0,
+                                                                     "seq": i}},
+                "2025-11-03T01:53:54.518Z")
+    box.close()
+    server = GuideServer(node_path, tmp_path / "guide-server.log")
+    agent = AgentProcess(write_config(tmp_path, server.url))
+    try:
+        wait_for(lambda: agent.status().get("acked", 0) >= 40 and
+                 agent.status().get("queue_depth", 1) <= 2, timeout=30, what="the backlog")
+        seqs = [t["metrics"].get("seq") for t in server.telemetry()]
+        assert set(range(40)) <= set(seqs)
+        assert "telemetry.batch offered" not in agent.log()
+        assert "UNKNOWN_MESSAGE_TYPE" not in agent.log() and "server error" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+        server.stop()
