@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench clean install uninstall
+.PHONY: run test lint bench faults clean install uninstall
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+## faults: the whole fault suite, each fault tried many times, then a table of figures
+faults: $(STAMP)
+	NEXUS_FAULTS=full $(BIN)/python -m pytest -q tests/test_faults_*.py \
+		tests/test_hardening.py
 
 # ---------------------------------------------------------------- install
 # `make install` lays the agent out the way a distribution package would, using

@@ -65,7 +65,12 @@ inspection; the running count is ``meta.set_aside``.
 
 Opening: ``store.open_db`` decides (a lock is waited out, an unwritable or
 failing disk is reported, only real corruption moves the file aside to
-``outbox.db.corrupt-<time>`` and starts a fresh one).
+``outbox.db.corrupt-<time>`` and starts a fresh one). A file that passes the
+check at open but fails later (a bad sector read for the first time) is
+treated the same way the moment SQLite reports it (``SQLITE_CORRUPT`` or
+``SQLITE_NOTADB`` from any call): set aside, a fresh file, the messages it held
+counted as ``dropped`` and logged with their number, ``generation`` bumped so
+readers restart their cursors. It is never retried in a reconnect loop.
 
 Threads: only this object touches the database; its methods take one lock, so
 the sampler (``put``), the transport (``read_after``, ``ack``) and the status
@@ -76,6 +81,7 @@ so a slow card never holds up a ``put``. ``close`` stops the syncer first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -84,7 +90,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, TypeVar
 
 from . import protocol as p
 from . import store
@@ -143,6 +149,28 @@ class OutboxStats:
     set_aside: int = 0
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _on_corruption(retry: bool, default: Any = None) -> Callable[[F], F]:
+    """A public method that survives a file that turns out corrupt after opening: set the
+    file aside (``Outbox._recover``), then call the method again (``retry``) or return
+    ``default``. Any other error goes through as it is."""
+    def wrap(method: F) -> F:
+        @functools.wraps(method)
+        def guarded(self: Outbox, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.DatabaseError as exc:
+                if not store.is_corruption(exc):
+                    raise
+                with self._lock:
+                    self._recover(exc)
+            return method(self, *args, **kwargs) if retry else default
+        return guarded  # type: ignore[return-value]
+    return wrap
+
+
 class Outbox:
     def __init__(self, state_dir: str, max_bytes: int, filename: str = "outbox.db",
                  lock_wait_s: float = store.LOCK_WAIT_S, durability: str = "normal",
@@ -155,17 +183,10 @@ class Outbox:
         self.sync_interval_s = sync_interval_s
         self._lock = threading.Lock()
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self._db = store.open_db(self.path, self._setup, lock_wait_s, "outbox",
-                                 synchronous="FULL" if durability == "full" else "NORMAL",
-                                 page_size=PAGE_SIZE)
-        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) "
-                               "FROM messages").fetchone()
-        self._depth, self._bytes = int(row[0]), int(row[1])
-        self._epoch = self._meta("epoch")
-        self._dropped = int(self._meta("dropped"))
-        self._set_aside = int(self._meta("set_aside"))
-        self._last_seq = max(int(row[2]), int(self._meta("last_seq")))
-        self._acked: Dict[int, int] = {}  # seq -> size: acknowledged, not deleted yet
+        self._lock_wait_s = lock_wait_s
+        self.generation = 0  # +1 each time a corrupt file is replaced (cursors restart)
+        self._db = self._open()
+        self._load()
         self._unsynced = False  # committed since the WAL was last fsynced (normal only)
         self._put_since_sync = False
         self._sync_failing = False
@@ -178,6 +199,42 @@ class Outbox:
                      self._depth, self._bytes)
 
     # ------------------------------------------------------------------ opening
+
+    def _open(self) -> sqlite3.Connection:
+        return store.open_db(self.path, self._setup, self._lock_wait_s, "outbox",
+                             synchronous="FULL" if self.durability == "full" else "NORMAL",
+                             page_size=PAGE_SIZE)
+
+    def _load(self) -> None:
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) "
+                               "FROM messages").fetchone()
+        self._depth, self._bytes = int(row[0]), int(row[1])
+        self._epoch = self._meta("epoch")
+        self._dropped = int(self._meta("dropped"))
+        self._set_aside = int(self._meta("set_aside"))
+        self._last_seq = max(int(row[2]), int(self._meta("last_seq")))
+        self._acked: Dict[int, int] = {}  # seq -> size: acknowledged, not deleted yet
+
+    def _recover(self, exc: BaseException) -> None:
+        """The open file turned out corrupt: set it aside, go on with a fresh one, and say
+        what was lost. Caller holds self._lock."""
+        if self._db is None:
+            return
+        lost, dropped = self._depth, self._dropped
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
+        store.set_aside_corrupt(self.path, str(exc), "outbox")
+        self._db = self._open()
+        self._load()
+        self._dropped = dropped + lost
+        with self._transaction() as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (str(self._dropped),))
+        self.generation += 1
+        log.error("outbox %s failed a read after opening (%s): the %d messages queued in it "
+                  "are lost (counted as dropped); going on with a fresh file", self.path, exc,
+                  lost)
 
     @classmethod
     def _setup(cls, db: sqlite3.Connection) -> None:
@@ -217,6 +274,7 @@ class Outbox:
 
     # ------------------------------------------------------------------ writing
 
+    @_on_corruption(retry=True)
     def put(self, type_: str, payload: Mapping[str, Any], ts: str,
             now: Optional[float] = None) -> Record:
         """Store a message (see Durability in the module docstring) and return it with its
@@ -286,6 +344,7 @@ class Outbox:
                 self._delete_acked(db, newest_stays=False)
             self._acked.clear()
 
+    @_on_corruption(retry=False, default=0)
     def ack(self, ids: Iterable[str]) -> int:
         """Take acknowledged messages out of the queue (unknown ids are ignored); how many.
 
@@ -308,6 +367,7 @@ class Outbox:
                 self._flush_acked()
         return taken
 
+    @_on_corruption(retry=False, default=False)
     def set_aside(self, msg_id: str, reason: str) -> bool:
         """Move one message out of the queue into ``set_aside`` (see the module docstring);
         False when it is no longer queued."""
@@ -335,6 +395,7 @@ class Outbox:
 
     # ------------------------------------------------------------------ syncing
 
+    @_on_corruption(retry=False)
     def sync(self) -> None:
         """Delete acked rows that no put carried since the last call, then (``normal``)
         fsync the WAL if anything was committed since the last sync: after this returns,
@@ -376,6 +437,7 @@ class Outbox:
 
     # ------------------------------------------------------------------ reading
 
+    @_on_corruption(retry=False, default=[])
     def read_after(self, seq: int, limit: int, upto: Optional[int] = None) -> List[Record]:
         """Up to ``limit`` queued messages with ``seq`` above ``seq`` (and at most ``upto``),
         in order."""
@@ -392,6 +454,7 @@ class Outbox:
         return [Record(row[0], f"{self._epoch}-{row[0]}", row[1], row[2], row[3])
                 for row in rows]
 
+    @_on_corruption(retry=True)
     def stats(self) -> OutboxStats:
         with self._lock:
             query = "SELECT created FROM messages"

@@ -73,6 +73,10 @@ log = logging.getLogger("nexus.transport")
 MAX_INCOMING_MESSAGE = 1 << 20  # a frame, or a fragmented message all together
 MAX_BATCH_BYTES = 1 << 20  # what we send in one telemetry.batch, whatever is offered
 BATCH_ENVELOPE_BYTES = 512  # type, id, timestamp, device id and punctuation
+# One batch in flight at a time: each is up to hundreds of KB held until its ack, and on
+# a link where acks take longer than the pace's interval more would not go faster anyway.
+BATCHES_IN_FLIGHT = 1
+BATCH_READ_ROWS = 100  # rows read from the outbox at a time while a batch is put together
 DRAIN_S = 2.0
 MAX_FRAMES_PER_READ = 64
 # Close codes that say "I will not take what you sent" (not "I am going away").
@@ -126,7 +130,8 @@ class Health:
     clock_offset_s: Optional[float] = None
     token_expires: Optional[float] = None
     last_error: str = ""
-    sent: int = 0
+    sent: int = 0  # messages (a batch is one)
+    sent_items: int = 0  # stored messages sent, resends included (a batch counts its items)
     acked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -219,6 +224,15 @@ class SendPlan:
         self.live_seq = boundary
         self.buffers: Dict[str, Deque[Record]] = {"backlog": collections.deque(),
                                                   "live": collections.deque()}
+        self.generation = outbox.generation
+
+    def _restart_if_replaced(self) -> None:
+        """The outbox replaced a corrupt file: its seqs start again, so do the cursors."""
+        if self.outbox.generation != self.generation:
+            self.generation = self.outbox.generation
+            self.boundary = self.backlog_seq = self.live_seq = 0
+            for buf in self.buffers.values():
+                buf.clear()
 
     def _refill(self, stream: str, rows: int) -> bool:
         """True when the stream's buffer holds something."""
@@ -233,10 +247,15 @@ class SendPlan:
             buf.extend(got)
         return bool(buf)
 
-    def next(self) -> Union[Record, List[Tuple[Record, str]], None]:
-        """A record to send alone, or a batch as (record, item text) pairs, or None."""
+    def next(self, batch_allowed: bool = True
+             ) -> Union[Record, List[Tuple[Record, str]], None]:
+        """A record to send alone, or a batch as (record, item text) pairs, or None.
+        ``batch_allowed`` False (a batch is still in flight): live records only."""
+        self._restart_if_replaced()
         if self._refill("live", self.rows):
             return self.buffers["live"].popleft()
+        if self.batch is not None and not batch_allowed:
+            return None
         if self.batch is None:
             return self.buffers["backlog"].popleft() if self._refill("backlog", self.rows) \
                 else None
@@ -250,7 +269,7 @@ class SendPlan:
         room = min(offer.max_bytes, MAX_BATCH_BYTES) - BATCH_ENVELOPE_BYTES
         items: List[Tuple[Record, str]] = []
         buf = self.buffers["backlog"]
-        while len(items) < offer.max_items and self._refill("backlog", offer.max_items):
+        while len(items) < offer.max_items and self._refill("backlog", BATCH_READ_ROWS):
             text = _item_text(buf[0], self.device_id)
             if text is None:
                 break  # not telemetry of this device: it goes alone, after this batch
@@ -462,12 +481,14 @@ class _Connection:
                 return
             self.session.send(message, now)
             self.t.health.add("sent")
+            self.t.health.add("sent_items", len(message.items) or 1)
         self._apply()
 
     def _next_stored(self) -> Optional[Outgoing]:
         assert self.plan is not None
+        batches = sum(1 for message, _ in self.session.inflight.values() if message.items)
         while True:
-            record = self.plan.next()
+            record = self.plan.next(batch_allowed=batches < BATCHES_IN_FLIGHT)
             if record is None:
                 return None
             if isinstance(record, list):  # a telemetry.batch

@@ -28,7 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import AgentProcess, ServerProcess, wait_for, write_config  # noqa: E402
+from helpers import (  # noqa: E402
+    AgentProcess,
+    ServerProcess,
+    free_port,
+    wait_for,
+    write_config,
+)
 
 from agent import protocol as p  # noqa: E402
 from agent.outbox import Outbox  # noqa: E402
@@ -71,14 +77,19 @@ def run(samples: int, batches: bool, limit_s: float) -> Dict[str, Optional[float
         start_wall = time.time()
         prefill(tmp / "state", samples, start_wall)
         db = tmp / "server.db"
-        srv = ServerProcess(0, *([] if batches else ["--no-batches"]), db=str(db))
-        agent = AgentProcess(write_config(tmp, srv.url, device_id="bench-001",
-                                          telemetry={"interval_s": 1},
+        port = free_port()
+        agent = AgentProcess(write_config(tmp, f"ws://127.0.0.1:{port}/v1/ws",
+                                          device_id="bench-001", telemetry={"interval_s": 1},
                                           server={"max_messages_per_minute": 90},
                                           log_level="info"))
+        srv = None
         try:
+            # Idle: running and sampling, offline (the backlog waits), for a few seconds.
             wait_for(lambda: agent.status().get("pid"), timeout=30, what="the agent")
-            idle = rss_kb(agent.proc.pid)  # at start; replaced below once the queue is empty
+            settle = time.monotonic()
+            wait_for(lambda: time.monotonic() - settle > 5, timeout=6)
+            idle = rss_kb(agent.proc.pid)
+            srv = ServerProcess(port, *([] if batches else ["--no-batches"]), db=str(db))
             began, peak, done_at = time.monotonic(), idle, None
             while time.monotonic() - began < limit_s:
                 peak = max(peak, rss_kb(agent.proc.pid))
@@ -88,10 +99,6 @@ def run(samples: int, batches: bool, limit_s: float) -> Dict[str, Optional[float
                     break
                 time.sleep(0.5)  # sampling pace of the bench, not a synchronisation
             elapsed = done_at or (time.monotonic() - began)
-            if done_at:  # idle: streaming live samples with an empty queue, a while later
-                settle = time.monotonic()
-                wait_for(lambda: time.monotonic() - settle > 5, timeout=6)
-                idle = rss_kb(agent.proc.pid)
             rows = server_rows(db)
             backlog_ids = {r[0] for r in rows if p.parse_timestamp(r[1]) < start_wall}
             live = [p.parse_timestamp(r[2]) - p.parse_timestamp(r[1]) for r in rows
@@ -105,7 +112,8 @@ def run(samples: int, batches: bool, limit_s: float) -> Dict[str, Optional[float
                     "rss_peak_mb": peak / 1024, "messages": agent.status().get("sent")}
         finally:
             agent.stop()
-            srv.stop()
+            if srv is not None:
+                srv.stop()
 
 
 def _fmt(value: Optional[float], unit: str = "", digits: int = 1) -> str:

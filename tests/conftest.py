@@ -57,3 +57,16 @@ def node_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     from nodejs import node_modules
 
     return str(node_modules(tmp_path_factory.mktemp("npm")))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After a fault run: the figures table (tests/faults.py)."""
+    import faults
+
+    if not faults.FIGURES:
+        return
+    terminalreporter.write_sep("=", "fault suite figures" + (" (full run)" if faults.FULL
+                                                              else " (default run)"))
+    for key, what in faults.ROWS.items():
+        if key in faults.FIGURES:
+            terminalreporter.write_line(f"{faults.FIGURES[key]:>12,.0f}  {what}")
