@@ -67,6 +67,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     terminalreporter.write_sep("=", "fault suite figures" + (" (full run)" if faults.FULL
                                                               else " (default run)"))
+    faults.FIGURES["crashes"] = len(terminalreporter.stats.get("failed", [])) + len(
+        terminalreporter.stats.get("error", []))
     for key, what in faults.ROWS.items():
         if key in faults.FIGURES:
-            terminalreporter.write_line(f"{faults.FIGURES[key]:>12,.0f}  {what}")
+            terminalreporter.write_line(f"{faults.FIGURES[key]:>12,.1f}  {what}")

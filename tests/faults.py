@@ -33,7 +33,7 @@ ROWS = {
     "disk_full": "disk-full episodes (a private tmpfs filled up)",
     "model_examples": "model-based queue examples (put, read, ack, set aside, reopen, cap)",
     "bad_inputs": "bad frames and tokens tried against the server and the agent",
-    "crashes": "crashes, hangs or leaked threads seen",
+    "crashes": "fault tests failed (a crash, hang, loss or leaked thread fails its test)",
 }
 
 
