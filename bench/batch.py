@@ -90,6 +90,7 @@ def run(samples: int, batches: bool, limit_s: float) -> Dict[str, Optional[float
             wait_for(lambda: time.monotonic() - settle > 5, timeout=6)
             idle = rss_kb(agent.proc.pid)
             srv = ServerProcess(port, *([] if batches else ["--no-batches"]), db=str(db))
+            online_wall = time.time()  # samples taken from here on are live
             began, peak, done_at = time.monotonic(), idle, None
             while time.monotonic() - began < limit_s:
                 peak = max(peak, rss_kb(agent.proc.pid))
@@ -102,7 +103,7 @@ def run(samples: int, batches: bool, limit_s: float) -> Dict[str, Optional[float
             rows = server_rows(db)
             backlog_ids = {r[0] for r in rows if p.parse_timestamp(r[1]) < start_wall}
             live = [p.parse_timestamp(r[2]) - p.parse_timestamp(r[1]) for r in rows
-                    if p.parse_timestamp(r[1]) >= start_wall]
+                    if p.parse_timestamp(r[1]) >= online_wall]
             rate = len(backlog_ids) / elapsed * 60
             return {"samples": samples, "done_s": done_at, "items_per_min": rate,
                     "eta_s": None if done_at else samples / max(rate, 1e-9) * 60,
