@@ -12,6 +12,7 @@
 "use strict";
 
 const HISTORY_MS = 5 * 60 * 1000;
+const CHART_MIN_MS = 30 * 1000;
 const RECONNECT_MAX_MS = 10000;
 const devices = new Map(); // device_id -> {state, lastSeen, metrics, history, row}
 const pending = new Map(); // command id -> result <li>
@@ -242,12 +243,17 @@ function drawChart() {
   }
   const d = devices.get(picked);
   if (!d) return;
+  // The x axis spans what is kept (at least CHART_MIN_MS, at most HISTORY_MS), ending now.
   const end = Date.now();
+  const first = d.history.length ? d.history[0].t : end;
+  const span = Math.min(HISTORY_MS, Math.max(CHART_MIN_MS, end - first));
+  $("chart-span").textContent = span >= 60000 ? `${Math.round(span / 60000)} min`
+    : `${Math.round(span / 1000)} s`;
   for (const key of ["cpu", "mem"]) {
     const points = d.history
       .filter((s) => typeof s[key] === "number")
       .map((s) => {
-        const x = W - ((end - s.t) / HISTORY_MS) * W;
+        const x = W - ((end - s.t) / span) * W;
         const y = H - (Math.min(100, Math.max(0, s[key])) / 100) * H;
         return `${x.toFixed(1)},${y.toFixed(1)}`;
       });
