@@ -15,10 +15,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import REPO, AgentProcess, Peer, ServerProcess, connected, mint, wait_for, \
-    write_config
+from helpers import (
+    REPO,
+    SECRET,
+    AgentProcess,
+    Peer,
+    ServerProcess,
+    connected,
+    mint,
+    wait_for,
+    write_config,
+)
 
-from agent.server import page
+from agent.server import page, tokens
 
 
 def get(url: str) -> tuple:
@@ -89,6 +98,22 @@ def test_page_url_carries_the_token_in_the_fragment():
     assert page.page_url("ws://127.0.0.1:8765/v1/ws", "T") == "http://127.0.0.1:8765/#token=T"
     assert page.page_url("wss://fleet.example:443/v1/ws", "T") == \
         "https://fleet.example:443/#token=T"
+
+
+def test_nexus_server_prints_the_page_url_after_the_listening_line():
+    srv = ServerProcess()  # it parsed the first line, unchanged: "nexus-server listening on"
+    assert srv.proc.stdout is not None
+    line = srv.proc.stdout.readline().strip()
+    prefix = f"page: http://127.0.0.1:{srv.port}/#token="
+    assert line.startswith(prefix)
+    token = line[len(prefix):]
+    identity = tokens.verify(token, SECRET.encode())
+    assert (identity.role, identity.subject) == ("operator", "page")
+    operator = Peer(srv.url, token)
+    assert operator.recv()["type"] == "connected"
+    operator.close()
+    assert srv.stop() == 0
+    assert token not in srv.log()
 
 
 def test_a_missing_static_folder_is_a_404_that_says_so(monkeypatch, tmp_path):
