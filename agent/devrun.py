@@ -4,7 +4,8 @@ Steps: make ``.run/`` (a fresh JWT secret and a device token, both 0600), start
 the companion server on 127.0.0.1:8765 in this process, start ``nexus-agent
 --config config/agent.local.yaml`` as a child process (its log goes to
 stderr), and print each ``telemetry.update`` as one line until Ctrl-C (or
-``--duration`` seconds). Then the agent gets SIGTERM and the server stops.
+``--duration`` seconds), with the fleet page's URL (an operator token in its
+fragment) on stderr before the stream. Then the agent gets SIGTERM and the server stops.
 
 Ctrl-C reaches the whole foreground process group: the agent gets SIGINT from
 the terminal and SIGTERM from here, which it takes as "stop, do not wait for
@@ -51,6 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import ctl
     from .logsetup import setup_logging
     from .server.app import CompanionServer, ServerSettings
+    from .server.page import PAGE_SUBJECT, PAGE_TOKEN_TTL_S, page_url
     from .server.tokens import mint
 
     setup_logging()
@@ -68,6 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     print(f"companion server on {server.url}; agent {cfg.device_id} with {args.config}",
           file=sys.stderr)
+    page_token = mint(secret, PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
+    print(f"fleet page: {page_url(server.url, page_token)}", file=sys.stderr, flush=True)
     agent = subprocess.Popen([sys.executable, "-m", "agent", "--config", args.config],
                              cwd=ROOT)
     try:

@@ -102,9 +102,12 @@ class Agent:
         stats = self.outbox.stats()
         health = self.health.snapshot()
         oldest_age = round(now - stats.oldest_created, 1) if stats.oldest_created else 0.0
-        return {"agent_queue_depth": stats.depth, "agent_queue_bytes": stats.bytes,
-                "agent_oldest_queued_age_s": oldest_age, "agent_dropped": stats.dropped,
-                "agent_reconnects": health.reconnects}
+        metrics = {"agent_queue_depth": stats.depth, "agent_queue_bytes": stats.bytes,
+                   "agent_oldest_queued_age_s": oldest_age, "agent_dropped": stats.dropped,
+                   "agent_reconnects": health.reconnects}
+        if health.clock_offset_s is not None:  # measured at the last welcome
+            metrics["agent_clock_offset_s"] = health.clock_offset_s
+        return metrics
 
     def _sample_loop(self) -> None:
         next_at = time.monotonic()

@@ -21,3 +21,6 @@ def test_devrun_shows_telemetry_flowing_and_stops_cleanly(tmp_path):
     assert len(lines) >= 3, out.stdout
     assert "cpu=" in lines[-1] and "mem=" in lines[-1]
     assert "(close code 1000)" in out.stderr  # the agent closed cleanly on the way out
+    page = [line for line in out.stderr.splitlines() if line.startswith("fleet page: ")]
+    assert len(page) == 1 and "http://127.0.0.1:" in page[0] and "/#token=ey" in page[0], \
+        out.stderr[-2000:]

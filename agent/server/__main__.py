@@ -82,7 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
         from .app import CompanionServer, ServerSettings
-        from .tokens import load_secret
+        from .page import PAGE_SUBJECT, PAGE_TOKEN_TTL_S, page_url
+        from .tokens import load_secret, mint
     except ImportError as exc:
         print(f"nexus-server: {exc.name} is missing; install the 'server' extra "
               "(pip install 'nexus-edge-agent[server]')", file=sys.stderr)
@@ -104,7 +105,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"nexus-server: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     server.start()
-    print(f"nexus-server listening on {server.url}", flush=True)
+    print(f"nexus-server listening on {server.url}", flush=True)  # first line: tests parse it
+    # The fleet page, with a fresh operator token in the fragment (never in a request line).
+    page_token = mint(secret, PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
+    print(f"page: {page_url(server.url, page_token)}", flush=True)
     while not inbox.wait(None):
         pass
     server.stop()

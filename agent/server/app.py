@@ -42,7 +42,7 @@ from websockets.exceptions import ConnectionClosed
 
 from .. import protocol as p
 from ..errors import AuthError
-from . import tokens
+from . import page, tokens
 from . import hub as hub_mod
 from .hub import Hub, HubSettings, Outgoing
 
@@ -249,8 +249,10 @@ class CompanionServer:
         task.add_done_callback(self._tasks.discard)
 
     def _check_path(self, conn: ServerConnection, request: Any) -> Any:
-        if urlsplit(request.path).path != p.PATH:
-            return conn.respond(404, f"the Nexus endpoint is {p.PATH}\n")
+        path = urlsplit(request.path).path
+        if path != p.PATH:
+            # The fleet page's static files (page.py); no data, so no token needed.
+            return page.response(path) or conn.respond(404, f"the Nexus endpoint is {p.PATH}\n")
         return None
 
     async def _ticker(self) -> None:
@@ -282,13 +284,14 @@ class CompanionServer:
         log.info("%s connected", peer.name)
         peer.send(welcome)
         peer.start()
+        _deliver(self.hub.online(client, time.time()))  # events.update for the fleet page
         try:
             async for frame in conn:
                 _deliver(self.hub.handle(client, frame, time.time()))
         except ConnectionClosed:
             pass
         finally:
-            self.hub.disconnect(client)
+            _deliver(self.hub.disconnect(client, time.time()))
             # A close we began (1008, 1013, 1000) must finish before this handler returns:
             # the library would otherwise close the connection itself, with its own code.
             await peer.closed()

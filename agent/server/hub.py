@@ -112,11 +112,29 @@ class Hub:
                                                            self.settings.batch))
         return client, _encode(welcome)
 
-    def disconnect(self, client: Client) -> None:
+    def online(self, client: Client, now: float) -> Outgoing:
+        """``events.update`` ``device.online`` when ``client`` is a device (after its welcome)."""
+        return self._presence(client, "device.online", now)
+
+    def disconnect(self, client: Client, now: float | None = None) -> Outgoing:
+        """Forget ``client``; ``device.offline`` on channel ``events`` when it was the last
+        connection of its device (a reconnect that overtook the old connection stays online)."""
         with self._lock:
             self._clients.pop(client.client_id, None)
             for listeners in self._listeners.values():
                 listeners.pop(client.client_id, None)
+            still = any(c.identity.is_device and c.identity.subject == client.identity.subject
+                        for c in self._clients.values())
+        if still or now is None:
+            return []
+        return self._presence(client, "device.offline", now)
+
+    def _presence(self, client: Client, event: str, now: float) -> Outgoing:
+        if not client.identity.is_device:
+            return []
+        with self._lock:
+            return self._broadcast("events", {"event": event,
+                                              "device_id": client.identity.subject}, now)
 
     def peers(self) -> List[Peer]:
         with self._lock:
