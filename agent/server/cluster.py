@@ -90,32 +90,34 @@ class Batcher:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
-        self._queue: List[Tuple[Tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._queue: List[Tuple[str, Tuple[Any, ...], Dict[str, Any], asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def call(self, *args: Any) -> asyncio.Future[Any]:
+    def call(self, command: str, *args: Any, **options: Any) -> asyncio.Future[Any]:
+        """``command`` names a redis-py method (``set``, ``publish``...): its options and
+        answer are redis-py's."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self._queue:
             task = asyncio.ensure_future(self._flush())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        self._queue.append((args, future))
+        self._queue.append((command, args, options, future))
         return future
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let the rest of this loop step add to the batch
         batch, self._queue = self._queue, []
         pipe = self._client.pipeline(transaction=False)
-        for args, _ in batch:
-            pipe.execute_command(*args)
+        for command, args, options, _ in batch:
+            getattr(pipe, command)(*args, **options)
         try:
             results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - every caller hears it
-            for _, future in batch:
+            for *_, future in batch:
                 if not future.done():
                     future.set_exception(Unreachable(str(exc) or type(exc).__name__))
             return
-        for (_, future), result in zip(batch, results):
+        for (*_, future), result in zip(batch, results):
             if future.done():
                 continue
             if isinstance(result, Exception):
@@ -161,18 +163,19 @@ class Cluster:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _call(self, *args: Any) -> Any:
+    async def _call(self, command: str, *args: Any, **options: Any) -> Any:
         try:
-            return await asyncio.wait_for(self._batch.call(*args), self.settings.op_timeout_s)
+            return await asyncio.wait_for(self._batch.call(command, *args, **options),
+                                          self.settings.op_timeout_s)
         except _REDIS_ERRORS + (Unreachable,) as exc:
             self._went_down(exc)
             raise Unreachable(str(exc)) from exc
 
-    def _send(self, *args: Any) -> asyncio.Future[Any] | None:
+    def _send(self, command: str, *args: Any, **options: Any) -> asyncio.Future[Any] | None:
         """A command whose answer nobody waits for; dropped while Redis is unreachable."""
         if not self.up:
             return None
-        future = self._batch.call(*args)
+        future = self._batch.call(command, *args, **options)
         future.add_done_callback(_ignore)
         return future
 
@@ -186,6 +189,9 @@ class Cluster:
             try:
                 view = await self._before(client, msg)
             except Unreachable:
+                view = None
+            except Exception:  # noqa: BLE001 - a cluster bug must not cost the connection
+                log.exception("cluster lookup failed; handled as a single node")
                 view = None
         self._deliver(self._hub.handle(client, text, time.time(), view))
         if view is not None:
@@ -205,17 +211,17 @@ class Cluster:
             payload = msg.get("payload")
             device = payload.get("device_id") if isinstance(payload, dict) else None
             if isinstance(device, str) and not self._hub.device_listening(device):
-                node = await self._call("GET", f"nexus:device:{device}")
+                node = await self._call("get", f"nexus:device:{device}")
                 if node and node != self.node:
                     view.device_nodes[device] = node
         return view
 
     def _after(self, view: ClusterView) -> None:
         for msg_id in view.stored:
-            self._send("SET", f"nexus:seen:{msg_id}", f"stored:{self.node}", "EX",
-                       self.settings.dedupe_s)
+            self._send("set", f"nexus:seen:{msg_id}", f"stored:{self.node}",
+                       ex=self.settings.dedupe_s)
         for channel, payload in view.published:
-            self._send("PUBLISH", BROADCASTS, json.dumps(
+            self._send("publish", BROADCASTS, json.dumps(
                 {"from": self.node, "kind": "broadcast", "channel": channel,
                  "payload": payload}))
         for node, delivery in view.forward:
@@ -223,7 +229,7 @@ class Cluster:
         for delivery, expires in view.parked:
             self._park(delivery, expires)
         for node, result in view.results:
-            self._send("PUBLISH", f"nexus:to:{node}", json.dumps(
+            self._send("publish", f"nexus:to:{node}", json.dumps(
                 {"from": self.node, "kind": "result", "payload": result}))
 
     # ------------------------------------------------------------------ stored once
@@ -232,7 +238,7 @@ class Cluster:
         """The ids another node stored (or stores meanwhile); the others are ours to store."""
         lease = self.settings.lease_s
         answers = await asyncio.gather(*(self._call(
-            "SET", f"nexus:seen:{i}", f"claim:{self.node}", "NX", "GET", "EX", lease)
+            "set", f"nexus:seen:{i}", f"claim:{self.node}", nx=True, get=True, ex=lease)
             for i in ids))
         duplicates = []
         for msg_id, old in zip(ids, answers):
@@ -249,8 +255,8 @@ class Cluster:
         deadline = time.monotonic() + self.settings.lease_s + 1.0
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-            old = await self._call("SET", key, f"claim:{self.node}", "NX", "GET", "EX",
-                                   self.settings.lease_s)
+            old = await self._call("set", key, f"claim:{self.node}", nx=True, get=True,
+                                   ex=self.settings.lease_s)
             if old is None:
                 log.warning("message %s: the node that claimed it did not store it within "
                             "%d s; storing it here", msg_id, self.settings.lease_s)
@@ -264,7 +270,7 @@ class Cluster:
     async def _forward(self, node: str, delivery: Dict[str, Any]) -> None:
         text = json.dumps({"from": self.node, "kind": "command", "payload": delivery})
         try:
-            receivers = await self._call("PUBLISH", f"nexus:to:{node}", text)
+            receivers = await self._call("publish", f"nexus:to:{node}", text)
         except Unreachable:
             receivers = 0
         if not receivers:
@@ -276,17 +282,17 @@ class Cluster:
         key = f"nexus:parked:{delivery['device_id']}"
         entry = json.dumps({"origin": self.node, "expires": expires, "delivery": delivery})
         keep = int(expires - time.time()) + 60
-        self._send("RPUSH", key, entry)
-        self._send("EXPIRE", key, keep, "NX")
-        self._send("EXPIRE", key, keep, "GT")
+        self._send("rpush", key, entry)
+        self._send("expire", key, keep, nx=True)
+        self._send("expire", key, keep, gt=True)
         self._parked[delivery["command_id"]] = (key, entry, expires)
 
     async def _device_arrived(self, device_id: str) -> None:
         """A device subscribed to commands here: register it, deliver what waits for it."""
         key = f"nexus:parked:{device_id}"
         try:
-            await self._call("SET", f"nexus:device:{device_id}", self.node, "EX",
-                             self.settings.registry_ttl_s)
+            await self._call("set", f"nexus:device:{device_id}", self.node,
+                             ex=self.settings.registry_ttl_s)
             pipe = self._redis.pipeline(transaction=True)
             pipe.lrange(key, 0, -1)
             pipe.delete(key)
@@ -312,7 +318,7 @@ class Cluster:
                 continue
             del self._parked[command_id]
             try:
-                removed = await self._call("LREM", key, 1, entry)
+                removed = await self._call("lrem", key, 1, entry)
             except Unreachable:
                 removed = 1  # not known to be delivered
             if removed:
@@ -324,7 +330,7 @@ class Cluster:
     def disconnected(self, client: Client) -> None:
         device = client.identity.subject
         if client.identity.is_device and not self._hub.device_listening(device):
-            self._send("EVAL", _FORGET, 1, f"nexus:device:{device}", self.node)
+            self._send("eval", _FORGET, 1, f"nexus:device:{device}", self.node)
 
     # ------------------------------------------------------------------ from other nodes
 
@@ -338,7 +344,7 @@ class Cluster:
         elif kind == "command":
             out = self._hub.deliver_command(payload, msg["from"], now)
             if out is None:  # the registry was stale: the device left this node
-                self._send("PUBLISH", f"nexus:to:{msg['from']}", json.dumps(
+                self._send("publish", f"nexus:to:{msg['from']}", json.dumps(
                     {"from": self.node, "kind": "offline", "payload": payload}))
             self._deliver(out or [])
         elif kind == "result":
@@ -394,14 +400,14 @@ class Cluster:
                         self._received(msg["data"])
                     except (ValueError, KeyError, TypeError, AttributeError):
                         log.warning("ignored a malformed cluster message: %.200s", msg["data"])
-            await self._call("PING")
+            await self._call("ping")
             if not self.up:
                 raise Unreachable("a command failed meanwhile")
 
     async def _refresh(self) -> None:
         devices = self._hub.command_listeners()
-        await asyncio.gather(*(self._call("SET", f"nexus:device:{d}", self.node, "EX",
-                                          self.settings.registry_ttl_s) for d in devices))
+        await asyncio.gather(*(self._call("set", f"nexus:device:{d}", self.node,
+                                          ex=self.settings.registry_ttl_s) for d in devices))
 
     async def close(self) -> None:
         for task in list(self._tasks):
