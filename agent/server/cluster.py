@@ -142,7 +142,7 @@ class Cluster:
         self._deliver = deliver
         self._redis = aioredis.Redis.from_url(
             settings.url, decode_responses=True, socket_timeout=settings.op_timeout_s,
-            socket_connect_timeout=settings.op_timeout_s, retry=Retry(NoBackoff(), 0))
+            socket_connect_timeout=settings.op_timeout_s, retry=Retry(NoBackoff(), 1))
         self._batch = Batcher(self._redis)
         self._inbox = f"nexus:to:{self.node}"
         self.up = False
@@ -378,6 +378,10 @@ class Cluster:
             finally:
                 try:
                     await asyncio.wait_for(pubsub.aclose(), 1.0)
+                    if not self.up:
+                        # Pooled connections to a Redis that restarted are all broken: each
+                        # would fail once more after it is back (and be logged as an outage).
+                        await asyncio.wait_for(self._redis.connection_pool.disconnect(), 1.0)
                 except Exception:  # noqa: BLE001 - the connection is already broken
                     pass
             await asyncio.sleep(delay)
