@@ -74,7 +74,8 @@ NGINX_CONF = """
 worker_processes 1;
 error_log {dir}/error.log warn;
 pid {dir}/nginx.pid;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile 20000;
+events {{ worker_connections 8192; }}
 http {{
     access_log off;
     client_body_temp_path {dir}/body;
