@@ -71,7 +71,7 @@ class RedisProcess:
 
 
 NGINX_CONF = """
-worker_processes 1;
+worker_processes 1;  # with master_process off (tests), the one process serves
 error_log {dir}/error.log warn;
 pid {dir}/nginx.pid;
 worker_rlimit_nofile 20000;
@@ -120,7 +120,9 @@ class NginxProcess:
         self._log = folder / "error.log"
         self.proc = subprocess.Popen(
             [_binary("nginx"), "-p", str(folder), "-e", str(self._log), "-c", str(conf),
-             "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+             # One process (no master): a test that fails and SIGKILLs it leaves no worker.
+             "-g", "daemon off; master_process off;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         CHILDREN.append(self.proc)
         wait_for(lambda: _listening(self.port) or self.proc.poll() is not None, 10,
                  what="nginx listening")
