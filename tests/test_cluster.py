@@ -43,14 +43,21 @@ def subscribe(peer, channel: str, **filters: str) -> None:
     assert reply["type"] == "subscribed", reply
 
 
+def two_nodes(folder):
+    """Redis, and nodes A and B in the cluster, each with its own --db (folder/A.db, B.db)."""
+    redis = RedisProcess(folder / "redis")
+    dbs = {name: folder / f"{name}.db" for name in "AB"}
+    nodes = {name: node(redis.url, name, dbs[name]) for name in "AB"}
+    for srv in nodes.values():
+        in_cluster(srv)
+    return redis, nodes, dbs
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Redis, nodes A and B (each its own --db), nginx over both; shared by this module."""
     folder = tmp_path_factory.mktemp("cluster")
-    redis = RedisProcess(folder / "redis")
-    nodes = {name: node(redis.url, name, folder / f"{name}.db") for name in "AB"}
-    for srv in nodes.values():
-        in_cluster(srv)
+    redis, nodes, _ = two_nodes(folder)
     nginx = NginxProcess(folder / "nginx", [srv.port for srv in nodes.values()])
     yield redis, nodes, nginx
     nginx.stop()
@@ -176,11 +183,7 @@ def test_deploy_config_balances_on_the_token_not_the_address():
 
 
 def test_node_sigkilled_its_agent_lands_on_the_other_and_every_id_is_stored_once(tmp_path):
-    redis = RedisProcess(tmp_path / "redis")
-    dbs = {name: tmp_path / f"{name}.db" for name in "AB"}
-    nodes = {name: node(redis.url, name, dbs[name]) for name in "AB"}
-    for srv in nodes.values():
-        in_cluster(srv)
+    redis, nodes, dbs = two_nodes(tmp_path)
     nginx = NginxProcess(tmp_path / "nginx", [srv.port for srv in nodes.values()])
     agent = AgentProcess(write_config(tmp_path, nginx.url, telemetry={"interval_s": 0.05},
                                       commands=ECHO))  # an allow-list: it subscribes
@@ -204,11 +207,7 @@ def test_node_sigkilled_its_agent_lands_on_the_other_and_every_id_is_stored_once
 
 
 def test_redis_restart_under_load_no_node_crashes_and_each_serves_its_own(tmp_path):
-    redis = RedisProcess(tmp_path / "redis")
-    dbs = {name: tmp_path / f"{name}.db" for name in "AB"}
-    nodes = {name: node(redis.url, name, dbs[name]) for name in "AB"}
-    for srv in nodes.values():
-        in_cluster(srv)
+    redis, nodes, dbs = two_nodes(tmp_path)
     agents = {}
     for name in "AB":
         folder = tmp_path / f"agent-{name}"

@@ -368,6 +368,9 @@ class Cluster:
                 if self._ever_up and not self.up:
                     log.warning("redis back at %s; node %s in the cluster again",
                                 _safe_url(self.settings.url), self.node)
+                    # Devices that subscribed meanwhile: register them, deliver what waits.
+                    for device in self._hub.command_listeners():
+                        self._spawn(self._device_arrived(device))
                 else:
                     log.info("node %s joined the cluster at %s", self.node,
                              _safe_url(self.settings.url))
