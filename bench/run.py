@@ -17,6 +17,9 @@
    stalled operator, and a reconnect storm of 500 clients. Its own table;
    ``python bench/fleet.py --devices 5000 --seconds 30 --stalled`` for the
    full run.
+6. Two nodes behind nginx (bench/cluster.py, short): 1,000 devices against one
+   node and against two ``--redis`` nodes behind nginx, and the latency the
+   cross-node fan-out adds (skipped without redis-server and nginx).
 
 Prints a table; exits non-zero only if something failed to run.
 """
@@ -230,8 +233,12 @@ def main() -> int:
     print()
     import fleet
 
-    return fleet.main(["--devices", "1000", "--rate", "1", "--seconds", "10", "--stalled",
-                       "--storm", "500"])
+    status = fleet.main(["--devices", "1000", "--rate", "1", "--seconds", "10", "--stalled",
+                         "--storm", "500"])
+    print()
+    import cluster  # bench/cluster.py: two nodes behind nginx against one
+
+    return status or cluster.main(["--devices", "1000", "--seconds", "8"])
 
 
 if __name__ == "__main__":

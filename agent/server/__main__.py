@@ -38,6 +38,12 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
                     help="do not offer telemetry.batch (serve the guide's protocol only)")
     ap.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// (with --tls-key)")
     ap.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    ap.add_argument("--redis", metavar="URL", help="join a cluster of nodes sharing one fleet "
+                    "through this Redis (redis://HOST:PORT/DB; extra 'cluster')")
+    ap.add_argument("--node-id", default="", help="this node's name in the cluster "
+                    "(default HOST-PID)")
+    ap.add_argument("--dedupe-s", type=int, default=600, help="seconds a stored telemetry id "
+                    "is remembered cluster-wide (default 600)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every connection event")
     return ap.parse_args(argv)
 
@@ -80,13 +86,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     inbox = SignalInbox(STOP_SIGNALS)
     args = _serve_args(argv)
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
+    if args.dedupe_s <= 0:
+        print("nexus-server: --dedupe-s must be positive", file=sys.stderr)
+        return 2
     try:
         from .app import CompanionServer, ServerSettings
         from .page import PAGE_SUBJECT, PAGE_TOKEN_TTL_S, page_url
         from .tokens import load_secret, mint
+
+        if args.redis:
+            from . import cluster  # noqa: F401 - redis-py, the 'cluster' extra
     except ImportError as exc:
-        print(f"nexus-server: {exc.name} is missing; install the 'server' extra "
-              "(pip install 'nexus-edge-agent[server]')", file=sys.stderr)
+        extra = "cluster" if args.redis and exc.name and exc.name.startswith("redis") else "server"
+        print(f"nexus-server: {exc.name} is missing; install the '{extra}' extra "
+              f"(pip install 'nexus-edge-agent[{extra}]')", file=sys.stderr)
         return 2
     try:
         secret = load_secret(args.secret_file)
@@ -98,7 +111,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     settings = ServerSettings(args.host, args.port, args.db, args.ping_interval,
                               args.ping_timeout, args.rate_limit, tls_cert=args.tls_cert,
-                              tls_key=args.tls_key, offer_batches=not args.no_batches)
+                              tls_key=args.tls_key, offer_batches=not args.no_batches,
+                              redis_url=args.redis, node_id=args.node_id,
+                              dedupe_s=args.dedupe_s)
     try:
         server = CompanionServer(settings, secret)
     except OSError as exc:  # a busy port, or an unreadable TLS certificate or key

@@ -24,6 +24,8 @@ Rules:
   with 1000 (all at once, bounded by ``close_timeout``), close what is left
   (connections still authenticating), stop the loop, close the store. It is
   idempotent and may be called from any thread but the loop's.
+* With ``redis_url`` the node joins a cluster (``cluster.py``): frames go
+  through the cluster layer, which calls the hub; without it nothing changes.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ class ServerSettings:
     send_queue_messages: int = 4096
     send_queue_bytes: int = 1 << 20
     write_limit_bytes: int = 64 * 1024
+    # Several nodes, one fleet (cluster.py): None serves as a single node.
+    redis_url: Optional[str] = None
+    node_id: str = ""  # default host-pid
+    dedupe_s: int = 600  # how long a stored telemetry id is remembered cluster-wide
 
 
 class SendQueue:
@@ -198,6 +204,12 @@ class CompanionServer:
         self._stopped = False
         self._loop = asyncio.new_event_loop()
         self._tasks: Set[asyncio.Task[None]] = set()  # strong references to background tasks
+        self.cluster: Any = None
+        if settings.redis_url:
+            from .cluster import Cluster, ClusterSettings  # the 'cluster' extra (redis-py)
+
+            self.cluster = Cluster(ClusterSettings(settings.redis_url, settings.node_id,
+                                                   settings.dedupe_s), self.hub, _deliver)
         try:
             # Bound here, on this thread, before the loop runs: a busy port fails the
             # constructor, as callers expect.
@@ -241,6 +253,8 @@ class CompanionServer:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._spawn(self._ticker())
+        if self.cluster is not None:
+            self._spawn(self.cluster.run())
         self._loop.run_forever()
 
     def _spawn(self, coro: Any) -> None:
@@ -287,11 +301,16 @@ class CompanionServer:
         _deliver(self.hub.online(client, time.time()))  # events.update for the fleet page
         try:
             async for frame in conn:
-                _deliver(self.hub.handle(client, frame, time.time()))
+                if self.cluster is None:
+                    _deliver(self.hub.handle(client, frame, time.time()))
+                else:
+                    await self.cluster.handle(client, frame)
         except ConnectionClosed:
             pass
         finally:
             _deliver(self.hub.disconnect(client, time.time()))
+            if self.cluster is not None:
+                self.cluster.disconnected(client)
             # A close we began (1008, 1013, 1000) must finish before this handler returns:
             # the library would otherwise close the connection itself, with its own code.
             await peer.closed()
@@ -317,6 +336,8 @@ class CompanionServer:
             log.warning("some connections did not close in time")
         for task in list(self._tasks):
             task.cancel()
+        if self.cluster is not None:
+            await self.cluster.close()
 
     def stop(self) -> None:
         """Close every client with 1000, stop serving, close the store. Safe to call twice."""

@@ -21,6 +21,12 @@ Rules and guarantees:
   ``max_rows`` telemetry rows: the oldest are deleted past that. Waiting
   commands and result routes are bounded too (``MAX_PENDING_COMMANDS``,
   ``MAX_ROUTES``): nothing a client sends grows memory without limit.
+* Several nodes (``cluster.py``) share a fleet through Redis; the hub does no
+  I/O for it. The cluster layer passes a :class:`ClusterView` to ``handle``
+  with what it looked up (ids another node stored, which node holds a device)
+  and the hub writes into it what must leave this node (broadcasts, commands
+  for other nodes, results for their operators). Without a view (one node, or
+  Redis unreachable) the hub behaves exactly as a single server.
 """
 
 from __future__ import annotations
@@ -75,6 +81,24 @@ class PendingCommand:
     expires: float
 
 
+@dataclass
+class ClusterView:
+    """One frame's dealings with the other nodes: filled in before ``Hub.handle`` by the
+    cluster layer, and by the hub during it. Plain data: the hub never awaits anything."""
+
+    duplicates: frozenset = frozenset()  # telemetry ids another node stored: ack, drop
+    device_nodes: Dict[str, str] = field(default_factory=dict)  # device_id -> its node
+    # written by the hub:
+    stored: List[str] = field(default_factory=list)  # ids stored here, now or before
+    published: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)  # (channel, payload)
+    forward: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)  # (node, delivery)
+    parked: List[Tuple[Dict[str, Any], float]] = field(default_factory=list)  # (delivery, expires)
+    results: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)  # (node, result)
+
+
+REMOTE = "@"  # a result route to an operator on another node: "@" + node id
+
+
 DEFAULT_BATCH_OFFER = p.BatchOffer(p.MAX_BATCH_ITEMS, p.MAX_BATCH_BYTES)
 
 
@@ -100,6 +124,7 @@ class Hub:
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         self._inserts = 0
+        self._view: ClusterView | None = None  # set for one handle() call, under the lock
 
     # ------------------------------------------------------------------ connections
 
@@ -142,8 +167,10 @@ class Hub:
 
     # ------------------------------------------------------------------ messages
 
-    def handle(self, client: Client, text: str | bytes, now: float) -> Outgoing:
-        """Everything to send in answer to one frame from ``client``."""
+    def handle(self, client: Client, text: str | bytes, now: float,
+               view: ClusterView | None = None) -> Outgoing:
+        """Everything to send in answer to one frame from ``client``; with a ``view``, also
+        what the other nodes of a cluster must hear about (written into it)."""
         over_rate = self._over_rate(client, now)  # every frame counts, even a malformed one
         env: p.Envelope | None = None
         if _too_big(text):
@@ -158,7 +185,11 @@ class Hub:
                 return self._rate_error(client, env.id, now)
             p.check_client_message(env)
             with self._lock:
-                return self._dispatch(client, env, now)
+                self._view = view
+                try:
+                    return self._dispatch(client, env, now)
+                finally:
+                    self._view = None
         except ProtocolError as exc:
             if over_rate:
                 return self._rate_error(client, None, now)
@@ -271,14 +302,21 @@ class Hub:
     def _store(self, msg_id: str, device_id: str, sample_time: str, payload: Any,
                now: float) -> Outgoing | None:
         """Store one sample by id: its broadcasts when new, None when stored before."""
+        view = self._view
+        if view is not None and msg_id in view.duplicates:
+            return None  # another node of the cluster stored it
         cur = self._db.execute(
             "INSERT OR IGNORE INTO telemetry (id, device_id, sample_time, received_at, payload)"
             " VALUES (?, ?, ?, ?, ?)",
             (msg_id, device_id, sample_time, p.format_timestamp(now), json.dumps(payload)))
+        if view is not None:
+            view.stored.append(msg_id)
         if cur.rowcount != 1:
             return None
         self._trim(now)
         update = dict(payload, message_id=msg_id, sample_time=sample_time)
+        if view is not None:
+            view.published.append(("telemetry", update))
         return self._broadcast("telemetry", update, now)
 
     def _command(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
@@ -289,16 +327,22 @@ class Hub:
         if len(self._pending) >= MAX_PENDING_COMMANDS and request.ttl_s is not None:
             raise ProtocolError(p.RATE_LIMITED, f"{MAX_PENDING_COMMANDS} commands are already "
                                 "waiting for offline devices", "payload.ttl_s", env.id)
-        self._routes[request.command_id] = client.client_id
-        while len(self._routes) > MAX_ROUTES:  # results that never came: forget the oldest
-            del self._routes[next(iter(self._routes))]
+        self._route(request.command_id, client.client_id)
         if self._device_listening(request.device_id):
             return self._broadcast("commands", _delivery(request), now)
+        view = self._view
+        node = view.device_nodes.get(request.device_id) if view is not None else None
+        if view is not None and node is not None:
+            view.forward.append((node, _delivery(request)))  # the result comes back here
+            return []
         if request.ttl_s is None:
             self._routes.pop(request.command_id, None)
             raise ProtocolError(p.DEVICE_OFFLINE, f"device {request.device_id} is not "
                                 "connected (set payload.ttl_s to wait for it)",
                                 "payload.device_id", env.id)
+        if view is not None:  # waits in Redis for whichever node the device reaches first
+            view.parked.append((_delivery(request), now + request.ttl_s))
+            return []
         self._pending[request.command_id] = PendingCommand(request, client.client_id,
                                                            now + request.ttl_s)
         return []
@@ -316,9 +360,12 @@ class Hub:
         out = self._reply(client, "ack", env, now)
         # Relayed once per pending request: a device's resend (same result, new message) finds
         # no route; an operator who asks again with the same id gets the stored result again.
-        operator = self._clients.get(self._routes.pop(result.command_id, ""))
+        route = self._routes.pop(result.command_id, "")
+        operator = self._clients.get(route)
         if cur.rowcount == 0:
             log.debug("command result %s was stored before", result.command_id)
+        if route.startswith(REMOTE) and self._view is not None:
+            self._view.results.append((route[len(REMOTE):], result.to_payload()))
         if operator is not None:
             relay = p.make("command.result", now, result.to_payload(), result.command_id)
             out.append((operator.peer, _encode(relay)))
@@ -335,6 +382,11 @@ class Hub:
                                                               payload))))
                     break  # one copy per client, however many subscriptions match
         return out
+
+    def _route(self, command_id: str, target: str) -> None:
+        self._routes[command_id] = target
+        while len(self._routes) > MAX_ROUTES:  # results that never came: forget the oldest
+            del self._routes[next(iter(self._routes))]
 
     def _device_listening(self, device_id: str) -> bool:
         return any(c.identity.is_device and c.identity.subject == device_id
@@ -365,6 +417,53 @@ class Hub:
                                              command_id)
                         out.append((operator.peer, _encode(error)))
         return out
+
+    # ------------------------------------------------------------------ from other nodes
+
+    def command_listeners(self) -> List[str]:
+        """Device ids connected here and subscribed to ``commands`` (the cluster registry)."""
+        with self._lock:
+            return sorted({c.identity.subject for c in self._clients.values()
+                           if c.identity.is_device
+                           and any(s.channel == "commands" for s in c.subscriptions)})
+
+    def device_listening(self, device_id: str) -> bool:
+        with self._lock:
+            return self._device_listening(device_id)
+
+    def deliver_remote(self, channel: str, payload: Dict[str, Any], now: float) -> Outgoing:
+        """Another node's broadcast, fanned out to the subscribers here (nothing stored)."""
+        with self._lock:
+            return self._broadcast(channel, payload, now)
+
+    def deliver_command(self, delivery: Dict[str, Any], origin: str | None,
+                        now: float) -> Outgoing | None:
+        """A command for a device connected here, from ``origin`` (another node's id, or
+        None when the operator is on this node); None when the device is not here."""
+        with self._lock:
+            if not self._device_listening(delivery["device_id"]):
+                return None
+            if origin is not None:
+                self._route(delivery["command_id"], REMOTE + origin)
+            return self._broadcast("commands", delivery, now)
+
+    def deliver_result(self, result: Dict[str, Any], now: float) -> Outgoing:
+        """A command's result from the device's node, for the operator here who asked."""
+        command_id = str(result.get("command_id", ""))
+        with self._lock:
+            operator = self._clients.get(self._routes.pop(command_id, ""))
+        if operator is None:
+            return []
+        return [(operator.peer, _encode(p.make("command.result", now, result, command_id)))]
+
+    def command_failed(self, command_id: str, message: str, now: float) -> Outgoing:
+        """DEVICE_OFFLINE for the operator here who sent ``command_id`` (no node took it)."""
+        with self._lock:
+            operator = self._clients.get(self._routes.pop(command_id, ""))
+        if operator is None:
+            return []
+        error = p.make_error(p.DEVICE_OFFLINE, message, now, command_id)
+        return [(operator.peer, _encode(error))]
 
     def _trim(self, now: float) -> None:
         self._inserts += 1

@@ -1,0 +1,236 @@
+"""Two nexus-server nodes, Redis and nginx on loopback: one fleet across the nodes.
+
+Skips (with the reason) where redis-server, nginx or redis-py is missing; .ci/run
+installs the first two. Every process is this test's own (free ports, files in tmp).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from clusterkit import (
+    BALANCING_KEY,
+    DEPLOY_CONF,
+    NginxProcess,
+    RedisProcess,
+    holder,
+    in_cluster,
+    missing,
+    node,
+)
+from helpers import AgentProcess, connected, mint, outbox_ids, stored, wait_for, write_config
+from nodejs import INTEROP
+
+pytestmark = pytest.mark.skipif(bool(missing()), reason=f"cluster tests need {missing()}")
+
+
+def telemetry(msg_id: str, device: str, cpu: float = 12.5) -> dict:
+    return {"type": "telemetry", "id": msg_id, "timestamp": "2025-11-03T01:53:54.518Z",
+            "payload": {"device_id": device, "metrics": {"cpu_usage": cpu, "memory_usage": 40.1}}}
+
+
+ECHO = {"allow": {"echo": {"argv": ["/bin/echo", "{text}"],
+                           "args": {"text": {"pattern": "^[a-z]{1,16}$"}}}}}
+
+
+def subscribe(peer, channel: str, **filters: str) -> None:
+    reply = peer.request({"type": "subscribe", "id": f"s-{channel}",
+                          "payload": {"channel": channel, "filters": filters}})
+    assert reply["type"] == "subscribed", reply
+
+
+def two_nodes(folder):
+    """Redis, and nodes A and B in the cluster, each with its own --db (folder/A.db, B.db)."""
+    redis = RedisProcess(folder / "redis")
+    dbs = {name: folder / f"{name}.db" for name in "AB"}
+    nodes = {name: node(redis.url, name, dbs[name]) for name in "AB"}
+    for srv in nodes.values():
+        in_cluster(srv)
+    return redis, nodes, dbs
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Redis, nodes A and B (each its own --db), nginx over both; shared by this module."""
+    folder = tmp_path_factory.mktemp("cluster")
+    redis, nodes, _ = two_nodes(folder)
+    nginx = NginxProcess(folder / "nginx", [srv.port for srv in nodes.values()])
+    yield redis, nodes, nginx
+    nginx.stop()
+    for srv in nodes.values():
+        srv.stop()
+    redis.kill()
+
+
+def device_through_nginx(nginx, redis, device_id: str):
+    """A device connected through nginx and subscribed to commands; and the node it is on."""
+    dev = connected(nginx.url, device_id)
+    subscribe(dev, "commands")
+    r = redis.client()
+    name = wait_for(lambda: holder(r, device_id), 5, what="the registry to name the node")
+    return dev, name
+
+
+def test_operator_on_one_node_sees_telemetry_and_runs_command_on_device_behind_nginx(cluster):
+    redis, nodes, nginx = cluster
+    dev, there = device_through_nginx(nginx, redis, "dev-nginx-1")
+    here = "A" if there == "B" else "B"
+    op = connected(nodes[here].url, "alice", "operator")
+    subscribe(op, "telemetry")
+    assert dev.request(telemetry("t-1", "dev-nginx-1"))["type"] == "ack"
+    update = op.recv_type("telemetry.update")
+    assert (update["payload"]["device_id"], update["payload"]["message_id"]) == \
+        ("dev-nginx-1", "t-1")
+    op.send({"type": "command", "id": "cmd-x1", "payload": {
+        "device_id": "dev-nginx-1", "name": "reboot", "args": {}}})
+    delivered = dev.recv_type("commands.update")["payload"]
+    assert delivered["command_id"] == "cmd-x1"
+    result = {"command_id": "cmd-x1", "device_id": "dev-nginx-1", "status": "succeeded",
+              "exit_code": 0, "stdout": "ok\n", "stderr": "", "duration_ms": 3}
+    assert dev.request({"type": "command.result", "id": "r-1", "payload": result})["type"] == "ack"
+    relayed = op.recv_type("command.result")
+    assert relayed["id"] == "cmd-x1" and relayed["payload"]["stdout"] == "ok\n"
+
+
+def test_resend_to_the_other_node_is_acked_and_not_stored_twice(cluster, tmp_path):
+    redis, nodes, _ = cluster
+    first, second = connected(nodes["A"].url, "dev-twice"), connected(nodes["B"].url, "dev-twice")
+    op = connected(nodes["B"].url, "bob", "operator")
+    subscribe(op, "telemetry", device_id="dev-twice")
+    assert first.request(telemetry("twice-1", "dev-twice"))["type"] == "ack"
+    assert op.recv_type("telemetry.update")["payload"]["message_id"] == "twice-1"
+    batch = {"type": "telemetry.batch", "id": "b-1", "payload": {"device_id": "dev-twice",
+             "items": [{"id": "twice-1", "timestamp": "2025-11-03T01:53:54.518Z",
+                        "metrics": {"cpu_usage": 1.0}},
+                       {"id": "twice-2", "timestamp": "2025-11-03T01:53:55.518Z",
+                        "metrics": {"cpu_usage": 2.0}}]}}
+    assert second.request(telemetry("twice-1", "dev-twice"))["type"] == "ack"  # acked, dropped
+    ack = second.request(batch)
+    assert ack["payload"]["stored"] == 1, ack  # only twice-2 is new
+    assert op.recv_type("telemetry.update")["payload"]["message_id"] == "twice-2"
+    union = [r["id"] for name in "AB"
+             for r in stored(_db(nodes, name), "dev-twice")]
+    assert sorted(union) == ["twice-1", "twice-2"]
+    r = redis.client()
+    assert r.get("nexus:seen:twice-1") == "stored:A"
+    assert 0 < r.ttl("nexus:seen:twice-1") <= 600  # the dedupe window's retention
+
+
+def _db(nodes, name):
+    args = nodes[name].proc.args
+    return args[args.index("--db") + 1]
+
+
+def test_commands_reach_devices_anywhere_or_say_device_offline(cluster):
+    redis, nodes, _ = cluster
+    op = connected(nodes["A"].url, "carol", "operator")
+    offline = op.request({"type": "command", "id": "cmd-off", "payload": {
+        "device_id": "dev-nowhere", "name": "reboot", "args": {}}})
+    assert offline["error"]["code"] == "DEVICE_OFFLINE"
+    # ttl_s: waits in Redis and is delivered by the node the device reaches first (B)
+    op.send({"type": "command", "id": "cmd-wait", "payload": {
+        "device_id": "dev-late", "name": "reboot", "args": {}, "ttl_s": 30}})
+    op.send({"type": "command", "id": "cmd-short", "payload": {
+        "device_id": "dev-never", "name": "reboot", "args": {}, "ttl_s": 1}})
+    time.sleep(0.3)
+    late = connected(nodes["B"].url, "dev-late")
+    subscribe(late, "commands")
+    assert late.recv_type("commands.update")["payload"]["command_id"] == "cmd-wait"
+    expired = op.recv_type("error")
+    assert (expired["id"], expired["error"]["code"]) == ("cmd-short", "DEVICE_OFFLINE")
+    # and a second device connection on A later gets nothing more: taken once
+    again = connected(nodes["A"].url, "dev-late")
+    subscribe(again, "commands")
+    assert again.request({"type": "ping", "id": "p"})["type"] == "pong"
+
+
+def test_guide_client_as_operator_through_nginx_sees_both_nodes_devices(cluster, node_path):
+    redis, nodes, nginx = cluster
+    devices = {"A": connected(nodes["A"].url, "dev-on-a"), "B": connected(nodes["B"].url,
+                                                                         "dev-on-b")}
+    env = dict(os.environ, NODE_PATH=node_path)
+    proc = subprocess.Popen(["node", str(INTEROP / "run-guide-operator.js"), nginx.url,
+                             mint("guide-op", "operator"), "dev-on-a", "dev-on-b"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        seq = 0
+        while proc.poll() is None and time.monotonic() < deadline:
+            seq += 1
+            for name, dev in devices.items():
+                dev.request(telemetry(f"g-{name}-{seq}", f"dev-on-{name.lower()}"))
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = [json.loads(line[6:]) for line in out.splitlines() if line.startswith("EVENT ")]
+    assert proc.returncode == 0, (events, err[-2000:])
+    seen = {e["payload"]["device_id"] for e in events if e["event"] == "telemetry.update"}
+    assert seen == {"dev-on-a", "dev-on-b"}
+
+
+def test_deploy_config_balances_on_the_token_not_the_address():
+    text = DEPLOY_CONF.read_text()
+    assert BALANCING_KEY in text
+    assert "ip_hash" not in text.split("#")[0]
+    assert "proxy_set_header Upgrade $http_upgrade;" in text
+    assert "proxy_read_timeout 90s;" in text  # above the 30 s ping and 60 s silence
+
+
+def test_node_sigkilled_its_agent_lands_on_the_other_and_every_id_is_stored_once(tmp_path):
+    redis, nodes, dbs = two_nodes(tmp_path)
+    nginx = NginxProcess(tmp_path / "nginx", [srv.port for srv in nodes.values()])
+    agent = AgentProcess(write_config(tmp_path, nginx.url, telemetry={"interval_s": 0.05},
+                                      commands=ECHO))  # an allow-list: it subscribes
+    r = redis.client()
+    first = wait_for(lambda: holder(r, "device-001"), 15, what="the agent to register")
+    other = "A" if first == "B" else "B"
+    wait_for(lambda: len(stored(dbs[first])) >= 20, 15, what="samples on the first node")
+    nodes[first].kill()  # SIGKILL: acks in flight are lost, the agent resends them
+    wait_for(lambda: len(stored(dbs[other])) >= 20, 20, what="samples on the other node")
+    assert holder(r, "device-001") == other
+    assert agent.stop() == 0
+    leftover = set(outbox_ids(agent.state_dir))
+    ids = [row["id"] for name in "AB" for row in stored(dbs[name])]
+    assert len(ids) == len(set(ids)), "a sample was stored twice across the cluster"
+    seqs = sorted(int(i.rsplit("-", 1)[1]) for i in set(ids) | leftover)
+    assert seqs == list(range(1, len(seqs) + 1)), "a sample went missing"
+    assert nodes[other].proc.poll() is None
+    nginx.stop()
+    nodes[other].stop()
+    redis.kill()
+
+
+def test_redis_restart_under_load_no_node_crashes_and_each_serves_its_own(tmp_path):
+    redis, nodes, dbs = two_nodes(tmp_path)
+    agents = {}
+    for name in "AB":
+        folder = tmp_path / f"agent-{name}"
+        folder.mkdir()
+        agents[name] = AgentProcess(write_config(folder, nodes[name].url, f"dev-{name}",
+                                                 telemetry={"interval_s": 0.05}))
+    wait_for(lambda: all(len(stored(dbs[n], f"dev-{n}")) >= 10 for n in "AB"), 15,
+             what="both agents streaming")
+    redis.kill()
+    for srv in nodes.values():
+        wait_for(lambda s=srv: "redis unreachable" in s.log(), 10, what="the outage logged")
+    during = {n: len(stored(dbs[n], f"dev-{n}")) for n in "AB"}
+    wait_for(lambda: all(len(stored(dbs[n], f"dev-{n}")) >= during[n] + 10 for n in "AB"),
+             10, what="each node still storing its own clients' telemetry")
+    redis.start()
+    for srv in nodes.values():
+        wait_for(lambda s=srv: "redis back" in s.log(), 15, what="the node to say redis is back")
+    op = connected(nodes["A"].url, "dave", "operator")
+    subscribe(op, "telemetry", device_id="dev-B")
+    assert op.recv_type("telemetry.update")["payload"]["device_id"] == "dev-B"
+    for name in "AB":
+        assert nodes[name].proc.poll() is None, nodes[name].log()[-2000:]
+        assert nodes[name].log().count("redis unreachable") == 1, nodes[name].log()[-3000:]
+        assert agents[name].stop() == 0
+        nodes[name].stop()
+    redis.kill()

@@ -1,0 +1,83 @@
+"""The hub's side of a cluster, without Redis: what a ClusterView brings in and takes out."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Tuple
+
+from agent.server.hub import ClusterView, Hub
+from agent.server.tokens import Identity
+
+NOW = 1_800_000_000.0
+
+
+class FakePeer:
+    def __init__(self) -> None:
+        self.closed: List[Tuple[int, str]] = []
+
+    def send(self, text: str) -> None:  # the hub returns texts; it never calls send
+        raise AssertionError("the hub must not send")
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+
+def join(hub: Hub, subject: str, role: str = "device"):
+    client, _ = hub.connect(Identity(subject, role, NOW + 3600), FakePeer(), NOW)
+    return client
+
+
+def frame(type_: str, msg_id: str, payload: dict) -> str:
+    return json.dumps({"type": type_, "id": msg_id, "payload": payload})
+
+
+def types(out) -> List[str]:
+    return [json.loads(text)["type"] for _, text in out]
+
+
+def test_duplicates_are_acked_not_stored_and_new_ones_are_published():
+    hub = Hub()
+    dev = join(hub, "d1")
+    view = ClusterView(duplicates=frozenset({"old"}))
+    out = hub.handle(dev, frame("telemetry", "old", {"device_id": "d1", "metrics": {"c": 1}}),
+                     NOW, view)
+    assert types(out) == ["ack"] and hub.telemetry() == [] and view.published == []
+    view = ClusterView()
+    hub.handle(dev, frame("telemetry", "new", {"device_id": "d1", "metrics": {"c": 1}}), NOW, view)
+    assert view.stored == ["new"]
+    assert [(c, p["message_id"]) for c, p in view.published] == [("telemetry", "new")]
+
+
+def test_command_for_a_device_on_another_node_is_forwarded_and_its_result_routed_back():
+    a, b = Hub(), Hub()
+    op = join(a, "alice", "operator")
+    view = ClusterView(device_nodes={"d1": "B"})
+    cmd = frame("command", "c1", {"device_id": "d1", "name": "reboot", "args": {}})
+    assert a.handle(op, cmd, NOW, view) == []
+    (node, delivery), = view.forward
+    assert node == "B" and delivery["command_id"] == "c1"
+    dev = join(b, "d1")
+    b.handle(dev, frame("subscribe", "s", {"channel": "commands"}), NOW)
+    assert types(b.deliver_command(delivery, "A", NOW)) == ["commands.update"]
+    result = {"command_id": "c1", "device_id": "d1", "status": "succeeded", "exit_code": 0,
+              "stdout": "", "stderr": "", "duration_ms": 1}
+    view = ClusterView()
+    assert types(b.handle(dev, frame("command.result", "r1", result), NOW, view)) == ["ack"]
+    (node, relayed), = view.results
+    assert node == "A"
+    out = a.deliver_result(relayed, NOW)
+    assert [json.loads(t)["id"] for _, t in out] == ["c1"]
+
+
+def test_ttl_command_is_parked_in_the_view_and_failure_reported_once():
+    hub = Hub()
+    op = join(hub, "alice", "operator")
+    view = ClusterView()
+    cmd = frame("command", "c2", {"device_id": "gone", "name": "x", "args": {}, "ttl_s": 5})
+    assert hub.handle(op, cmd, NOW, view) == []
+    assert [(d["command_id"], exp) for d, exp in view.parked] == [("c2", NOW + 5)]
+    out = hub.command_failed("c2", "no node took it", NOW)
+    assert json.loads(out[0][1])["error"]["code"] == "DEVICE_OFFLINE"
+    assert hub.command_failed("c2", "again", NOW) == []
+    assert hub.deliver_command({"command_id": "c3", "device_id": "gone", "name": "x",
+                                "args": {}}, "A", NOW) is None
