@@ -34,7 +34,7 @@ bench: $(STAMP)
 
 ## faults: the whole fault suite, each fault tried many times, then a table of figures
 faults: $(STAMP)
-	NEXUS_FAULTS=full $(BIN)/python -m pytest -q tests/test_faults_*.py \
+	NEXUS_FAULTS=full $(BIN)/python -m pytest -q -m 'not soak' tests/test_faults_*.py \
 		tests/test_hardening.py
 
 # ---------------------------------------------------------------- install
