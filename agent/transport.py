@@ -546,8 +546,7 @@ class _Connection:
         sock = self.ws.sock
         if sock is None:
             raise ConnectionLost("socket closed")
-        pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes
-        if not (pending and pending()):
+        if not _has_unread(sock, self.ws):
             readable, _, _ = select.select([sock, self.t._wake_r], [], [], max(0.0, timeout))
             if self.t._wake_r in readable:
                 _drain_pipe(self.t._wake_r)
@@ -560,7 +559,7 @@ class _Connection:
         try:
             for _ in range(MAX_FRAMES_PER_READ):
                 self._read_frame()
-                if not _readable_now(sock):
+                if not _has_unread(sock, self.ws) and not select.select([sock], [], [], 0)[0]:
                     break
         except self.t._ws_module.WebSocketTimeoutException:
             pass  # part of a frame came; websocket-client keeps it and goes on next time
@@ -610,11 +609,12 @@ def _closed_by_server(data: bytes) -> None:
     raise ConnectionLost(f"server closed the connection with {code} {reason}".strip(), code)
 
 
-def _readable_now(sock: Any) -> bool:
+def _has_unread(sock: Any, ws: Any) -> bool:
+    """Bytes already read from the socket but not yet parsed: TLS's decrypted buffer, and
+    websocket-client's own (it reads up to 16 KiB at a time, so a burst of acks sits there
+    after the first is parsed, invisible to ``select``)."""
     pending = getattr(sock, "pending", None)
-    if pending and pending():
-        return True
-    return bool(select.select([sock], [], [], 0)[0])
+    return bool((pending and pending()) or ws.frame_buffer.recv_buffer)
 
 
 def _drain_pipe(fd: int) -> None:
