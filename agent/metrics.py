@@ -5,6 +5,14 @@ percent) and adds, flat and numeric, what an operator expects of a gateway.
 A reading the board cannot give (no temperature sensor, no load average) is
 left out rather than sent as a made-up value. Names and units are listed in
 ``docs/protocol.md``.
+
+The temperature is read at most every ``TEMPERATURE_EVERY_S`` (10 s) and the
+last reading is sent with the samples in between: psutil's
+``sensors_temperatures`` walks every hwmon and thermal zone in sysfs, the
+dearest reading of a sample (about 85 us of about 270 us here,
+docs/performance.md "Footprint"), and a SoC's temperature does not need a
+reading a second. Everything else is read at every sample (``disk_usage`` is
+one ``statvfs``, 3 us).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ log = logging.getLogger("nexus.metrics")
 TEMPERATURE_SENSORS = ("cpu_thermal", "coretemp", "k10temp", "soc_thermal", "cpu-thermal",
                        "acpitz")
 
+TEMPERATURE_EVERY_S = 10.0
+
 TemperatureSource = Callable[[], Mapping[str, list]]
 
 
@@ -34,9 +44,13 @@ class Sampler:
     """Takes one sample at a time; holds the state psutil needs between calls."""
 
     def __init__(self, state_dir: str,
-                 temperatures: Optional[TemperatureSource] = None) -> None:
+                 temperatures: Optional[TemperatureSource] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.state_dir = state_dir
         self._temperatures = temperatures or _default_temperatures
+        self._clock = clock
+        self._temperature: Optional[float] = None
+        self._temperature_at: Optional[float] = None  # clock() of the last reading
         self._process = psutil.Process()
         self._boot_time = psutil.boot_time()
         psutil.cpu_percent(interval=None)  # the first call only sets the baseline
@@ -68,12 +82,19 @@ class Sampler:
         if hasattr(os, "getloadavg"):
             metrics["load_1m"], metrics["load_5m"], metrics["load_15m"] = (
                 round(x, 2) for x in os.getloadavg())
-        temperature = self.cpu_temperature()
+        temperature = self._recent_temperature()
         if temperature is not None:
             metrics["cpu_temp_c"] = temperature
         metrics["agent_rss_bytes"] = self._process.memory_info().rss
         metrics.update(health)
         return metrics
+
+    def _recent_temperature(self) -> Optional[float]:
+        """The last reading if under ``TEMPERATURE_EVERY_S`` old, else a new one."""
+        now = self._clock()
+        if self._temperature_at is None or now - self._temperature_at >= TEMPERATURE_EVERY_S:
+            self._temperature, self._temperature_at = self.cpu_temperature(), now
+        return self._temperature
 
     def cpu_temperature(self) -> Optional[float]:
         try:

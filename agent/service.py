@@ -38,7 +38,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import Any, Deque, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, Optional, Tuple
 
 from . import config as config_mod
 from . import protocol as p
@@ -48,11 +48,13 @@ from .config import Config
 from .errors import ConfigError, NexusError
 from .metrics import Sampler, TemperatureSource
 from .outbox import Outbox
-from .runner import CommandRunner
 from .sdnotify import Notifier, watchdog_interval
 from .signals import DAEMON_SIGNALS, SignalInbox
 from .signals import name as signal_name
 from .transport import Health, Transport
+
+if TYPE_CHECKING:  # imported only with an allow-list: queue, subprocess, the executor
+    from .runner import CommandRunner
 
 log = logging.getLogger("nexus.agent")
 
@@ -74,6 +76,8 @@ class Agent:
         self.runner: Optional[CommandRunner] = None
         self.transport = Transport(config, self.outbox, self.health)
         if config.commands.allow:
+            from .runner import CommandRunner
+
             self.runner = CommandRunner(config.commands, config.device_id, config.state_dir,
                                         self.outbox, self.transport.wake)
             self.transport.on_command = self.runner.submit

@@ -81,6 +81,7 @@ BATCH_ENVELOPE_BYTES = 512  # type, id, timestamp, device id and punctuation
 BATCHES_IN_FLIGHT = 1
 BATCH_READ_ROWS = 100  # rows read from the outbox at a time while a batch is put together
 DRAIN_S = 2.0
+SAFETY_WAKE_S = 10.0  # the longest the loop sleeps with nothing due (wake-ups come by pipe)
 MAX_FRAMES_PER_READ = 64
 # Close codes that say "I will not take what you sent" (not "I am going away").
 REFUSING_CLOSE_CODES = (1003, 1007, p.CLOSE_TOO_BIG, p.CLOSE_INTERNAL)
@@ -471,8 +472,10 @@ class _Connection:
             self._fill(now)
             self.session.tick(now, time.time())
             self._apply()
-            # At least once a second besides: a safety net, as wake-ups already come by pipe.
-            self._wait_and_read(min(self.session.deadline(now), now + 1.0) - now)
+            # Every wake-up comes by pipe (a put, a command result, stop, hurry) or is a
+            # session deadline; SAFETY_WAKE_S is only a net under that, long enough not to
+            # cost CPU when idle at a 5 s interval (it used to be 1 s).
+            self._wait_and_read(min(self.session.deadline(now), now + SAFETY_WAKE_S) - now)
         self._drain()
 
     def _fill(self, now: float) -> None:

@@ -175,3 +175,39 @@ def test_status_tells_the_truth_before_and_after_the_server_goes(tmp_path, where
     finally:
         agent.stop()
     assert status(config)[0] == 3  # stopped
+
+
+DAEMON_MODULES = """
+import os, signal, sys, threading, time
+def watch():
+    while not any(t.name == "nexus-transport" for t in threading.enumerate()):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    print(sorted(set(sys.argv[2].split(",")) & set(sys.modules)), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=watch, daemon=True).start()
+from agent.__main__ import main
+main(["--config", sys.argv[1]])
+"""
+
+
+def test_the_daemon_does_not_load_what_it_does_not_use(tmp_path):
+    # argparse (with shutil, bz2, lzma: about 1 MB of RSS) is for help and errors only;
+    # the command runner only with an allow-list; ssl only for wss://.
+    config = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws", log_level="warning")
+    unwanted = "argparse,shutil,bz2,lzma,ssl,agent.runner,agent.executor"
+    out = subprocess.run([sys.executable, "-c", DAEMON_MODULES, str(config), unwanted],
+                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_daemon_arguments_without_argparse():
+    from agent.__main__ import DaemonArgs, _daemon_args
+
+    assert _daemon_args([]) == DaemonArgs("/etc/nexus/agent.yaml", False)
+    assert _daemon_args(["--config", "a.yaml", "--check-config"]) == DaemonArgs("a.yaml", True)
+    assert _daemon_args(["--config=b.yaml"]) == DaemonArgs("b.yaml", False)
+    with pytest.raises(SystemExit):  # argparse's own error for the rest
+        _daemon_args(["--config"])
+    with pytest.raises(SystemExit):
+        _daemon_args(["--bogus"])

@@ -32,3 +32,29 @@ def test_a_failing_sensor_does_not_stop_sampling(tmp_path):
         raise OSError("sysfs read failed")
 
     assert "cpu_temp_c" not in Sampler(str(tmp_path), temperatures=broken).sample({})
+
+
+def test_temperature_is_read_at_most_every_ten_seconds_and_sent_with_every_sample(tmp_path):
+    reads = []
+    clock = [100.0]
+
+    def sensors():
+        reads.append(clock[0])
+        return {"cpu_thermal": [Temp("", 40.0 + len(reads), None, None)]}
+
+    sampler = Sampler(str(tmp_path), temperatures=sensors, clock=lambda: clock[0])
+    seen = []
+    for _ in range(25):  # 25 samples at 1 s
+        seen.append(sampler.sample({})["cpu_temp_c"])
+        clock[0] += 1.0
+    assert reads == [100.0, 110.0, 120.0]  # TEMPERATURE_EVERY_S apart
+    assert seen == [41.0] * 10 + [42.0] * 10 + [43.0] * 5  # the last reading in between
+
+
+def test_no_sensor_is_not_looked_for_at_every_sample(tmp_path):
+    calls = []
+    sampler = Sampler(str(tmp_path), temperatures=lambda: calls.append(1) or {},
+                      clock=lambda: 0.0)
+    for _ in range(5):
+        assert "cpu_temp_c" not in sampler.sample({})
+    assert len(calls) == 1
