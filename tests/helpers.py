@@ -111,6 +111,9 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> Dict[str, str]:
     env = dict(os.environ)
+    # Children may write bytecode: with it off (as on some machines) every agent and
+    # server a test starts compiles the package again, about 40 ms each, hundreds of times.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update({"NEXUS_JWT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env

@@ -14,7 +14,7 @@ def test_devrun_shows_telemetry_flowing_and_stops_cleanly(tmp_path):
     env = child_env()
     env.pop("NEXUS_JWT_SECRET")  # devrun makes its own secret
     out = subprocess.run([sys.executable, "-m", "agent.devrun", "--config", str(config),
-                          "--duration", "6"], env=env, cwd=REPO, capture_output=True,
+                          "--duration", "4"], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if "laptop-test" in line]

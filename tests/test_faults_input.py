@@ -68,7 +68,7 @@ DEVICE = HUB.connect(Identity("device-001", "device", 2**40), _Peer(), 0.0)[0]
 OPERATOR = HUB.connect(Identity("ops", "operator", 2**40), _Peer(), 0.0)[0]
 
 
-@settings(max_examples=times(1500, 20000), deadline=None,
+@settings(max_examples=times(600, 20000), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(frame=frames, as_operator=st.booleans())
 def test_hub_answers_every_frame_with_documented_messages(frame, as_operator):
@@ -89,7 +89,7 @@ def _session():
     return s
 
 
-@settings(max_examples=times(1500, 20000), deadline=None,
+@settings(max_examples=times(600, 20000), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(frame=frames)
 def test_agent_session_takes_any_frame_from_a_server(frame):

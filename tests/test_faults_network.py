@@ -71,7 +71,8 @@ def test_blackhole_is_noticed_within_ping_interval_and_timeout(link):
     _heals(proxy, agent, db)
 
 
-@pytest.mark.parametrize("mode", ["reset", pytest.param("half_open", marks=pytest.mark.faults),
+@pytest.mark.parametrize("mode", [pytest.param("reset", marks=pytest.mark.faults),
+                                  pytest.param("half_open", marks=pytest.mark.faults),
                                   pytest.param("trickle", marks=pytest.mark.faults),
                                   pytest.param("flap", marks=pytest.mark.faults)])
 def test_a_bad_link_loses_nothing_and_leaves_the_agent_sound(link, mode):

@@ -22,7 +22,7 @@ def test_server_killed_again_and_again_loses_and_doubles_nothing(tmp_path):
     agent = AgentProcess(write_config(tmp_path, srv.url, telemetry={"interval_s": 0.05},
                                       reconnect={"base_delay_s": 0.05, "max_delay_s": 0.3}))
     try:
-        for _ in range(times(4, 50)):
+        for _ in range(times(3, 50)):
             acked = agent.status().get("acked", 0)
             wait_for(lambda n=acked: agent.status().get("acked", 0) > n + 3, timeout=15,
                      what="acks on this server")
