@@ -19,9 +19,10 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m agent.devrun
 
-## test: the whole suite (real sockets, real processes, real SQLite files)
+## test: the whole suite (real sockets, real processes, real SQLite files), two workers:
+## most tests wait on real processes and timers, so two cores run two of them at once
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check agent tests bench

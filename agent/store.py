@@ -33,6 +33,7 @@ from .errors import NexusError
 log = logging.getLogger("nexus.store")
 
 LOCK_WAIT_S = 10.0  # under systemd's TimeoutStartSec and TimeoutStopSec
+CACHE_KIB = 256  # SQLite's page cache per connection (its default is 2,000 KiB)
 _LOCKED = ("locked", "busy")
 _DEPLOYMENT = ("readonly", "read-only", "unable to open", "permission")
 _SYNCHRONOUS = {"FULL": "FULL", "NORMAL": "NORMAL"}  # no other value reaches a PRAGMA
@@ -72,6 +73,9 @@ def _connect(path: str, busy_timeout_s: float, synchronous: str,
         # the OS page cache when it returns, which survives a killed process; the WAL is
         # synced at checkpoints (never corrupt), and the outbox syncs it on a timer.
         db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[synchronous]}")
+        # The queue is read front to back and written at the end: a small page cache does
+        # as well as SQLite's default 2 MB, which a long backlog would fill (RAM on a Pi).
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise sqlite3.DatabaseError("quick_check failed")
     except BaseException:

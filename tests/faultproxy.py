@@ -82,7 +82,10 @@ class FaultProxy:
 
     def _pump(self, src: socket.socket, dst: socket.socket, to_agent: bool,
               opened: float) -> None:
-        src.settimeout(0.05)
+        try:
+            src.settimeout(0.05)
+        except OSError:  # reset_all() closed it before this thread started
+            return
         while not self._closed:
             if self.mode == "flap" and time.monotonic() - opened > self.flap_s:
                 _reset(src)
