@@ -11,6 +11,9 @@ minute), once with batches offered and once with ``--no-batches``, and prints:
   sample time): each should arrive within two intervals;
 * the agent's RSS: idle before the drain against the peak during it.
 
+The agent runs with the shipped unit's environment (``Environment=`` in
+systemd/nexus-agent.service: glibc's malloc tunables), as systemd runs it.
+
 Usage: ``python bench/batch.py [--samples 86400] [--singles-seconds 60]``.
 """
 
@@ -31,7 +34,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from helpers import (  # noqa: E402
     AgentProcess,
     ServerProcess,
+    child_env,
     free_port,
+    unit_env,
     wait_for,
     write_config,
 )
@@ -81,7 +86,8 @@ def run(samples: int, batches: bool, limit_s: float) -> Dict[str, Optional[float
         agent = AgentProcess(write_config(tmp, f"ws://127.0.0.1:{port}/v1/ws",
                                           device_id="bench-001", telemetry={"interval_s": 1},
                                           server={"max_messages_per_minute": 90},
-                                          log_level="info"))
+                                          log_level="info"),
+                             env=child_env(**unit_env()))  # as the shipped unit runs it
         srv = None
         try:
             # Idle: running and sampling, offline (the backlog waits), for a few seconds.

@@ -45,7 +45,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import AgentProcess, ServerProcess, child_env, free_port, mint, write_config  # noqa: E402,I001
+from helpers import (  # noqa: E402
+    AgentProcess,
+    ServerProcess,
+    child_env,
+    free_port,
+    mint,
+    unit_env,
+    write_config,
+)
 
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
 TARGET_CPU_1S = 0.1  # % of one core at a 1 s interval
@@ -305,13 +313,16 @@ def measure(seconds: float, starts: int) -> Tuple[List[Subject], Dict[str, List[
         helpers: List[Any] = []
         try:
             startups = startup_times(tmp, server.url, starts)
+            # The agent runs with the shipped unit's environment (glibc malloc tunables), and
+            # so does the bare interpreter it is compared with.
             agents = {interval: AgentProcess(agent_config(tmp / f"agent-{interval:g}s",
-                                                          server.url, interval))
+                                                          server.url, interval),
+                                             env=child_env(**unit_env()))
                       for interval in (1.0, 5.0)}
             for interval, agent in agents.items():
                 subjects.append(Subject(f"nexus-agent, {interval:g} s", agent.proc,
                                         "streaming to nexus-server on loopback"))
-            env = child_env()
+            env = child_env(**unit_env())
             subjects.append(Subject("bare interpreter + agent's imports",
                                     subprocess.Popen([sys.executable, "-c", BARE_IMPORTS],
                                                      env=env), "websocket (no ssl), psutil, "

@@ -109,6 +109,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def unit_env() -> Dict[str, str]:
+    """The ``Environment=`` of the shipped unit (systemd/nexus-agent.service): benchmarks
+    run the agent the way systemd does."""
+    import shlex
+
+    out: Dict[str, str] = {}
+    for line in (REPO / "systemd" / "nexus-agent.service").read_text().splitlines():
+        if line.startswith("Environment="):
+            for item in shlex.split(line[len("Environment="):]):
+                key, _, value = item.partition("=")
+                out[key] = value
+    return out
+
+
 def child_env(**extra: str) -> Dict[str, str]:
     env = dict(os.environ)
     # Children may write bytecode: with it off (as on some machines) every agent and
