@@ -48,7 +48,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import SECRET, ServerProcess, child_env, free_port, mint  # noqa: E402
+from helpers import (  # noqa: E402
+    SECRET,
+    ServerProcess,
+    child_env,
+    free_port,
+    mint,
+    terminate,
+)
 from websockets.asyncio.client import ClientConnection, connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
@@ -104,12 +111,7 @@ class Guide:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s: the guide's shutdown waits for every client to
         hang up, and reconnecting clients keep it waiting."""
-        self._proc.terminate()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(10)
+        terminate(self._proc)
         self._log.close()
 
     @classmethod

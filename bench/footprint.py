@@ -51,6 +51,7 @@ from helpers import (  # noqa: E402
     child_env,
     free_port,
     mint,
+    terminate,
     unit_env,
     write_config,
 )
@@ -161,13 +162,7 @@ class Subject:
                        **memory_kb(self.proc.pid)}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
 
 
 class Drain(threading.Thread):

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import websocket
-from helpers import CHILDREN, wait_for
+from helpers import CHILDREN, terminate, wait_for
 
 NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 LISTENING = re.compile(r"DevTools listening on (ws://\S+)")
@@ -116,11 +116,5 @@ class Browser:
             self.ws.close(timeout=0.5)
         except Exception:  # noqa: BLE001 - closing a browser that may already be gone
             pass
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
         self._stderr.close()
