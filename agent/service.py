@@ -90,6 +90,8 @@ class Agent:
         self._acks_seen: Deque[Tuple[float, int]] = collections.deque()  # (when, acked so far)
         self._status_written: Optional[Dict[str, Any]] = None  # as last written, sans time
         self._status_written_at = 0.0
+        self._stops = 0  # stop signals counted during shutdown
+        self._inbox: Optional[SignalInbox] = None  # read by shutdown for more stop signals
         self._threads: Dict[str, threading.Thread] = {}
         self.started = time.time()
 
@@ -228,7 +230,7 @@ class Agent:
 
     def _more_stop_signals(self) -> None:
         """Count stop signals that arrive during shutdown (main thread, never a handler)."""
-        inbox = getattr(self, "_inbox", None)
+        inbox = self._inbox
         if inbox is None:
             return
         for signum in inbox.wait(0):

@@ -46,11 +46,9 @@ from agent.outbox import Outbox  # noqa: E402
 
 
 def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    from footprint import memory_kb  # bench/footprint.py: one reader of a process's memory
+
+    return memory_kb(pid)["rss"]
 
 
 def prefill(state_dir: Path, n: int, now: float) -> None:
