@@ -81,7 +81,6 @@ so a slow card never holds up a ``put``. ``close`` stops the syncer first.
 
 from __future__ import annotations
 
-import calendar
 import functools
 import logging
 import os
@@ -92,7 +91,7 @@ import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple,
                     TypeVar, Union)
 
@@ -183,13 +182,16 @@ def unpack_payload(value: Union[str, bytes]) -> str:
     return data.decode("utf-8")
 
 
+_EPOCH, _SECOND = datetime(1970, 1, 1), timedelta(seconds=1)
+
+
 @functools.lru_cache(maxsize=8)
 def _second_of(prefix: str) -> Optional[int]:
     """Seconds since the epoch of ``YYYY-MM-DDTHH:MM:SS`` (UTC), only when formatting them
     back gives ``prefix`` exactly; else None."""
     try:
-        second = calendar.timegm(datetime.fromisoformat(prefix).timetuple())
-    except ValueError:
+        second = (datetime.fromisoformat(prefix) - _EPOCH) // _SECOND
+    except (ValueError, TypeError):  # not a date; a date with a zone
         return None
     return second if _format_second(second) == prefix else None
 
