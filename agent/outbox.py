@@ -8,8 +8,9 @@ SIGKILLed at any instant, and must lose nothing it had stored; the disk is an
 SD card that must not fill up; a corrupt file must never become a crash loop.
 
 On-disk layout: one SQLite database ``outbox.db`` in ``state_dir``, WAL mode,
-1 KiB pages (a WAL frame is one page: a sample of a few hundred bytes commits
-one ~1 KiB frame instead of a 4 KiB one).
+512-byte pages (a WAL frame is one page: each put commits one ~0.5 KiB frame,
+and offline, one more frame for the table's parent page and one for the
+header page whenever a new page is taken, so the rows a page holds count too).
 
 * ``messages(seq, type, ts, payload, size, created)``: ``seq`` is the order of
   creation (the rowid, no second index). A message's id is ``<epoch>-<seq>``,
@@ -25,9 +26,37 @@ one ~1 KiB frame instead of a 4 KiB one).
   delete that removes the newest row (rare: a put's own delete of acked rows
   never does, since the row it inserts is newer). This replaces AUTOINCREMENT,
   which rewrote ``sqlite_sequence`` (one more page) on every insert.
-* A file of the first schema (AUTOINCREMENT, a UNIQUE ``id`` column) is
-  migrated on open in one transaction, keeping every message and its id, then
-  rebuilt with 1 KiB pages (VACUUM) when nothing else has it open.
+
+Rows (schema 3, ``PRAGMA user_version`` 3): a sample of ~440 bytes of JSON is
+stored in ~120, three or four to a page (two to a 1 KiB page before). Each
+column says how it is stored by its SQLite type, so rows of every schema read
+alike:
+
+* ``payload``: TEXT is the JSON text as it is (every row written before schema
+  3, and a payload compression does not shrink). A BLOB starts with a byte
+  naming its encoding: ``1`` (``DEFLATE_1``) is raw deflate with the preset
+  dictionary ``ZDICT_1`` (the keys of a sample and of a command result). A
+  dictionary is never changed once released: a new one gets a new byte. The
+  text read back is the text ``put`` produced, byte for byte. A row that cannot
+  be read (a byte of a newer version, damaged bytes) is moved to ``set_aside``
+  with the reason when it is read, and the rest go on.
+* ``type``: an integer code (``TYPE_CODES``: 1 telemetry, 2 command.result), or
+  the text of any other type.
+* ``ts``: milliseconds since the epoch when that formats back to exactly the
+  text given (``protocol.format_timestamp``'s form), else the text.
+* ``size``: the bytes of the payload's JSON text (UTF-8), not of what is
+  stored: ``max_bytes`` bounds the payload bytes the queue would send, as
+  before; the file holds less (about a third for samples), plus the pages'
+  own overhead.
+* ``created``: NULL when the ``ts`` (in milliseconds) is the creation time, as
+  for every sample and command result; else the time.
+* ``type``, ``ts`` and ``payload`` have no declared type: a declared TEXT would
+  turn the integer codes into text. Files of older schemas are rewritten on
+  open in one transaction, every row kept as it was (TEXT reads as before) and
+  the highest seq ever used kept; the first schema (AUTOINCREMENT, a UNIQUE
+  ``id`` column) and the second (TEXT columns, ``created`` NOT NULL) alike. A
+  file of other pages is then rebuilt with 512-byte pages (VACUUM, under a
+  rollback journal with ``synchronous=FULL``), when nothing else has it open.
 
 Durability (``queue.durability``):
 
@@ -42,20 +71,24 @@ Durability (``queue.durability``):
 
 Acknowledged rows are deleted lazily: ``ack`` takes them out of the queue at
 once (they are never read or counted again) and the delete rides along in the
-next ``put``'s transaction, so a sample costs one commit, not two. Acks that no
-put carries are deleted by the syncer within ``sync_interval_s``, or at once
-when ``ACK_FLUSH_AT`` are waiting, and by ``close``. A kill (or, with
-``normal``, a power cut) before the delete only means the server gets those
-messages again, under the same ids, and drops them.
+next ``put``'s transaction, so a sample costs one commit, not two (a put with
+nothing to delete is a single INSERT in autocommit mode: the same one commit,
+one statement instead of three). Acks that no put carries are deleted by the
+syncer within ``sync_interval_s``, or at once when ``ACK_FLUSH_AT`` are
+waiting, and by ``close``. A kill (or, with ``normal``, a power cut) before the
+delete only means the server gets those messages again, under the same ids,
+and drops them.
 
 What an acknowledgement means: the server's ``ack`` for an id says it has the
 message; only then is the row deleted. Delivery is therefore at-least-once.
 
-Bounds: the sum of ``size`` (bytes of the payload) stays under ``max_bytes``;
-a ``put`` that would exceed it first deletes the oldest rows and adds them to
-``dropped``. The daemon never stops for a full queue. Nothing enters that the
-protocol cannot carry: a message whose wire text is over
-``protocol.MAX_MESSAGE_BYTES`` is refused by ``put`` (LocalProtocolError).
+Bounds: the sum of ``size`` (bytes of the payloads' JSON text) stays under
+``max_bytes``; a ``put`` that would exceed it first deletes the oldest rows and
+adds them to ``dropped``. The daemon never stops for a full queue. Nothing
+enters that the protocol cannot carry: a message whose wire text is over
+``protocol.MAX_MESSAGE_BYTES`` is refused by ``put`` (LocalProtocolError). The
+wire size is worked out from the parts (``wire_size_ok``); only a message
+within a few hundred bytes of the limit has its envelope built to be sure.
 
 Set aside: a message the server refuses for good (``INVALID_MESSAGE``, or a
 connection it keeps closing while that message is the oldest in flight) is
