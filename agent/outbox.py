@@ -262,6 +262,21 @@ def unpack_type(value: Union[int, str]) -> str:
         raise ValueError(f"unknown type code {value}") from None
 
 
+def _decode(rows: List[Tuple[Any, ...]], epoch: str
+            ) -> Tuple[List[Record], List[Tuple[int, str]]]:
+    """Records of stored (seq, type, ts, payload) rows, and the (seq, reason) of the rows
+    that cannot be read."""
+    records: List[Record] = []
+    unreadable: List[Tuple[int, str]] = []
+    for seq, type_, ts, payload in rows:
+        try:
+            records.append(Record(seq, f"{epoch}-{seq}", unpack_type(type_), unpack_ts(ts),
+                                  unpack_payload(payload)))
+        except ValueError as exc:
+            unreadable.append((seq, f"unreadable row: {exc}"))
+    return records, unreadable
+
+
 def _created(row: Tuple[Any, Any]) -> Optional[float]:
     """A row's creation time from (created, ts): created is NULL when the ts, stored as
     milliseconds, is that time."""
@@ -625,26 +640,19 @@ class Outbox:
                 query += f" AND seq NOT IN ({','.join('?' * len(self._acked))})"
                 args.extend(self._acked)
             rows = self._db.execute(query + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
-            records, unreadable = self._decode(rows)
-            if unreadable:
+            epoch, generation = self._epoch, self.generation
+        # Decoded outside the lock: a long batch's decompression never holds up a put.
+        records, unreadable = _decode(rows, epoch)
+        if unreadable:
+            with self._lock:
+                if self.generation != generation:
+                    return []  # the file was replaced meanwhile: the caller restarts
                 with self._transaction() as db:
-                    for seq, reason in unreadable:
-                        self._move_aside(db, seq, reason)
+                    for bad, reason in unreadable:
+                        self._move_aside(db, bad, reason)
                         log.error("outbox %s: message %s-%d cannot be read (%s); set aside",
-                                  self.path, self._epoch, seq, reason)
+                                  self.path, epoch, bad, reason)
         return records
-
-    def _decode(self, rows: List[Tuple[Any, ...]]) -> Tuple[List[Record], List[Tuple[int, str]]]:
-        """Records of stored rows, and the (seq, reason) of rows that cannot be read."""
-        records: List[Record] = []
-        unreadable: List[Tuple[int, str]] = []
-        for seq, type_, ts, payload in rows:
-            try:
-                records.append(Record(seq, f"{self._epoch}-{seq}", unpack_type(type_),
-                                      unpack_ts(ts), unpack_payload(payload)))
-            except ValueError as exc:
-                unreadable.append((seq, f"unreadable row: {exc}"))
-        return records, unreadable
 
     @_on_corruption(retry=True)
     def stats(self) -> OutboxStats:
