@@ -50,12 +50,42 @@ def test_send_plan_puts_live_first_and_the_backlog_in_order(tmp_path):
     assert plan.next().seq == 1
     for i in range(6, 9):
         box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
+    plan.new_rows()  # the transport's wake-up after a put
     order = [plan.next().seq for _ in range(4)]
     assert order == [7, 8, 9, 2]
     box.put("telemetry", {"i": 9}, "2025-01-01T00:00:00.000Z")
+    plan.new_rows()
     order = [plan.next().seq for _ in range(5)]
     assert order == [10, 3, 4, 5, 6]
     assert plan.next() is None
+
+
+class CountingOutbox(Outbox):
+    reads = 0
+
+    def read_after(self, *args, **kwargs):
+        self.reads += 1
+        return super().read_after(*args, **kwargs)
+
+
+def test_send_plan_reads_the_outbox_only_when_something_may_be_new(tmp_path):
+    """A steady connection asked the outbox for live and backlog rows (two queries) on every
+    pass of its loop; now live rows are read after a wake-up, the backlog until it runs out."""
+    box = CountingOutbox(str(tmp_path), 10**6)
+    for i in range(3):
+        box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
+    plan = SendPlan(box, boundary=box.stats().last_seq, rows=2)
+    assert [plan.next().seq for _ in range(3)] == [1, 2, 3]
+    assert plan.next() is None
+    reads = box.reads
+    for _ in range(10):  # passes of the loop with nothing new: no query
+        assert plan.next() is None
+    assert box.reads == reads
+    box.put("telemetry", {"i": 3}, "2025-01-01T00:00:00.000Z")
+    plan.new_rows()
+    assert plan.next().seq == 4 and plan.next() is None
+    assert box.reads == reads + 1  # one live read; the backlog is known to be done
+    box.close()
 
 
 def test_send_plan_batches_the_backlog_within_both_limits(tmp_path):
