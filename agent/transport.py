@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import select
+import socket
 import struct
 import sys
 import threading
@@ -190,17 +191,60 @@ def backoff_delays(base: float, cap: float, rng: random.Random) -> Iterator[floa
 # --------------------------------------------------------------------------- opening
 
 
+def tcp_socket(ws_mod: Any, url: str, timeout: float) -> Optional[socket.socket]:
+    """The TCP connection for a ``ws://`` URL with an ASCII host and no proxy, opened here
+    the way websocket-client opens its own (every address in turn, its socket options:
+    TCP_NODELAY and keepalive); None when websocket-client should open it (``wss://``,
+    a proxy from the environment, a non-ASCII host name).
+
+    Why: ``socket.getaddrinfo`` encodes a ``str`` host with the ``idna`` codec, which
+    loads ``encodings.idna``, ``stringprep`` and ``unicodedata`` (0.45 MB of RSS for the
+    whole run) for a host name that is plain ASCII; a ``bytes`` host skips the codec.
+    """
+    if not url.startswith("ws://"):
+        return None
+    from websocket import _socket as ws_socket
+    from websocket import _url as ws_url
+
+    hostname, port, _, _ = ws_url.parse_url(url)
+    try:
+        host = hostname.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    if ws_url.get_proxy_info(hostname, False)[0]:
+        return None  # http_proxy applies: websocket-client tunnels through it
+    error: Optional[OSError] = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0,
+                                                              socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            for option in ws_socket.DEFAULT_SOCKET_OPTION:
+                sock.setsockopt(*option)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError(f"no address for {hostname}")
+
+
 def dial(ws_mod: Any, url: str, header: List[str], timeout: float,
          ca_file: Optional[str]) -> Any:
     """``create_connection``, a refused handshake sorted: 401/403 is AuthRefused, any other
     HTTP status ConnectionLost; network errors come through as they are."""
+    sock = tcp_socket(ws_mod, url, timeout)
     try:
         return ws_mod.create_connection(url, header=header, timeout=timeout,
-                                        sslopt=tls_options(url, ca_file))
+                                        sslopt=tls_options(url, ca_file), socket=sock)
     except ws_mod.WebSocketBadStatusException as exc:
         if exc.status_code in (401, 403):
             raise AuthRefused(f"HTTP {exc.status_code} at the handshake") from None
         raise ConnectionLost(f"HTTP {exc.status_code} at the handshake") from None
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
 
 
 def open_welcomed(url: str, token: str, ca_file: Optional[str] = None,
