@@ -578,7 +578,10 @@ class _Connection:
 
     def _next_stored(self) -> Optional[Outgoing]:
         assert self.plan is not None
-        batches = sum(1 for message, _ in self.session.inflight.values() if message.items)
+        # Only with a batch offer can a batch be in flight (singles skip the count: it ran
+        # over the whole window for every message of a drain).
+        batches = 0 if self.plan.batch is None else \
+            sum(1 for message, _ in self.session.inflight.values() if message.items)
         while True:
             record = self.plan.next(batch_allowed=batches < BATCHES_IN_FLIGHT)
             if record is None:

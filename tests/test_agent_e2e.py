@@ -275,3 +275,18 @@ def test_connected_agent_is_idle_between_samples(tmp_path):
     finally:
         agent.stop()
         srv.stop()
+
+
+def test_a_lost_connection_is_in_the_status_file_at_once(tmp_path):
+    """At a 5 s interval the main loop ticks every 30 s (counters wait for it); a fact such
+    as the connection's loss wakes it and is written at once."""
+    srv = ServerProcess()
+    agent = AgentProcess(write_config(tmp_path, srv.url, telemetry={"interval_s": 5}))
+    try:
+        wait_for(lambda: agent.status().get("connected"), what="the connection")
+        srv.stop()
+        status = wait_for(lambda: agent.status().get("connected") is False and agent.status(),
+                          timeout=5, what="the loss in the status file")
+        assert status["last_error"]
+    finally:
+        agent.stop()
