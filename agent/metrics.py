@@ -11,8 +11,12 @@ last reading is sent with the samples in between: psutil's
 ``sensors_temperatures`` walks every hwmon and thermal zone in sysfs, the
 dearest reading of a sample (about 85 us of about 270 us here,
 docs/performance.md "Footprint"), and a SoC's temperature does not need a
-reading a second. Everything else is read at every sample (``disk_usage`` is
-one ``statvfs``, 3 us).
+reading a second. Disk usage (``disk_root_usage``, ``disk_state_usage``) and
+the agent's own ``agent_rss_bytes`` are read at most every ``SLOW_EVERY_S``
+(10 s) too, the last readings sent in between: they move slowly, and in the
+running agent (caches cold after a second's sleep) the three calls cost about
+150 us of a sample's 1.1 ms (docs/performance.md "Footprint"). Everything else
+is read at every sample.
 
 Memory and swap come from one read of ``/proc/meminfo`` on Linux, with psutil's
 formulas (``memory_usage`` is ``(MemTotal - MemAvailable) / MemTotal``,
@@ -40,6 +44,7 @@ TEMPERATURE_SENSORS = ("cpu_thermal", "coretemp", "k10temp", "soc_thermal", "cpu
                        "acpitz")
 
 TEMPERATURE_EVERY_S = 10.0
+SLOW_EVERY_S = 10.0  # disk usage (both filesystems) and the agent's own RSS
 
 TemperatureSource = Callable[[], Mapping[str, list]]
 
@@ -95,6 +100,8 @@ class Sampler:
         self._boot_time = psutil.boot_time()
         psutil.cpu_percent(interval=None)  # the first call only sets the baseline
         self._first = True
+        self._slow: Dict[str, float] = {}
+        self._slow_at: Optional[float] = None  # clock() of the last disk and RSS readings
         self._memory: Callable[[], Optional[Tuple[float, int, float]]] = meminfo_memory
 
     def sample(self, health: Mapping[str, float]) -> Dict[str, float]:
@@ -111,11 +118,7 @@ class Sampler:
             "swap_usage": memory[2],
             "uptime_s": round(time.time() - self._boot_time, 1),
         }
-        for name, path in (("disk_root_usage", "/"), ("disk_state_usage", self.state_dir)):
-            try:
-                metrics[name] = psutil.disk_usage(path).percent
-            except OSError:
-                pass
+        metrics.update(self._recent_slow())
         net = psutil.net_io_counters()
         if net is not None:
             metrics["net_bytes_sent"] = net.bytes_sent
@@ -126,9 +129,23 @@ class Sampler:
         temperature = self._recent_temperature()
         if temperature is not None:
             metrics["cpu_temp_c"] = temperature
-        metrics["agent_rss_bytes"] = self._process.memory_info().rss
         metrics.update(health)
         return metrics
+
+    def _recent_slow(self) -> Dict[str, float]:
+        """Disk usage and the agent's own RSS: the last readings if under ``SLOW_EVERY_S``
+        old, else new ones."""
+        now = self._clock()
+        if self._slow_at is None or now - self._slow_at >= SLOW_EVERY_S:
+            slow: Dict[str, float] = {}
+            for name, path in (("disk_root_usage", "/"), ("disk_state_usage", self.state_dir)):
+                try:
+                    slow[name] = psutil.disk_usage(path).percent
+                except OSError:
+                    pass
+            slow["agent_rss_bytes"] = self._process.memory_info().rss
+            self._slow, self._slow_at = slow, now
+        return self._slow
 
     def _recent_temperature(self) -> Optional[float]:
         """The last reading if under ``TEMPERATURE_EVERY_S`` old, else a new one."""

@@ -31,7 +31,6 @@ the old config stays. ``state_dir`` and ``queue.max_bytes`` need a restart.
 from __future__ import annotations
 
 import collections
-import gc
 import logging
 import os
 import signal
@@ -194,9 +193,6 @@ class Agent:
         in the first moments is recorded, not fatal."""
         inbox = inbox or SignalInbox(DAEMON_SIGNALS)
         self._start_threads()
-        # Everything imported and built so far lives as long as the process: out of the
-        # collector's way, so its full collections walk only what the run allocates.
-        gc.freeze()
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
         log.info("started: device %s, server %s, state %s", self.config.device_id,
                  self.config.server.url, self.config.state_dir)

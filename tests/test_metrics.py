@@ -103,3 +103,22 @@ def test_sampler_falls_back_to_psutil_without_meminfo(tmp_path):
     m = sampler.sample({})
     assert 0 < m["memory_usage"] <= 100 and m["memory_available_bytes"] > 0
     assert 0 <= m["swap_usage"] <= 100
+
+
+def test_disk_usage_and_own_rss_are_read_at_most_every_ten_seconds(tmp_path, monkeypatch):
+    import psutil
+
+    from agent import metrics
+
+    clock = [100.0]
+    disk_reads = []
+    real = psutil.disk_usage
+    monkeypatch.setattr(metrics.psutil, "disk_usage",
+                        lambda path: disk_reads.append(clock[0]) or real(path))
+    sampler = Sampler(str(tmp_path), temperatures=lambda: {}, clock=lambda: clock[0])
+    for _ in range(25):  # 25 samples at 1 s
+        m = sampler.sample({})
+        assert {"disk_root_usage", "disk_state_usage", "agent_rss_bytes"} <= set(m)
+        clock[0] += 1.0
+    assert sorted(set(disk_reads)) == [100.0, 110.0, 120.0]  # SLOW_EVERY_S apart
+    assert len(disk_reads) == 6  # both filesystems each time
