@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +54,7 @@ from helpers import (  # noqa: E402
 
 BACKLOG = 2000
 WINDOW = 16
+DRAIN_RUNS = 3
 
 
 def enqueue_rates(tmp: Path, n: int = 300) -> tuple:
@@ -173,6 +175,18 @@ def bare_drain_rate() -> float:
         shutil.rmtree(db.parent, ignore_errors=True)
 
 
+def drain_rates(tmp: Path) -> tuple:
+    """(agent, bare loop): the median of DRAIN_RUNS runs each, taken in turns, so that a
+    burst of other work on the machine does not land on one side only."""
+    ours, theirs = [], []
+    for run in range(DRAIN_RUNS):
+        folder = tmp / f"d{run}"
+        folder.mkdir()
+        ours.append(drain_rate(folder))
+        theirs.append(bare_drain_rate())
+    return statistics.median(ours), statistics.median(theirs)
+
+
 def main() -> int:
     os.environ.update(child_env())
     import footprint  # bench/footprint.py: its own table, targets marked
@@ -185,10 +199,10 @@ def main() -> int:
         (tmp / "e").mkdir()
         put, bare = enqueue_rates(tmp / "e")
         rows.append(("durable enqueue (msg/s)", put, bare, 0.9, "WAL, synchronous=NORMAL"))
-        (tmp / "d").mkdir()
-        drain = drain_rate(tmp / "d")
-        rows.append((f"backlog drain of {BACKLOG} (msg/s)", drain, bare_drain_rate(), 0.7,
-                     f"singles, window {WINDOW}, server store on tmpfs, counted at the server"))
+        ours, theirs = drain_rates(tmp)
+        rows.append((f"backlog drain of {BACKLOG} (msg/s)", ours, theirs, 0.7,
+                     f"singles, window {WINDOW}, server store on tmpfs, counted at the "
+                     f"server; median of {DRAIN_RUNS}, interleaved"))
     print(f"{'measure':34} {'ours':>10} {'baseline':>10} {'ratio':>16}  target  note")
     for name, value, baseline, target, note in rows:
         met = "MET" if baseline and value / baseline >= target else "MISSED"
