@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import random
 import statistics
+import socket
 import subprocess
 import sys
+
+import pytest
 
 from helpers import REPO
 
@@ -122,3 +125,52 @@ def test_ws_url_does_not_import_ssl():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=30, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("host, family", [("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)])
+def test_the_transport_opens_ws_connections_itself_ipv4_and_ipv6(host, family):
+    """ws:// with an ASCII host and no proxy: resolved as bytes (no idna codec), connected
+    with websocket-client's own socket options, and handed to it."""
+    import websocket
+
+    from agent.transport import tcp_socket
+
+    try:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.bind((host, 0))
+    except OSError:
+        pytest.skip(f"no {host} here")
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    sock = tcp_socket(websocket, f"ws://{shown}:{port}/v1/ws", 2.0)
+    try:
+        assert sock is not None and sock.family == family
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.gettimeout() == 2.0
+        listener.accept()[0].close()
+    finally:
+        sock.close()
+        listener.close()
+
+
+def test_websocket_client_connects_itself_for_wss_a_proxy_or_a_non_ascii_host(monkeypatch):
+    import websocket
+
+    from agent.transport import tcp_socket
+
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert tcp_socket(websocket, "wss://example.org/v1/ws", 1.0) is None
+    assert tcp_socket(websocket, "ws://bücher.example/v1/ws", 1.0) is None
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    assert tcp_socket(websocket, "ws://example.org/v1/ws", 1.0) is None
+
+
+def test_a_refused_connection_is_an_os_error():
+    import websocket
+
+    from agent.transport import tcp_socket
+
+    with pytest.raises(OSError):
+        tcp_socket(websocket, "ws://127.0.0.1:1/v1/ws", 1.0)
