@@ -206,6 +206,8 @@ class Agent:
             for signum in inbox.wait(max(0.0, next_tick - time.monotonic()), self._look_r):
                 if signum == signal.SIGHUP:
                     self._reload()
+                    # A shorter interval means a shorter tick: not after the old one.
+                    next_tick = min(next_tick, time.monotonic() + self.tick(watchdog))
                 else:
                     stops += 1
                     log.info("%s received", signal_name(signum))
@@ -269,11 +271,9 @@ class Agent:
         self.write_status(stopped=True)
         self.outbox.close()
         self.notifier.close()
-        for fd in (self._look_r, self._look_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass  # closed by an earlier shutdown
+        # The look pipe stays open until the process ends, like the transport's wake pipe:
+        # a thread that outlived its join may still write to it, and a closed descriptor's
+        # number could by then belong to another file.
         log.info("stopped")
 
     def _more_stop_signals(self) -> None:
