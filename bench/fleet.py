@@ -72,10 +72,21 @@ ACK_GRACE_S = 5.0
 
 class Ours:
     name = "nexus-server"
+    loop = "auto"  # nexus-server --loop: auto (uvloop when installed), uvloop or asyncio
 
     def __init__(self, port: int) -> None:
-        self._proc = ServerProcess(port)
+        self._proc = ServerProcess(port, "--loop", self.loop)
         self.pid, self.url = self._proc.proc.pid, self._proc.url
+        out = self._proc.proc.stdout
+        assert out is not None
+        # The lines after "listening on": the page's address, then the event loop's name.
+        self.loop_name = next((line.split(":", 1)[1].strip() for line in out
+                               if line.startswith("event loop:")), "unknown")
+
+    @classmethod
+    def on(cls, loop: str) -> type:
+        """Ours on the event loop ``loop`` (each choice is a row of its own)."""
+        return type(f"Ours_{loop}", (cls,), {"loop": loop})
 
     def log(self) -> str:
         return self._proc.log()
@@ -164,6 +175,7 @@ class LoadResult:
     rss_mb: float = 0.0
     peak_rss_mb: float = 0.0
     cpu_pct: float = 0.0
+    cpu_us_per_msg: float = float("nan")  # server CPU time / messages sent: contention-proof
     client_cpu_pct: float = 0.0  # the load client's own share: on a small machine, contention
     note: str = ""
 
@@ -266,8 +278,10 @@ async def drain(conn: ClientConnection) -> None:
 async def run_load(server: object, devices: int, rate: float, seconds: float,
                    stalled: bool) -> LoadResult:
     url, pid = server.url, server.pid  # type: ignore[attr-defined]
-    result = LoadResult(server.name + (" + stalled op" if stalled else ""),  # type: ignore
-                        devices)
+    name = server.name  # type: ignore[attr-defined]
+    if getattr(server, "loop_name", None):
+        name += f" ({server.loop_name.split()[0]})"  # type: ignore[attr-defined]
+    result = LoadResult(name + (" + stalled op" if stalled else ""), devices)
     operator = await stalled_operator(url) if stalled else None
     closed = asyncio.ensure_future(operator.wait_closed()) if operator else None
     conns = await connect_fleet(url, devices, "device")
@@ -290,6 +304,8 @@ async def run_load(server: object, devices: int, rate: float, seconds: float,
     after = proc_stats(pid)
     result.note = f"cpu pressure {cpu_pressure()}"
     result.cpu_pct = 100 * (after["cpu_s"] - before["cpu_s"]) / (loop.time() - start)
+    if result.sent:
+        result.cpu_us_per_msg = 1e6 * (after["cpu_s"] - before["cpu_s"]) / result.sent
     result.client_cpu_pct = 100 * (time.process_time() - client_before) / (loop.time() - start)
     result.rss_mb, result.peak_rss_mb = after["VmRSS"], after["VmHWM"]
     deadline = loop.time() + ACK_GRACE_S
@@ -384,13 +400,14 @@ async def run_storm(kind: type, port: int, clients: int) -> StormResult:
 
 
 def print_load(rows: List[LoadResult]) -> None:
-    print(f"{'server':28} {'devices':>7} {'sent':>8} {'acked':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'max ms':>8} {'RSS MB':>7} {'peak MB':>7} {'CPU %':>6} {'load %':>6}  note")
+    print(f"{'server':36} {'devices':>7} {'sent':>8} {'acked':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'max ms':>8} {'RSS MB':>7} {'peak MB':>7} {'CPU %':>6} {'us/msg':>6} {'load %':>6}"
+          "  note")
     for r in rows:
         note = r.note if r.connected == r.devices else f"only {r.connected} connected; {r.note}"
-        print(f"{r.server:28} {r.devices:7d} {r.sent:8d} {r.acked:8d} {r.percentile(0.5):8.1f} "
+        print(f"{r.server:36} {r.devices:7d} {r.sent:8d} {r.acked:8d} {r.percentile(0.5):8.1f} "
               f"{r.percentile(0.99):8.1f} {max(r.latencies_ms, default=float('nan')):8.1f} "
-              f"{r.rss_mb:7.0f} {r.peak_rss_mb:7.0f} {r.cpu_pct:6.0f} "
+              f"{r.rss_mb:7.0f} {r.peak_rss_mb:7.0f} {r.cpu_pct:6.0f} {r.cpu_us_per_msg:6.0f} "
               f"{r.client_cpu_pct:6.0f}  {note}")
 
 
@@ -432,9 +449,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--storm", type=int, default=0, metavar="N",
                     help="also restart each server under N reconnecting clients")
     ap.add_argument("--servers", default="ours,guide", help="ours, guide, or both (default)")
+    ap.add_argument("--loop", default="auto", help="nexus-server's event loop: auto (uvloop "
+                    "when installed), uvloop, asyncio, or several, comma-separated (a row each)")
     args = ap.parse_args(argv)
     os.environ.update(child_env())
-    kinds: List[type] = [Ours] if "ours" in args.servers else []
+    kinds: List[type] = ([Ours.on(loop) for loop in args.loop.split(",")]
+                         if "ours" in args.servers else [])
     with tempfile.TemporaryDirectory() as npm:
         if "guide" in args.servers:
             why_not = Guide.available(Path(npm))

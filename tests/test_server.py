@@ -15,6 +15,14 @@ from helpers import REPO, SECRET, Peer, ServerProcess, child_env, connected, min
 from agent import protocol as p
 
 
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_choice(request) -> str:
+    """Every test here on both event loops (uvloop is optional: skipped without it)."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    return request.param
+
+
 def telemetry(msg_id: str, device: str = "device-001", cpu: float = 12.5) -> dict:
     return {"type": "telemetry", "id": msg_id, "timestamp": "2025-11-03T01:53:54.518Z",
             "payload": {"device_id": device, "metrics": {"cpu_usage": cpu, "memory_usage": 40.1}}}
@@ -286,3 +294,45 @@ def test_stop_with_many_unresponsive_clients_costs_one_close_timeout():
     srv.stop()
     assert time.monotonic() - start < 5.0  # serially it would be 20 x 0.5 s = 10 s
     assert all(peer.close_code() == 1000 for peer in peers)
+
+
+# ---------------------------------------------------------------- event loop
+
+
+def test_server_runs_on_the_loop_asked_for(server, loop_choice):
+    assert server.loop_name.split()[0] == loop_choice
+    assert type(server._loop).__module__.split(".")[0] == loop_choice
+
+
+def test_without_uvloop_auto_falls_back_to_asyncio_and_says_so(monkeypatch, caplog):
+    import asyncio
+    import logging
+
+    from agent.server.app import new_loop
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    caplog.set_level(logging.INFO, logger="nexus.server")
+    loop, name = new_loop("auto")
+    try:
+        assert name == "asyncio" and type(loop) is type(asyncio.new_event_loop())
+    finally:
+        loop.close()
+    assert any("uvloop is not installed" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ImportError):
+        new_loop("uvloop")
+
+
+def test_command_line_names_its_loop_and_refuses_a_missing_uvloop():
+    srv = ServerProcess(0, "--loop", "asyncio")
+    try:
+        assert srv.proc.stdout is not None
+        assert srv.proc.stdout.readline().startswith("page: ")
+        assert srv.proc.stdout.readline().strip() == "event loop: asyncio"
+    finally:
+        assert srv.stop() == 0
+    blocked = ("import sys; sys.modules['uvloop'] = None; from agent.server.__main__ import main;"
+               " sys.exit(main(['--port', '0', '--loop', 'uvloop']))")
+    out = subprocess.run([sys.executable, "-c", blocked], env=child_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "uvloop is missing" in out.stderr and "'server' extra" in out.stderr
