@@ -9,7 +9,10 @@ Rules and guarantees:
   send queue afterwards (``Peer.send`` never waits), so a client that does not
   read stalls neither the hub nor anyone else.
 * A broadcast visits only the clients subscribed to its channel (an index kept
-  beside the subscriptions), not the whole fleet.
+  beside the subscriptions), not the whole fleet, and is encoded once: every
+  subscriber gets the same text (the same message id).
+* Each frame is decoded once and its payload validated once (by the handler of
+  its type); the time stamps a frame's answers share are formatted once.
 * Telemetry is stored by message id: a resend of an id already stored is acked
   again but neither stored nor broadcast twice (delivery is at-least-once on the
   wire, exactly-once in the store).
@@ -35,9 +38,11 @@ import collections
 import functools
 import json
 import logging
+import math
 import sqlite3
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Deque, Dict, List, Protocol, Tuple
 
 from .. import protocol as p
@@ -110,11 +115,51 @@ class HubSettings:
     max_rows: int = 100_000
 
 
+class Clock:
+    """``protocol.format_timestamp(now)``, cheaper: an ack, its row and its broadcasts share
+    one ``now`` (formatted once), and the date and time of day change once a second."""
+
+    def __init__(self) -> None:
+        # Tuples, replaced whole: a reader on another thread never sees half an update.
+        self._last: Tuple[float, str] = (math.nan, "")
+        self._second: Tuple[float, str] = (math.nan, "")
+
+    def __call__(self, now: float) -> str:
+        last = self._last
+        if last[0] == now:
+            return last[1]
+        # Rounded as datetime.fromtimestamp rounds (half to even, to the microsecond).
+        fraction, whole = math.modf(now)
+        micros = round(fraction * 1e6)
+        if micros >= 1_000_000:
+            whole, micros = whole + 1, micros - 1_000_000
+        elif micros < 0:
+            whole, micros = whole - 1, micros + 1_000_000
+        second = self._second
+        if second[0] != whole:
+            second = (whole, datetime.fromtimestamp(whole, tz=timezone.utc)
+                      .strftime("%Y-%m-%dT%H:%M:%S."))
+            self._second = second
+        text = f"{second[1]}{micros // 1000:03d}Z"
+        self._last = (now, text)
+        return text
+
+
+def ack_text(msg_id: str, timestamp: str) -> str:
+    """``protocol.encode`` of an ack without a payload, by concatenation (the id was checked
+    to be real text when its frame was decoded)."""
+    return ('{"type":"ack","id":' + json.dumps(msg_id, ensure_ascii=False)
+            + ',"timestamp":"' + timestamp + '"}')
+
+
 class Hub:
     def __init__(self, db_path: str = ":memory:", settings: HubSettings | None = None) -> None:
         self.settings = settings or HubSettings()
         self._lock = threading.Lock()
+        self._clock = Clock()
         self._clients: Dict[str, Client] = {}
+        # device id -> its connections (client_id -> client): presence without a fleet scan
+        self._devices: Dict[str, Dict[str, Client]] = {}
         self._pending: Dict[str, PendingCommand] = {}  # command_id -> waiting for its device
         self._routes: Dict[str, str] = {}  # command_id -> operator client_id awaiting the result
         self._listeners: Dict[str, Dict[str, Client]] = {}  # channel -> client_id -> client
@@ -133,6 +178,8 @@ class Hub:
         client = Client(p.new_id("client"), identity, peer)
         with self._lock:
             self._clients[client.client_id] = client
+            if identity.is_device:
+                self._devices.setdefault(identity.subject, {})[client.client_id] = client
         welcome = p.make("connected", now, p.welcome_payload(client.client_id, now,
                                                            self.settings.batch))
         return client, _encode(welcome)
@@ -148,8 +195,13 @@ class Hub:
             self._clients.pop(client.client_id, None)
             for listeners in self._listeners.values():
                 listeners.pop(client.client_id, None)
-            still = any(c.identity.is_device and c.identity.subject == client.identity.subject
-                        for c in self._clients.values())
+            still = False
+            if client.identity.is_device:
+                others = self._devices.get(client.identity.subject, {})
+                others.pop(client.client_id, None)
+                still = bool(others)
+                if not still:
+                    self._devices.pop(client.identity.subject, None)
         if still or now is None:
             return []
         return self._presence(client, "device.offline", now)
@@ -183,7 +235,7 @@ class Hub:
             env = env or p.decode(text)
             if over_rate:
                 return self._rate_error(client, env.id, now)
-            p.check_client_message(env)
+            p.check_client_envelope(env)  # the handler validates the payload (only once)
             with self._lock:
                 self._view = view
                 try:
@@ -229,7 +281,7 @@ class Hub:
 
     def _reply(self, client: Client, type_: str, env: p.Envelope, now: float,
                payload: Dict[str, Any] | None = None) -> Outgoing:
-        return [(client.peer, _encode(p.make(type_, now, payload, env.id)))]
+        return [(client.peer, _encode(p.Envelope(type_, env.id, self._clock(now), payload)))]
 
     def _ping(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         return self._reply(client, "pong", env, now)
@@ -266,18 +318,19 @@ class Hub:
         data = p.parse_telemetry(env)
         self._check_sender(client, data.device_id, env.id)
         assert env.id is not None and env.payload is not None
-        out = self._reply(client, "ack", env, now)
+        out: Outgoing = [(client.peer, ack_text(env.id, self._clock(now)))]
         return out + (self._store(env.id, data.device_id, env.timestamp or
-                                  p.format_timestamp(now), env.payload, now) or [])
+                                  self._clock(now), env.payload, now) or [])
 
     def _telemetry_batch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         """Every valid item stored and broadcast as if it came alone; one ack says what was
         taken. A bad item rejects only itself (named by index and field in the ack)."""
         offer = self.settings.batch
+        # Parsed before the offer is checked: a malformed batch is INVALID_MESSAGE either way.
+        batch = p.parse_telemetry_batch(env, offer.max_items if offer else p.MAX_BATCH_ITEMS)
         if offer is None:
             raise ProtocolError(p.UNKNOWN_MESSAGE_TYPE, "telemetry.batch is not offered by "
                                 "this server; send single telemetry messages", "type", env.id)
-        batch = p.parse_telemetry_batch(env, offer.max_items)
         self._check_sender(client, batch.device_id, env.id)
         broadcasts: Outgoing = []
         stored = 0
@@ -308,7 +361,7 @@ class Hub:
         cur = self._db.execute(
             "INSERT OR IGNORE INTO telemetry (id, device_id, sample_time, received_at, payload)"
             " VALUES (?, ?, ?, ?, ?)",
-            (msg_id, device_id, sample_time, p.format_timestamp(now), json.dumps(payload)))
+            (msg_id, device_id, sample_time, self._clock(now), json.dumps(payload)))
         if view is not None:
             view.stored.append(msg_id)
         if cur.rowcount != 1:
@@ -355,7 +408,7 @@ class Hub:
         cur = self._db.execute(
             "INSERT OR IGNORE INTO command_results (command_id, device_id, status, received_at,"
             " payload) VALUES (?, ?, ?, ?, ?)",
-            (result.command_id, result.device_id, result.status, p.format_timestamp(now),
+            (result.command_id, result.device_id, result.status, self._clock(now),
              json.dumps(result.to_payload())))
         out = self._reply(client, "ack", env, now)
         # Relayed once per pending request: a device's resend (same result, new message) finds
@@ -375,11 +428,14 @@ class Hub:
 
     def _broadcast(self, channel: str, payload: Dict[str, Any], now: float) -> Outgoing:
         out: Outgoing = []
+        text = ""  # encoded for the first subscriber it goes to; the same text for all
         for client in self._listeners.get(channel, {}).values():
             for sub in client.subscriptions:
                 if sub.channel == channel and p.matches_filters(payload, sub.filters):
-                    out.append((client.peer, _encode(p.make(f"{channel}.update", now,
-                                                              payload))))
+                    if not text:
+                        text = _encode(p.Envelope(f"{channel}.update", p.new_id(),
+                                                  self._clock(now), payload))
+                    out.append((client.peer, text))
                     break  # one copy per client, however many subscriptions match
         return out
 
@@ -389,9 +445,8 @@ class Hub:
             del self._routes[next(iter(self._routes))]
 
     def _device_listening(self, device_id: str) -> bool:
-        return any(c.identity.is_device and c.identity.subject == device_id
-                   and any(s.channel == "commands" for s in c.subscriptions)
-                   for c in self._clients.values())
+        return any(any(s.channel == "commands" for s in c.subscriptions)
+                   for c in self._devices.get(device_id, {}).values())
 
     def _deliver_pending(self, device_id: str, now: float) -> Outgoing:
         out: Outgoing = []
