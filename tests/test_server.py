@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+from typing import List, Tuple
 
 import pytest
 import websocket
@@ -336,3 +338,118 @@ def test_command_line_names_its_loop_and_refuses_a_missing_uvloop():
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "uvloop is missing" in out.stderr and "'server' extra" in out.stderr
+
+
+# ---------------------------------------------------------------- how messages are read
+
+
+def _client_frame(payload: bytes, opcode: int = 1, fin: bool = True) -> bytes:
+    mask = b"\x11\x22\x33\x44"
+    size = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    head += bytes([0x80 | size]) if size < 126 else bytes([0xFE]) + size.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _ping(msg_id: str) -> bytes:
+    return json.dumps({"type": "ping", "id": msg_id}).encode()
+
+
+class _RawClient:
+    """A client on a bare socket: sends bytes exactly as given, reads the server's frames."""
+
+    def __init__(self, port: int, *then: bytes) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        request = (f"GET /v1/ws?token={mint('device-001')} HTTP/1.1\r\nHost: x\r\n"
+                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+        self.sock.sendall(request + b"".join(then))  # frames in the same write as the upgrade
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101")
+
+    def _more(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        return data
+
+    def frame(self) -> Tuple[int, bytes]:
+        while True:
+            size, at = (self.buf[1] & 0x7F, 2) if len(self.buf) >= 2 else (0, 99)
+            if size == 126:  # the server sends nothing over 65,535 bytes here
+                size, at = (int.from_bytes(self.buf[2:4], "big"), 4) if len(self.buf) >= 4 \
+                    else (0, 99)
+            if len(self.buf) >= at + size:
+                opcode, data = self.buf[0] & 0x0F, self.buf[at:at + size]
+                self.buf = self.buf[at + size:]
+                return opcode, data
+            self.buf += self._more()
+
+    def messages(self, count: int) -> List[dict]:
+        out = []
+        while len(out) < count:
+            opcode, data = self.frame()
+            assert opcode == 1, (opcode, data)
+            out.append(json.loads(data))
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_frames_sent_with_the_upgrade_are_all_answered_in_order(server):
+    """A client that does not wait for the welcome: what arrives while it is being
+    authenticated is kept (and reading paused past a few frames), then answered in order."""
+    client = _RawClient(server.port, *(_client_frame(_ping(f"p{i}")) for i in range(40)))
+    try:
+        replies = client.messages(41)
+        assert replies[0]["type"] == "connected"
+        assert [(r["type"], r["id"]) for r in replies[1:]] == [("pong", f"p{i}")
+                                                               for i in range(40)]
+    finally:
+        client.close()
+
+
+def test_a_fragmented_message_is_answered_in_order_with_whole_ones(server):
+    whole_b = _ping("b")
+    client = _RawClient(server.port, _client_frame(_ping("a")),
+                        _client_frame(whole_b[:10], fin=False),
+                        _client_frame(whole_b[10:], opcode=0),
+                        _client_frame(_ping("c")))
+    try:
+        replies = client.messages(4)
+        assert [r.get("id") for r in replies[1:]] == ["a", "b", "c"]
+        client.sock.sendall(_client_frame(_ping("d")))  # and on from there
+        assert client.messages(1)[0]["id"] == "d"
+        # That connection now reads through the library's queue; the others do not.
+        plain = connected(server.url, "device-002")
+        assert plain.request({"type": "ping", "id": "e"})["type"] == "pong"
+        direct = {c.request.path.startswith("/v1/ws?"): c.direct
+                  for c in server._server.connections}
+        assert direct == {True: False, False: True}
+    finally:
+        client.close()
+
+
+def test_text_that_is_not_utf8_closes_1007_after_what_came_before(server):
+    client = _RawClient(server.port, _client_frame(_ping("a")), _client_frame(b'"\xff\xfe"'))
+    try:
+        assert [r["type"] for r in client.messages(2)] == ["connected", "pong"]
+        opcode, data = client.frame()
+        assert opcode == 8 and int.from_bytes(data[:2], "big") == 1007
+    finally:
+        client.close()
+
+
+def test_a_binary_frame_is_answered_in_line(server):
+    client = _RawClient(server.port, _client_frame(b"\x00\x01", opcode=2),
+                        _client_frame(_ping("after")))
+    try:
+        replies = client.messages(3)
+        assert replies[1]["error"]["code"] == "INVALID_MESSAGE" and replies[2]["id"] == "after"
+    finally:
+        client.close()

@@ -35,15 +35,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Deque, Optional, Set, Tuple
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from .. import protocol as p
@@ -205,6 +207,70 @@ class SendQueue:
             self.conn.transport.abort()
 
 
+Message = Union[str, bytes]
+EARLY_FRAMES = 16  # frames held for a client still being authenticated; then reading pauses
+
+
+class DirectConnection(ServerConnection):
+    """A connection that hands every whole message to ``sink`` as soon as it is parsed,
+    inside ``data_received``: no message queue, no task wake-up per message.
+
+    * Frames that arrive before :meth:`start` (the client is being authenticated) are
+      kept, in order, and handed over first; past ``EARLY_FRAMES`` of them the connection
+      stops reading until then, as the library's own queue would.
+    * A fragmented message, or a text frame that is not UTF-8, switches the connection
+      to the library's path for good (its queue, ``async for`` in the handler, 1007 for
+      bad UTF-8), so order and the library's checks stay as they are. Clients do not
+      fragment messages of a few hundred bytes; this is for correctness only.
+    * ``sink`` must not raise and must not wait (``Hub.handle`` and ``SendQueue.send``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sink: Optional[Callable[[Message], None]] = None
+        self.direct = True
+        self._early: List[Message] = []
+
+    def start(self, sink: Callable[[Message], None]) -> None:
+        early, self._early = self._early, []
+        self.sink = sink
+        for message in early:
+            sink(message)
+        if len(early) >= EARLY_FRAMES:
+            self.transport.resume_reading()
+
+    def stop(self) -> None:
+        self.sink = None
+
+    def process_event(self, event: Any) -> None:
+        if (not self.direct or self.request is None or not isinstance(event, Frame)
+                or event.opcode not in (Opcode.TEXT, Opcode.BINARY)):
+            super().process_event(event)  # control frames, and everything once switched
+            return
+        message: Message
+        if not event.fin:
+            self.direct = False
+            super().process_event(event)
+            return
+        if event.opcode is Opcode.TEXT:
+            try:
+                message = str(event.data, "utf-8")
+            except UnicodeDecodeError:
+                self.direct = False  # the library closes with 1007, as it always did
+                super().process_event(event)
+                return
+        else:
+            message = bytes(event.data)
+        if self.sink is None:
+            if self.protocol.state in (State.CLOSING, State.CLOSED):
+                return  # closing before it was served (bad token): nobody will read these
+            self._early.append(message)
+            if len(self._early) == EARLY_FRAMES:
+                self.transport.pause_reading()
+            return
+        self.sink(message)
+
+
 def _tls_context(settings: ServerSettings) -> Any:
     if not settings.tls_cert:
         return None
@@ -281,6 +347,9 @@ class CompanionServer:
             write_limit=self.settings.write_limit_bytes,
             ssl=_tls_context(self.settings),
             backlog=1024,  # a reconnect storm arrives all at once
+            # One node: messages go to the hub as they are parsed. A cluster node awaits
+            # Redis per message, so it reads through the library's queue.
+            create_connection=DirectConnection if self.cluster is None else None,
         )
 
     @property
@@ -341,7 +410,11 @@ class CompanionServer:
         log.info("%s connected", peer.name)
         peer.send(welcome)
         _deliver(self.hub.online(client, time.time()))  # events.update for the fleet page
+        if isinstance(conn, DirectConnection):
+            conn.start(functools.partial(self._on_message, client))
         try:
+            # With a DirectConnection this sees only what it leaves to the library (a
+            # fragmented message), and the end of the connection.
             async for frame in conn:
                 if self.cluster is None:
                     _deliver(self.hub.handle(client, frame, time.time()))
@@ -350,6 +423,8 @@ class CompanionServer:
         except ConnectionClosed:
             pass
         finally:
+            if isinstance(conn, DirectConnection):
+                conn.stop()
             _deliver(self.hub.disconnect(client, time.time()))
             if self.cluster is not None:
                 self.cluster.disconnected(client)
@@ -359,6 +434,13 @@ class CompanionServer:
             peer.cancel()
             rcvd = conn.close_code if conn.close_code is not None else "none"
             log.info("%s disconnected (close code %s)", client.client_id, rcvd)
+
+    def _on_message(self, client: hub_mod.Client, message: Message) -> None:
+        """One message, inside the transport's data_received (DirectConnection)."""
+        try:
+            _deliver(self.hub.handle(client, message, time.time()))
+        except Exception:  # noqa: BLE001 - never into the transport: it would drop the link
+            log.exception("internal error delivering the answers to %s", client.client_id)
 
     async def _shutdown(self) -> None:
         self._server.close(close_connections=False)  # no new connections from here on
