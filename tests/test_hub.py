@@ -119,3 +119,38 @@ def test_presence_of_a_large_fleet_costs_no_scan_per_disconnect():
                                                        "device_id": "d1"}
     assert len(hub.disconnect(twin, NOW)) == 1
     assert hub.device_listening("d0") is False
+
+
+def test_with_a_store_file_answers_wait_for_the_group_commit(tmp_path):
+    import sqlite3
+
+    from agent.server.hub import HubSettings
+
+    path = str(tmp_path / "store.db")
+    hub = Hub(path, HubSettings(rate_limit_per_minute=3))
+    device, other = join(hub, "d1"), join(hub, "d2")
+    reader = sqlite3.connect(path)
+    assert hub.handle(device, telemetry("t-1", "d1"), NOW) == []  # held: not on disk yet
+    assert hub.handle(other, json.dumps({"type": "ping", "id": "p"}), NOW) == []  # in line
+    assert hub.uncommitted
+    assert reader.execute("SELECT COUNT(*) FROM telemetry").fetchone() == (0,)
+    for i in range(2, 8):  # past twice the rate limit: the close waits behind the acks
+        hub.handle(device, telemetry(f"t-{i}", "d1"), NOW)
+    out, closes = hub.commit()
+    assert reader.execute("SELECT COUNT(*) FROM telemetry").fetchone() == (3,)
+    assert [(peer is device.peer, json.loads(text)["type"]) for peer, text in out] == [
+        (True, "ack"), (False, "pong"), (True, "ack"), (True, "ack"), (True, "error"),
+        (True, "error"), (True, "error")]
+    assert closes == [(device.peer, p.CLOSE_POLICY, "rate limit exceeded")]
+    assert device.peer.closed == [] and not hub.uncommitted
+    assert hub.commit() == ([], [])
+    # Nothing written, nothing held: answered at once.
+    assert json.loads(hub.handle(other, json.dumps({"type": "ping", "id": "q"}), NOW)[0][1])[
+        "type"] == "pong"
+    hub.close()
+
+
+def test_in_memory_every_answer_goes_at_once():
+    hub = Hub()
+    out = hub.handle(join(hub, "d1"), telemetry("t-1", "d1"), NOW)
+    assert [json.loads(text)["type"] for _, text in out] == ["ack"] and not hub.uncommitted

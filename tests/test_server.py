@@ -453,3 +453,25 @@ def test_a_binary_frame_is_answered_in_line(server):
         assert replies[1]["error"]["code"] == "INVALID_MESSAGE" and replies[2]["id"] == "after"
     finally:
         client.close()
+
+
+def test_with_db_an_ack_means_the_row_is_committed(tmp_path):
+    """Group commit: whatever a loop step read shares one commit, and its acks go out
+    after it. Many devices at once, each checking its row from another connection."""
+    from agent.server.app import CompanionServer, ServerSettings
+
+    db = str(tmp_path / "store.db")
+    srv = CompanionServer(ServerSettings(port=0, db=db, rate_limit_per_minute=10**6),
+                          SECRET.encode()).start()
+    try:
+        devices = [connected(srv.url, f"device-{i}") for i in range(20)]
+        reader = sqlite3.connect(db)
+        for round_ in range(5):
+            for i, device in enumerate(devices):  # all in flight together
+                device.send(telemetry(f"r{round_}-{i}", f"device-{i}"))
+            for i, device in enumerate(devices):
+                assert device.recv_type("ack")["id"] == f"r{round_}-{i}"
+                assert reader.execute("SELECT 1 FROM telemetry WHERE id = ?",
+                                      (f"r{round_}-{i}",)).fetchone() == (1,)
+    finally:
+        srv.stop()

@@ -308,7 +308,9 @@ class CompanionServer:
         self._secret = secret
         self.hub = Hub(settings.db, HubSettings(
             settings.rate_limit_per_minute,
-            batch=hub_mod.DEFAULT_BATCH_OFFER if settings.offer_batches else None))
+            batch=hub_mod.DEFAULT_BATCH_OFFER if settings.offer_batches else None,
+            group_commit=not settings.redis_url))
+        self._commit_scheduled = False
         self._stop_lock = threading.Lock()
         self._stopped = False
         self._loop, self.loop_name = new_loop(settings.loop)
@@ -417,7 +419,7 @@ class CompanionServer:
             # fragmented message), and the end of the connection.
             async for frame in conn:
                 if self.cluster is None:
-                    _deliver(self.hub.handle(client, frame, time.time()))
+                    self._on_message(client, frame)
                 else:
                     await self.cluster.handle(client, frame)
         except ConnectionClosed:
@@ -439,11 +441,24 @@ class CompanionServer:
         """One message, inside the transport's data_received (DirectConnection)."""
         try:
             _deliver(self.hub.handle(client, message, time.time()))
+            if self.hub.uncommitted and not self._commit_scheduled:
+                # After every message read in this loop step: they share one commit.
+                self._commit_scheduled = True
+                self._loop.call_soon(self._commit)
         except Exception:  # noqa: BLE001 - never into the transport: it would drop the link
             log.exception("internal error delivering the answers to %s", client.client_id)
 
+    def _commit(self) -> None:
+        """The store's group commit (with --db), then the answers that waited for it."""
+        self._commit_scheduled = False
+        out, closes = self.hub.commit()
+        _deliver(out)
+        for peer, code, reason in closes:
+            peer.close(code, reason)
+
     async def _shutdown(self) -> None:
         self._server.close(close_connections=False)  # no new connections from here on
+        self._commit()  # the last acks go out before the closes below
         # All at once, so a crowd of unresponsive clients costs one close timeout, not one
         # each. Each flushes what is queued for it first (the last acks).
         peers = [peer for peer in self.hub.peers() if isinstance(peer, SendQueue)]

@@ -20,6 +20,12 @@ Rules and guarantees:
   ``protocol.ERROR_CODES`` and whose message names the field; the connection
   stays open. Only a client that keeps sending past twice its rate limit is
   closed (1008).
+* With a store file, writes are committed in groups: the first write after a
+  commit opens a transaction, and everything ``handle`` would answer (acks,
+  errors, broadcasts, closes) is held until the caller's :meth:`Hub.commit`,
+  which the server calls once per event-loop step. An ack still means "on
+  disk"; a step's frames share one commit (one WAL sync instead of one each).
+  In memory every write commits at once and nothing is held.
 * The store is SQLite (``:memory:`` unless a file is given), bounded to
   ``max_rows`` telemetry rows: the oldest are deleted past that. Waiting
   commands and result routes are bounded too (``MAX_PENDING_COMMANDS``,
@@ -68,6 +74,7 @@ class Peer(Protocol):
 
 
 Outgoing = List[Tuple[Peer, str]]
+Closes = List[Tuple[Peer, int, str]]  # (peer, close code, reason), after its Outgoing
 
 
 @dataclass
@@ -113,6 +120,9 @@ class HubSettings:
     # telemetry.batch, offered in every welcome; None offers nothing (the guide's protocol)
     batch: p.BatchOffer | None = DEFAULT_BATCH_OFFER
     max_rows: int = 100_000
+    # With a store file: commit in groups (see the module's rules). A cluster node commits
+    # every write at once: it tells the other nodes "stored" right after handle().
+    group_commit: bool = True
 
 
 class Clock:
@@ -168,6 +178,10 @@ class Hub:
         if db_path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        self._group_commit = self.settings.group_commit and db_path != ":memory:"
+        self._in_transaction = False
+        self._held: Outgoing = []  # answers waiting for the commit (group commit only)
+        self._held_closes: Closes = []
         self._inserts = 0
         self._view: ClusterView | None = None  # set for one handle() call, under the lock
 
@@ -222,14 +236,64 @@ class Hub:
     def handle(self, client: Client, text: str | bytes, now: float,
                view: ClusterView | None = None) -> Outgoing:
         """Everything to send in answer to one frame from ``client``; with a ``view``, also
-        what the other nodes of a cluster must hear about (written into it)."""
+        what the other nodes of a cluster must hear about (written into it). With a store
+        file, while a write waits for :meth:`commit`, the answers wait with it (in order)."""
+        out = self._handle(client, text, now, view)
+        if self._in_transaction:
+            with self._lock:
+                self._held += out
+            return []
+        return out
+
+    @property
+    def uncommitted(self) -> bool:
+        """Writes (and answers) wait for :meth:`commit`."""
+        return self._in_transaction
+
+    def commit(self) -> Tuple[Outgoing, Closes]:
+        """Commit the open transaction; the answers and closes it held, to send in order.
+        If the commit fails, nothing was stored and nothing held is sent: no false acks
+        (the clients resend unacked telemetry)."""
+        with self._lock:
+            out, closes = self._held, self._held_closes
+            self._held, self._held_closes = [], []
+            if not self._in_transaction:
+                return out, closes
+            self._in_transaction = False
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                log.exception("commit failed: %d answers dropped (the clients will resend)",
+                              len(out))
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                return [], closes
+        return out, closes
+
+    def _close_client(self, client: Client, code: int, reason: str) -> None:
+        """Close ``client``, after what is held for it when a commit is pending."""
+        if self._in_transaction:
+            with self._lock:
+                self._held_closes.append((client.peer, code, reason))
+        else:
+            client.peer.close(code, reason)
+
+    def _write(self, sql: str, args: Tuple[Any, ...]) -> sqlite3.Cursor:
+        """Every write: opens the group's transaction when the store is a file."""
+        if self._group_commit and not self._in_transaction:
+            self._db.execute("BEGIN")
+            self._in_transaction = True
+        return self._db.execute(sql, args)
+
+    def _handle(self, client: Client, text: str | bytes, now: float,
+                view: ClusterView | None) -> Outgoing:
         over_rate = self._over_rate(client, now)  # every frame counts, even a malformed one
         env: p.Envelope | None = None
         if _too_big(text):
             # The frame limit lets a batch through; everything else keeps 64 KiB.
             env = _batch_or_none(text)
             if env is None:
-                client.peer.close(p.CLOSE_TOO_BIG, "message too big")
+                self._close_client(client, p.CLOSE_TOO_BIG, "message too big")
                 return []
         try:
             env = env or p.decode(text)
@@ -270,7 +334,7 @@ class Hub:
         limit = self.settings.rate_limit_per_minute
         if len(client.recent) > 2 * limit:
             # A client that ignores RATE_LIMITED would otherwise make us answer forever.
-            client.peer.close(p.CLOSE_POLICY, "rate limit exceeded")
+            self._close_client(client, p.CLOSE_POLICY, "rate limit exceeded")
             return []
         return self._error(client, p.RATE_LIMITED, f"more than {limit} messages in 60 s; this "
                            "message was not processed, send it again later", now, msg_id)
@@ -358,7 +422,7 @@ class Hub:
         view = self._view
         if view is not None and msg_id in view.duplicates:
             return None  # another node of the cluster stored it
-        cur = self._db.execute(
+        cur = self._write(
             "INSERT OR IGNORE INTO telemetry (id, device_id, sample_time, received_at, payload)"
             " VALUES (?, ?, ?, ?, ?)",
             (msg_id, device_id, sample_time, self._clock(now), json.dumps(payload)))
@@ -405,7 +469,7 @@ class Hub:
         if not client.identity.is_device or result.device_id != client.identity.subject:
             raise ProtocolError(p.FORBIDDEN, "a device may only report its own commands",
                                 "payload.device_id", env.id)
-        cur = self._db.execute(
+        cur = self._write(
             "INSERT OR IGNORE INTO command_results (command_id, device_id, status, received_at,"
             " payload) VALUES (?, ?, ?, ?, ?)",
             (result.command_id, result.device_id, result.status, self._clock(now),
@@ -523,7 +587,7 @@ class Hub:
     def _trim(self, now: float) -> None:
         self._inserts += 1
         if self._inserts % 1000 == 0:
-            self._db.execute(
+            self._write(
                 "DELETE FROM telemetry WHERE rowid <= "
                 "(SELECT MAX(rowid) FROM telemetry) - ?", (self.settings.max_rows,))
 
@@ -541,6 +605,9 @@ class Hub:
                  "payload": json.loads(r[3])} for r in rows]
 
     def close(self) -> None:
+        """Commit what is pending (its answers are not sent: the server is stopping) and
+        close the store."""
+        self.commit()
         with self._lock:
             self._db.close()
 
