@@ -10,6 +10,12 @@ at ``--rate`` messages a second each, phases spread evenly. Reported: acks
 received against sent, ack latency p50/p99/max, and the server's RSS (now and
 peak) and CPU (percent of one core over the sending window).
 
+``--loop asyncio,uvloop`` runs nexus-server once on each event loop (a row each);
+``--db DIR`` gives it a store file in DIR. Besides the latencies, each row has
+the server's CPU time per message ("us/msg": its user+system CPU over the
+sending window divided by the messages sent), which contention on a shared
+machine inflates far less than it inflates latencies.
+
 ``--stalled`` repeats the run with an operator subscribed to all telemetry
 that never reads (the guide's server does not broadcast telemetry, so there it
 changes nothing). ``--storm N`` connects N clients that reconnect with the
@@ -73,9 +79,11 @@ ACK_GRACE_S = 5.0
 class Ours:
     name = "nexus-server"
     loop = "auto"  # nexus-server --loop: auto (uvloop when installed), uvloop or asyncio
+    db_dir: Optional[str] = None  # --db: the store in a file here (default: in memory)
 
     def __init__(self, port: int) -> None:
-        self._proc = ServerProcess(port, "--loop", self.loop)
+        db = os.path.join(self.db_dir, f"fleet-{port}.db") if self.db_dir else None
+        self._proc = ServerProcess(port, "--loop", self.loop, db=db)
         self.pid, self.url = self._proc.proc.pid, self._proc.url
         out = self._proc.proc.stdout
         assert out is not None
@@ -449,10 +457,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--storm", type=int, default=0, metavar="N",
                     help="also restart each server under N reconnecting clients")
     ap.add_argument("--servers", default="ours,guide", help="ours, guide, or both (default)")
+    ap.add_argument("--db", metavar="DIR", help="nexus-server stores in a file in DIR "
+                    "(--db; default: in memory)")
     ap.add_argument("--loop", default="auto", help="nexus-server's event loop: auto (uvloop "
                     "when installed), uvloop, asyncio, or several, comma-separated (a row each)")
     args = ap.parse_args(argv)
     os.environ.update(child_env())
+    Ours.db_dir = args.db
     kinds: List[type] = ([Ours.on(loop) for loop in args.loop.split(",")]
                          if "ours" in args.servers else [])
     with tempfile.TemporaryDirectory() as npm:
