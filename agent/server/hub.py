@@ -158,8 +158,11 @@ class Clock:
 def ack_text(msg_id: str, timestamp: str) -> str:
     """``protocol.encode`` of an ack without a payload, by concatenation (the id was checked
     to be real text when its frame was decoded)."""
-    return ('{"type":"ack","id":' + json.dumps(msg_id, ensure_ascii=False)
-            + ',"timestamp":"' + timestamp + '"}')
+    return '{"type":"ack","id":' + _json_text(msg_id) + ',"timestamp":"' + timestamp + '"}'
+
+
+# One encoder, made once: json.dumps with any option builds a new encoder on every call.
+_json_text = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class Hub:
@@ -431,6 +434,8 @@ class Hub:
         if cur.rowcount != 1:
             return None
         self._trim(now)
+        if view is None and not self._listeners.get("telemetry"):
+            return []  # nobody to tell (the usual case for a fleet without operators)
         update = dict(payload, message_id=msg_id, sample_time=sample_time)
         if view is not None:
             view.published.append(("telemetry", update))
