@@ -404,6 +404,30 @@ async def run_storm(kind: type, port: int, clients: int) -> StormResult:
     return result
 
 
+# ---------------------------------------------------------------- the hub alone
+
+
+def hub_cost(messages: int, devices: int = 5000) -> float:
+    """CPU microseconds per telemetry message in Hub.handle, in this process, no sockets:
+    the part of us/msg that is the hub's (JSON, validation, the store in memory, the ack)."""
+    from agent.server.hub import Hub
+    from agent.server.tokens import Identity
+
+    class Quiet:
+        def send(self, text: str) -> None: ...
+
+        def close(self, code: int, reason: str) -> None: ...
+
+    hub, now = Hub(), time.time()
+    clients = [hub.connect(Identity(f"device-{i:05d}", "device", now + 3600), Quiet(), now)[0]
+               for i in range(devices)]
+    frames = [telemetry(f"device-{i % devices:05d}", i // devices) for i in range(messages)]
+    start = time.process_time()
+    for i, frame in enumerate(frames):
+        hub.handle(clients[i % devices], frame, now + i * 1e-4)
+    return 1e6 * (time.process_time() - start) / messages
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -457,6 +481,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--storm", type=int, default=0, metavar="N",
                     help="also restart each server under N reconnecting clients")
     ap.add_argument("--servers", default="ours,guide", help="ours, guide, or both (default)")
+    ap.add_argument("--hub", type=int, default=0, metavar="N", help="also time Hub.handle "
+                    "alone on N telemetry messages, in this process (CPU us per message)")
     ap.add_argument("--db", metavar="DIR", help="nexus-server stores in a file in DIR "
                     "(--db; default: in memory)")
     ap.add_argument("--loop", default="auto", help="nexus-server's event loop: auto (uvloop "
@@ -464,6 +490,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     os.environ.update(child_env())
     Ours.db_dir = args.db
+    if args.hub:
+        print(f"Hub.handle alone: {hub_cost(args.hub):.1f} us of CPU per telemetry message "
+              f"({args.hub} messages, in this process)")
     kinds: List[type] = ([Ours.on(loop) for loop in args.loop.split(",")]
                          if "ours" in args.servers else [])
     with tempfile.TemporaryDirectory() as npm:
