@@ -209,6 +209,10 @@ class SendQueue:
 
 Message = Union[str, bytes]
 EARLY_FRAMES = 16  # frames held for a client still being authenticated; then reading pauses
+# DirectConnection overrides process_event, an internal method of websockets' asyncio
+# Connection (13 and later). A release without it gets the library's own path: slower,
+# the same behaviour.
+DIRECT_READS = callable(getattr(ServerConnection, "process_event", None))
 
 
 class DirectConnection(ServerConnection):
@@ -351,7 +355,8 @@ class CompanionServer:
             backlog=1024,  # a reconnect storm arrives all at once
             # One node: messages go to the hub as they are parsed. A cluster node awaits
             # Redis per message, so it reads through the library's queue.
-            create_connection=DirectConnection if self.cluster is None else None,
+            create_connection=(DirectConnection if self.cluster is None and DIRECT_READS
+                               else None),
         )
 
     @property
