@@ -158,7 +158,7 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
         "ping_timeout_s": (_number(0.1, 600), False),
         "ack_timeout_s": (_number(0.5, 3600), False),
         "ack_window": (_number(1, 1000, integer=True), False),
-        "max_messages_per_minute": (_number(2, 100_000, integer=True), False),
+        "max_messages_per_minute": (_number(2, 10_000_000, integer=True), False),
     },
     "telemetry": {"interval_s": (_number(0.05, 86400), False)},
     "queue": {"max_bytes": (_number(65536, 10**12, integer=True), False),

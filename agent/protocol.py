@@ -517,15 +517,21 @@ def _batch_item(item: Any, path: str, msg_id: str | None) -> BatchItem:
 
 
 def check_client_message(env: Envelope) -> None:
-    """Full validation of a client-to-server message (the server calls this)."""
+    """Full validation of a client-to-server message."""
+    check_client_envelope(env)
+    checker = _CLIENT_CHECKS.get(env.type)
+    if checker is not None:
+        checker(env)
+
+
+def check_client_envelope(env: Envelope) -> None:
+    """A client may send this type, and the message has an id; the payload is left to the
+    type's ``parse_*`` function (the companion server calls each exactly once)."""
     if env.type not in CLIENT_TYPES:
         raise RemoteProtocolError(UNKNOWN_MESSAGE_TYPE, f"Unknown message type: {env.type[:64]}",
                                   "type", env.id)
     if env.id is None:
         raise RemoteProtocolError(INVALID_MESSAGE, "is required", "id")
-    checker = _CLIENT_CHECKS.get(env.type)
-    if checker is not None:
-        checker(env)
 
 
 _CLIENT_CHECKS: dict[str, Callable[[Envelope], object]] = {

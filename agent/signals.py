@@ -52,25 +52,28 @@ class SignalInbox:
         # Nothing else here, ever: no lock, no Event, no logging (see the module docstring).
         self._pending.append(signum)
 
-    def wait(self, timeout: Optional[float]) -> List[int]:
-        """The signals received since the last call, waiting up to ``timeout`` s for one."""
+    def wait(self, timeout: Optional[float], also: Optional[int] = None) -> List[int]:
+        """The signals received since the last call, waiting up to ``timeout`` s for one.
+
+        ``also``: a non-blocking pipe's read end that other threads write to when the
+        caller should look at something (the agent's status facts); the wait ends when
+        it is readable too, and it is emptied."""
         if not self._pending and self._r >= 0:
+            fds = [self._r] if also is None else [self._r, also]
             try:
-                select.select([self._r], [], [], timeout)
+                select.select(fds, [], [], timeout)
             except InterruptedError:  # pragma: no cover - PEP 475 retries; belt and braces
                 pass
             self._drain()
+        if also is not None:
+            _drain(also)
         out: List[int] = []
         while self._pending:
             out.append(self._pending.popleft())
         return out
 
     def _drain(self) -> None:
-        try:
-            while os.read(self._r, 512):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        _drain(self._r)
 
     def close(self) -> None:
         """Restore the previous handlers and wake-up fd; safe to call twice."""
@@ -82,6 +85,15 @@ class SignalInbox:
         os.close(self._r)
         os.close(self._w)
         self._r = self._w = -1
+
+
+def _drain(fd: int) -> None:
+    """Empty a non-blocking pipe."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, OSError):
+        pass
 
 
 def leave(code: int) -> None:

@@ -8,8 +8,10 @@ then ``state_dir``, and takes the first file written by an agent with the same
 ``state_dir`` (a file in ``state_dir`` itself is always that agent's).
 
 The daemon (``service.py``) replaces it atomically (write a temporary file,
-then ``os.replace``) when something in it changed, and at least every
-``REFRESH_S``; readers call a file older than ``STALE_S`` stale. It is one JSON
+then ``os.replace``) at once when a fact in it changed, when its counters
+changed at the main loop's tick (``service.COUNTERS``: every ten samples, 2 to
+30 s), and at least every ``REFRESH_S``; readers call a file older than
+``STALE_S`` stale. It is one JSON
 object; the keys are those of ``Agent.status()``. Nothing here imports more
 than the standard library, so both sides can use it cheaply.
 """

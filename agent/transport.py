@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import select
+import socket
 import struct
 import sys
 import threading
@@ -138,15 +139,38 @@ class Health:
     sent_items: int = 0  # stored messages sent, resends included (a batch counts its items)
     acked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Called (on the writer's thread) when a fact changes: connected, last_error, or a
+    # message set aside. The service uses it to rewrite the status file at once, while
+    # counters (sent, acked...) wait for its slower pace.
+    on_fact: Optional[Callable[[], None]] = field(default=None, repr=False, compare=False)
+
+    FACTS = ("connected", "last_error")
 
     def update(self, **changes: Any) -> None:
         with self.lock:
+            fact = any(getattr(self, key) != changes[key] for key in self.FACTS
+                       if key in changes)
             for key, value in changes.items():
                 setattr(self, key, value)
+        if fact:
+            self.fact_changed()
 
-    def add(self, key: str, amount: int = 1) -> None:
+    def add(self, key: str, amount: int = 1, **more: int) -> None:
+        """Add to counters: ``add("sent")``, or several under one lock:
+        ``add("sent", sent_items=3)``."""
         with self.lock:
             setattr(self, key, getattr(self, key) + amount)
+            for other, value in more.items():
+                setattr(self, other, getattr(self, other) + value)
+
+    def acked_now(self, count: int, at: float) -> None:
+        with self.lock:
+            self.acked += count
+            self.last_ack_at = at
+
+    def fact_changed(self) -> None:
+        if self.on_fact is not None:
+            self.on_fact()
 
     def snapshot(self) -> Health:
         with self.lock:
@@ -167,17 +191,60 @@ def backoff_delays(base: float, cap: float, rng: random.Random) -> Iterator[floa
 # --------------------------------------------------------------------------- opening
 
 
+def tcp_socket(ws_mod: Any, url: str, timeout: float) -> Optional[socket.socket]:
+    """The TCP connection for a ``ws://`` URL with an ASCII host and no proxy, opened here
+    the way websocket-client opens its own (every address in turn, its socket options:
+    TCP_NODELAY and keepalive); None when websocket-client should open it (``wss://``,
+    a proxy from the environment, a non-ASCII host name).
+
+    Why: ``socket.getaddrinfo`` encodes a ``str`` host with the ``idna`` codec, which
+    loads ``encodings.idna``, ``stringprep`` and ``unicodedata`` (0.3 to 0.45 MB of RSS
+    for the whole run) for a host name that is plain ASCII; a ``bytes`` host skips the
+    codec.
+    """
+    if not url.startswith("ws://"):
+        return None
+    ws_url, ws_socket = ws_mod._url, ws_mod._socket  # its URL parser and socket options
+
+    hostname, port, _, _ = ws_url.parse_url(url)
+    try:
+        host = hostname.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    if ws_url.get_proxy_info(hostname, False)[0]:
+        return None  # http_proxy applies: websocket-client tunnels through it
+    error: Optional[OSError] = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0,
+                                                              socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            for option in ws_socket.DEFAULT_SOCKET_OPTION:
+                sock.setsockopt(*option)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error or OSError(f"no address for {hostname}")
+
+
 def dial(ws_mod: Any, url: str, header: List[str], timeout: float,
          ca_file: Optional[str]) -> Any:
     """``create_connection``, a refused handshake sorted: 401/403 is AuthRefused, any other
     HTTP status ConnectionLost; network errors come through as they are."""
+    sock = tcp_socket(ws_mod, url, timeout)
     try:
         return ws_mod.create_connection(url, header=header, timeout=timeout,
-                                        sslopt=tls_options(url, ca_file))
+                                        sslopt=tls_options(url, ca_file), socket=sock)
     except ws_mod.WebSocketBadStatusException as exc:
         if exc.status_code in (401, 403):
             raise AuthRefused(f"HTTP {exc.status_code} at the handshake") from None
         raise ConnectionLost(f"HTTP {exc.status_code} at the handshake") from None
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
 
 
 def open_welcomed(url: str, token: str, ca_file: Optional[str] = None,
@@ -229,12 +296,23 @@ class SendPlan:
         self.buffers: Dict[str, Deque[Record]] = {"backlog": collections.deque(),
                                                   "live": collections.deque()}
         self.generation = outbox.generation
+        # The outbox is read only when it may hold something unread: live rows after a
+        # wake-up (every put is followed by one, see ``new_rows``), backlog rows until a
+        # read comes back short (nothing is ever added at or below the boundary). An idle
+        # or steady connection used to run two empty queries on every pass of the loop.
+        self.live_unread = True
+        self.backlog_unread = True
+
+    def new_rows(self) -> None:
+        """Something may have been put since the last read (the transport was woken)."""
+        self.live_unread = True
 
     def _restart_if_replaced(self) -> None:
         """The outbox replaced a corrupt file: its seqs start again, so do the cursors."""
         if self.outbox.generation != self.generation:
             self.generation = self.outbox.generation
             self.boundary = self.backlog_seq = self.live_seq = 0
+            self.live_unread, self.backlog_unread = True, False
             for buf in self.buffers.values():
                 buf.clear()
 
@@ -243,11 +321,18 @@ class SendPlan:
         buf = self.buffers[stream]
         if not buf:
             if stream == "backlog":
+                if not self.backlog_unread:
+                    return False
                 got = self.outbox.read_after(self.backlog_seq, rows, upto=self.boundary)
                 self.backlog_seq = got[-1].seq if got else self.backlog_seq
+                self.backlog_unread = len(got) == rows
             else:
+                if not self.live_unread:
+                    return False
+                # Cleared before the read: a put after it comes with a wake-up of its own.
                 got = self.outbox.read_after(self.live_seq, rows)
                 self.live_seq = got[-1].seq if got else self.live_seq
+                self.live_unread = len(got) == rows
             buf.extend(got)
         return bool(buf)
 
@@ -388,6 +473,7 @@ class Transport:
     def set_aside(self, record_id: str, reason: str) -> None:
         """Take a message the server will never accept out of the queue (logged, counted)."""
         if self.outbox.set_aside(record_id, reason):
+            self.health.fact_changed()
             log.error("set aside message %s: %s; it is kept in the outbox's set_aside table "
                       "and not sent again", record_id, reason)
 
@@ -487,13 +573,15 @@ class _Connection:
             if message is None:
                 return
             self.session.send(message, now)
-            self.t.health.add("sent")
-            self.t.health.add("sent_items", len(message.items) or 1)
+            self.t.health.add("sent", sent_items=len(message.items) or 1)
         self._apply()
 
     def _next_stored(self) -> Optional[Outgoing]:
         assert self.plan is not None
-        batches = sum(1 for message, _ in self.session.inflight.values() if message.items)
+        # Only with a batch offer can a batch be in flight (singles skip the count: it ran
+        # over the whole window for every message of a drain).
+        batches = 0 if self.plan.batch is None else \
+            sum(1 for message, _ in self.session.inflight.values() if message.items)
         while True:
             record = self.plan.next(batch_allowed=batches < BATCHES_IN_FLIGHT)
             if record is None:
@@ -520,8 +608,7 @@ class _Connection:
             # One transaction (one fsync) for a burst of acks instead of one each.
             acked, s.acks = s.acks, []
             self.t.outbox.ack(acked)
-            self.t.health.update(last_ack_at=time.time())
-            self.t.health.add("acked", len(acked))
+            self.t.health.acked_now(len(acked), time.time())
         aside, s.set_aside = s.set_aside, []
         for msg_id, reason in aside:
             self.t.set_aside(msg_id, reason)
@@ -553,6 +640,8 @@ class _Connection:
             readable, _, _ = select.select([sock, self.t._wake_r], [], [], max(0.0, timeout))
             if self.t._wake_r in readable:
                 _drain_pipe(self.t._wake_r)
+                if self.plan is not None:
+                    self.plan.new_rows()
             if sock not in readable:
                 return
         # Read every frame already waiting, then apply them together. Each read may wait

@@ -10,6 +10,12 @@ at ``--rate`` messages a second each, phases spread evenly. Reported: acks
 received against sent, ack latency p50/p99/max, and the server's RSS (now and
 peak) and CPU (percent of one core over the sending window).
 
+``--loop asyncio,uvloop`` runs nexus-server once on each event loop (a row each);
+``--db DIR`` gives it a store file in DIR. Besides the latencies, each row has
+the server's CPU time per message ("us/msg": its user+system CPU over the
+sending window divided by the messages sent), which contention on a shared
+machine inflates far less than it inflates latencies.
+
 ``--stalled`` repeats the run with an operator subscribed to all telemetry
 that never reads (the guide's server does not broadcast telemetry, so there it
 changes nothing). ``--storm N`` connects N clients that reconnect with the
@@ -72,10 +78,23 @@ ACK_GRACE_S = 5.0
 
 class Ours:
     name = "nexus-server"
+    loop = "auto"  # nexus-server --loop: auto (uvloop when installed), uvloop or asyncio
+    db_dir: Optional[str] = None  # --db: the store in a file here (default: in memory)
 
     def __init__(self, port: int) -> None:
-        self._proc = ServerProcess(port)
+        db = os.path.join(self.db_dir, f"fleet-{port}.db") if self.db_dir else None
+        self._proc = ServerProcess(port, "--loop", self.loop, db=db)
         self.pid, self.url = self._proc.proc.pid, self._proc.url
+        out = self._proc.proc.stdout
+        assert out is not None
+        # The lines after "listening on": the page's address, then the event loop's name.
+        self.loop_name = next((line.split(":", 1)[1].strip() for line in out
+                               if line.startswith("event loop:")), "unknown")
+
+    @classmethod
+    def on(cls, loop: str) -> type:
+        """Ours on the event loop ``loop`` (each choice is a row of its own)."""
+        return type(f"Ours_{loop}", (cls,), {"loop": loop})
 
     def log(self) -> str:
         return self._proc.log()
@@ -164,6 +183,7 @@ class LoadResult:
     rss_mb: float = 0.0
     peak_rss_mb: float = 0.0
     cpu_pct: float = 0.0
+    cpu_us_per_msg: float = float("nan")  # server CPU time / messages sent: contention-proof
     client_cpu_pct: float = 0.0  # the load client's own share: on a small machine, contention
     note: str = ""
 
@@ -266,8 +286,10 @@ async def drain(conn: ClientConnection) -> None:
 async def run_load(server: object, devices: int, rate: float, seconds: float,
                    stalled: bool) -> LoadResult:
     url, pid = server.url, server.pid  # type: ignore[attr-defined]
-    result = LoadResult(server.name + (" + stalled op" if stalled else ""),  # type: ignore
-                        devices)
+    name = server.name  # type: ignore[attr-defined]
+    if getattr(server, "loop_name", None):
+        name += f" ({server.loop_name.split()[0]})"  # type: ignore[attr-defined]
+    result = LoadResult(name + (" + stalled op" if stalled else ""), devices)
     operator = await stalled_operator(url) if stalled else None
     closed = asyncio.ensure_future(operator.wait_closed()) if operator else None
     conns = await connect_fleet(url, devices, "device")
@@ -290,6 +312,8 @@ async def run_load(server: object, devices: int, rate: float, seconds: float,
     after = proc_stats(pid)
     result.note = f"cpu pressure {cpu_pressure()}"
     result.cpu_pct = 100 * (after["cpu_s"] - before["cpu_s"]) / (loop.time() - start)
+    if result.sent:
+        result.cpu_us_per_msg = 1e6 * (after["cpu_s"] - before["cpu_s"]) / result.sent
     result.client_cpu_pct = 100 * (time.process_time() - client_before) / (loop.time() - start)
     result.rss_mb, result.peak_rss_mb = after["VmRSS"], after["VmHWM"]
     deadline = loop.time() + ACK_GRACE_S
@@ -380,17 +404,42 @@ async def run_storm(kind: type, port: int, clients: int) -> StormResult:
     return result
 
 
+# ---------------------------------------------------------------- the hub alone
+
+
+def hub_cost(messages: int, devices: int = 5000) -> float:
+    """CPU microseconds per telemetry message in Hub.handle, in this process, no sockets:
+    the part of us/msg that is the hub's (JSON, validation, the store in memory, the ack)."""
+    from agent.server.hub import Hub
+    from agent.server.tokens import Identity
+
+    class Quiet:
+        def send(self, text: str) -> None: ...
+
+        def close(self, code: int, reason: str) -> None: ...
+
+    hub, now = Hub(), time.time()
+    clients = [hub.connect(Identity(f"device-{i:05d}", "device", now + 3600), Quiet(), now)[0]
+               for i in range(devices)]
+    frames = [telemetry(f"device-{i % devices:05d}", i // devices) for i in range(messages)]
+    start = time.process_time()
+    for i, frame in enumerate(frames):
+        hub.handle(clients[i % devices], frame, now + i * 1e-4)
+    return 1e6 * (time.process_time() - start) / messages
+
+
 # ---------------------------------------------------------------- report
 
 
 def print_load(rows: List[LoadResult]) -> None:
-    print(f"{'server':28} {'devices':>7} {'sent':>8} {'acked':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'max ms':>8} {'RSS MB':>7} {'peak MB':>7} {'CPU %':>6} {'load %':>6}  note")
+    print(f"{'server':36} {'devices':>7} {'sent':>8} {'acked':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'max ms':>8} {'RSS MB':>7} {'peak MB':>7} {'CPU %':>6} {'us/msg':>6} {'load %':>6}"
+          "  note")
     for r in rows:
         note = r.note if r.connected == r.devices else f"only {r.connected} connected; {r.note}"
-        print(f"{r.server:28} {r.devices:7d} {r.sent:8d} {r.acked:8d} {r.percentile(0.5):8.1f} "
+        print(f"{r.server:36} {r.devices:7d} {r.sent:8d} {r.acked:8d} {r.percentile(0.5):8.1f} "
               f"{r.percentile(0.99):8.1f} {max(r.latencies_ms, default=float('nan')):8.1f} "
-              f"{r.rss_mb:7.0f} {r.peak_rss_mb:7.0f} {r.cpu_pct:6.0f} "
+              f"{r.rss_mb:7.0f} {r.peak_rss_mb:7.0f} {r.cpu_pct:6.0f} {r.cpu_us_per_msg:6.0f} "
               f"{r.client_cpu_pct:6.0f}  {note}")
 
 
@@ -432,9 +481,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--storm", type=int, default=0, metavar="N",
                     help="also restart each server under N reconnecting clients")
     ap.add_argument("--servers", default="ours,guide", help="ours, guide, or both (default)")
+    ap.add_argument("--hub", type=int, default=0, metavar="N", help="also time Hub.handle "
+                    "alone on N telemetry messages, in this process (CPU us per message)")
+    ap.add_argument("--db", metavar="DIR", help="nexus-server stores in a file in DIR "
+                    "(--db; default: in memory)")
+    ap.add_argument("--loop", default="auto", help="nexus-server's event loop: auto (uvloop "
+                    "when installed), uvloop, asyncio, or several, comma-separated (a row each)")
     args = ap.parse_args(argv)
     os.environ.update(child_env())
-    kinds: List[type] = [Ours] if "ours" in args.servers else []
+    Ours.db_dir = args.db
+    if args.hub:
+        print(f"Hub.handle alone: {hub_cost(args.hub):.1f} us of CPU per telemetry message "
+              f"({args.hub} messages, in this process)")
+    kinds: List[type] = ([Ours.on(loop) for loop in args.loop.split(",")]
+                         if "ours" in args.servers else [])
     with tempfile.TemporaryDirectory() as npm:
         if "guide" in args.servers:
             why_not = Guide.available(Path(npm))

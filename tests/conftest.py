@@ -15,12 +15,19 @@ os.environ.setdefault("NEXUS_JWT_SECRET", SECRET)
 
 
 @pytest.fixture
-def server() -> Iterator[object]:
+def loop_choice() -> str:
+    """The ``server`` fixture's event loop; test_server.py runs its tests on each."""
+    return "auto"
+
+
+@pytest.fixture
+def server(loop_choice: str) -> Iterator[object]:
     """A companion server in this process, on a free loopback port, fast heartbeats."""
     from agent.server.app import CompanionServer, ServerSettings
 
     srv = CompanionServer(ServerSettings(port=0, ping_interval_s=1.0, ping_timeout_s=1.0,
-                                         close_timeout_s=0.2), SECRET.encode()).start()
+                                         close_timeout_s=0.2, loop=loop_choice),
+                          SECRET.encode()).start()
     try:
         yield srv
     finally:

@@ -154,6 +154,9 @@ def test_server_that_stops_offering_batches_gets_singles_and_everything_once(tmp
         wait_for(lambda: set(backlog) <= {r["id"] for r in stored(db)}, what="the backlog")
         assert agent.status()["sent"] < 300 and "telemetry.batch offered" in agent.log()
         srv.kill()
+        # the loss is a fact, in the file at once (with the queue's depth then); the depth
+        # then grows at the counters' pace
+        wait_for(lambda: agent.status().get("connected") is False, what="the loss")
         wait_for(lambda: agent.status().get("queue_depth", 0) >= 30, what="a new backlog")
         srv = ServerProcess(port, "--no-batches", db=str(db))  # same store, no offer
         offline = outbox_ids(agent.state_dir)

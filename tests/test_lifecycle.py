@@ -195,7 +195,10 @@ def test_the_daemon_does_not_load_what_it_does_not_use(tmp_path):
     # argparse (with shutil, bz2, lzma: about 1 MB of RSS) is for help and errors only;
     # the command runner only with an allow-list; ssl only for wss://.
     config = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws", log_level="warning")
-    unwanted = "argparse,shutil,bz2,lzma,ssl,agent.runner,agent.executor"
+    # encodings.idna (with unicodedata, stringprep): getaddrinfo of a str host; an ASCII
+    # host name is resolved as bytes (transport.tcp_socket).
+    unwanted = ("argparse,shutil,bz2,lzma,ssl,agent.runner,agent.executor,encodings.idna,"
+                "unicodedata,stringprep")
     out = subprocess.run([sys.executable, "-c", DAEMON_MODULES, str(config), unwanted],
                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -211,3 +214,23 @@ def test_daemon_arguments_without_argparse():
         _daemon_args(["--config"])
     with pytest.raises(SystemExit):
         _daemon_args(["--bogus"])
+
+
+def test_a_reload_to_a_shorter_interval_shortens_the_counters_pace(tmp_path):
+    """At 5 s the counters are written every 30 s; a reload to 0.2 s must not wait for the
+    tick the old interval had set."""
+    srv = ServerProcess()
+    config = write_config(tmp_path, srv.url, telemetry={"interval_s": 5})
+    agent = AgentProcess(config)
+    try:
+        wait_for(lambda: agent.status().get("connected"), what="the connection")
+        raw = yaml.safe_load(config.read_text())
+        raw["telemetry"]["interval_s"] = 0.2
+        config.write_text(yaml.safe_dump(raw))
+        agent.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reloaded" in agent.log(), what="the reload")
+        wait_for(lambda: agent.status().get("acked", 0) >= 5, timeout=10,
+                 what="counters at the new pace (2 s), not after the old tick (30 s)")
+    finally:
+        assert agent.stop() == 0
+        srv.stop()

@@ -58,3 +58,67 @@ def test_no_sensor_is_not_looked_for_at_every_sample(tmp_path):
     for _ in range(5):
         assert "cpu_temp_c" not in sampler.sample({})
     assert len(calls) == 1
+
+
+MEMINFO = """MemTotal:        1000000 kB
+MemFree:          100000 kB
+MemAvailable:     250000 kB
+Buffers:           10000 kB
+SwapCached:            0 kB
+SwapTotal:        400000 kB
+SwapFree:         300000 kB
+"""
+
+
+def test_memory_and_swap_from_one_meminfo_read_with_psutils_formulas(tmp_path):
+    from agent.metrics import meminfo_memory
+
+    path = tmp_path / "meminfo"
+    path.write_text(MEMINFO)
+    assert meminfo_memory(str(path)) == (75.0, 250000 * 1024, 25.0)
+    path.write_text(MEMINFO.replace("400000", "0").replace("300000", "0"))  # no swap
+    assert meminfo_memory(str(path))[2] == 0.0
+    path.write_text(MEMINFO.replace("250000", "2000000"))  # a container's odd figures
+    assert meminfo_memory(str(path))[:2] == (90.0, 100000 * 1024)  # MemFree, as psutil
+    path.write_text(MEMINFO.replace("MemAvailable", "Other"))  # before Linux 3.14
+    assert meminfo_memory(str(path)) is None  # psutil estimates it: ask psutil
+    assert meminfo_memory(str(tmp_path / "absent")) is None
+
+
+def test_meminfo_agrees_with_psutil_here():
+    import psutil
+
+    from agent.metrics import meminfo_memory
+
+    ours = meminfo_memory()
+    assert ours is not None  # Linux
+    vm, swap = psutil.virtual_memory(), psutil.swap_memory()
+    assert abs(ours[0] - vm.percent) < 2.0 and abs(ours[2] - swap.percent) < 2.0
+    assert abs(ours[1] - vm.available) < 0.02 * vm.total
+
+
+def test_sampler_falls_back_to_psutil_without_meminfo(tmp_path):
+    sampler = Sampler(str(tmp_path), temperatures=lambda: {})
+    sampler._memory = lambda: None  # no /proc/meminfo (or no MemAvailable)
+    m = sampler.sample({})
+    assert 0 < m["memory_usage"] <= 100 and m["memory_available_bytes"] > 0
+    assert 0 <= m["swap_usage"] <= 100
+
+
+def test_disk_usage_and_own_rss_are_read_at_most_every_ten_seconds(tmp_path, monkeypatch):
+    import psutil
+
+    from agent import metrics
+
+    clock = [100.0]
+    disk_reads = []
+    real = psutil.disk_usage
+    monkeypatch.setattr(metrics.psutil, "disk_usage",
+                        lambda path: disk_reads.append(clock[0]) or real(path))
+    sampler = Sampler(str(tmp_path), temperatures=lambda: {}, clock=lambda: clock[0])
+    for _ in range(25):  # 25 samples at 1 s
+        m = sampler.sample({})
+        assert {"disk_root_usage", "disk_state_usage", "agent_rss_bytes"} <= set(m)
+        clock[0] += 1.0
+    assert sorted(set(disk_reads)) == [100.0, 110.0, 120.0]  # SLOW_EVERY_S apart
+    assert len(disk_reads) == 6  # both filesystems each time

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+from typing import List, Tuple
 
 import pytest
 import websocket
 from helpers import REPO, SECRET, Peer, ServerProcess, child_env, connected, mint, wait_for
 
 from agent import protocol as p
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_choice(request) -> str:
+    """Every test here on both event loops (uvloop is optional: skipped without it)."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+    return request.param
 
 
 def telemetry(msg_id: str, device: str = "device-001", cpu: float = 12.5) -> dict:
@@ -286,3 +296,182 @@ def test_stop_with_many_unresponsive_clients_costs_one_close_timeout():
     srv.stop()
     assert time.monotonic() - start < 5.0  # serially it would be 20 x 0.5 s = 10 s
     assert all(peer.close_code() == 1000 for peer in peers)
+
+
+# ---------------------------------------------------------------- event loop
+
+
+def test_server_runs_on_the_loop_asked_for(server, loop_choice):
+    assert server.loop_name.split()[0] == loop_choice
+    assert type(server._loop).__module__.split(".")[0] == loop_choice
+
+
+def test_without_uvloop_auto_falls_back_to_asyncio_and_says_so(monkeypatch, caplog):
+    import asyncio
+    import logging
+
+    from agent.server.app import new_loop
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    caplog.set_level(logging.INFO, logger="nexus.server")
+    loop, name = new_loop("auto")
+    try:
+        assert name == "asyncio" and type(loop) is type(asyncio.new_event_loop())
+    finally:
+        loop.close()
+    assert any("uvloop is not installed" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ImportError):
+        new_loop("uvloop")
+
+
+def test_command_line_names_its_loop_and_refuses_a_missing_uvloop():
+    srv = ServerProcess(0, "--loop", "asyncio")
+    try:
+        assert srv.proc.stdout is not None
+        assert srv.proc.stdout.readline().startswith("page: ")
+        assert srv.proc.stdout.readline().strip() == "event loop: asyncio"
+    finally:
+        assert srv.stop() == 0
+    blocked = ("import sys; sys.modules['uvloop'] = None; from agent.server.__main__ import main;"
+               " sys.exit(main(['--port', '0', '--loop', 'uvloop']))")
+    out = subprocess.run([sys.executable, "-c", blocked], env=child_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "uvloop is missing" in out.stderr and "'server' extra" in out.stderr
+
+
+# ---------------------------------------------------------------- how messages are read
+
+
+def _client_frame(payload: bytes, opcode: int = 1, fin: bool = True) -> bytes:
+    mask = b"\x11\x22\x33\x44"
+    size = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    head += bytes([0x80 | size]) if size < 126 else bytes([0xFE]) + size.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _ping(msg_id: str) -> bytes:
+    return json.dumps({"type": "ping", "id": msg_id}).encode()
+
+
+class _RawClient:
+    """A client on a bare socket: sends bytes exactly as given, reads the server's frames."""
+
+    def __init__(self, port: int, *then: bytes) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        request = (f"GET /v1/ws?token={mint('device-001')} HTTP/1.1\r\nHost: x\r\n"
+                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+        self.sock.sendall(request + b"".join(then))  # frames in the same write as the upgrade
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101")
+
+    def _more(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        return data
+
+    def frame(self) -> Tuple[int, bytes]:
+        while True:
+            size, at = (self.buf[1] & 0x7F, 2) if len(self.buf) >= 2 else (0, 99)
+            if size == 126:  # the server sends nothing over 65,535 bytes here
+                size, at = (int.from_bytes(self.buf[2:4], "big"), 4) if len(self.buf) >= 4 \
+                    else (0, 99)
+            if len(self.buf) >= at + size:
+                opcode, data = self.buf[0] & 0x0F, self.buf[at:at + size]
+                self.buf = self.buf[at + size:]
+                return opcode, data
+            self.buf += self._more()
+
+    def messages(self, count: int) -> List[dict]:
+        out = []
+        while len(out) < count:
+            opcode, data = self.frame()
+            assert opcode == 1, (opcode, data)
+            out.append(json.loads(data))
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_frames_sent_with_the_upgrade_are_all_answered_in_order(server):
+    """A client that does not wait for the welcome: what arrives while it is being
+    authenticated is kept (and reading paused past a few frames), then answered in order."""
+    client = _RawClient(server.port, *(_client_frame(_ping(f"p{i}")) for i in range(40)))
+    try:
+        replies = client.messages(41)
+        assert replies[0]["type"] == "connected"
+        assert [(r["type"], r["id"]) for r in replies[1:]] == [("pong", f"p{i}")
+                                                               for i in range(40)]
+    finally:
+        client.close()
+
+
+def test_a_fragmented_message_is_answered_in_order_with_whole_ones(server):
+    whole_b = _ping("b")
+    client = _RawClient(server.port, _client_frame(_ping("a")),
+                        _client_frame(whole_b[:10], fin=False),
+                        _client_frame(whole_b[10:], opcode=0),
+                        _client_frame(_ping("c")))
+    try:
+        replies = client.messages(4)
+        assert [r.get("id") for r in replies[1:]] == ["a", "b", "c"]
+        client.sock.sendall(_client_frame(_ping("d")))  # and on from there
+        assert client.messages(1)[0]["id"] == "d"
+        # That connection now reads through the library's queue; the others do not.
+        plain = connected(server.url, "device-002")
+        assert plain.request({"type": "ping", "id": "e"})["type"] == "pong"
+        direct = {c.request.path.startswith("/v1/ws?"): c.direct
+                  for c in server._server.connections}
+        assert direct == {True: False, False: True}
+    finally:
+        client.close()
+
+
+def test_text_that_is_not_utf8_closes_1007_after_what_came_before(server):
+    client = _RawClient(server.port, _client_frame(_ping("a")), _client_frame(b'"\xff\xfe"'))
+    try:
+        assert [r["type"] for r in client.messages(2)] == ["connected", "pong"]
+        opcode, data = client.frame()
+        assert opcode == 8 and int.from_bytes(data[:2], "big") == 1007
+    finally:
+        client.close()
+
+
+def test_a_binary_frame_is_answered_in_line(server):
+    client = _RawClient(server.port, _client_frame(b"\x00\x01", opcode=2),
+                        _client_frame(_ping("after")))
+    try:
+        replies = client.messages(3)
+        assert replies[1]["error"]["code"] == "INVALID_MESSAGE" and replies[2]["id"] == "after"
+    finally:
+        client.close()
+
+
+def test_with_db_an_ack_means_the_row_is_committed(tmp_path):
+    """Group commit: whatever a loop step read shares one commit, and its acks go out
+    after it. Many devices at once, each checking its row from another connection."""
+    from agent.server.app import CompanionServer, ServerSettings
+
+    db = str(tmp_path / "store.db")
+    srv = CompanionServer(ServerSettings(port=0, db=db, rate_limit_per_minute=10**6),
+                          SECRET.encode()).start()
+    try:
+        devices = [connected(srv.url, f"device-{i}") for i in range(20)]
+        reader = sqlite3.connect(db)
+        for round_ in range(5):
+            for i, device in enumerate(devices):  # all in flight together
+                device.send(telemetry(f"r{round_}-{i}", f"device-{i}"))
+            for i, device in enumerate(devices):
+                assert device.recv_type("ack")["id"] == f"r{round_}-{i}"
+                assert reader.execute("SELECT 1 FROM telemetry WHERE id = ?",
+                                      (f"r{round_}-{i}",)).fetchone() == (1,)
+    finally:
+        srv.stop()

@@ -122,3 +122,56 @@ def test_stop_under_500_connections_closes_all_with_1000_within_2s():
         assert max(at for _, at in results) - start < 2.0
     finally:
         srv.stop()
+
+
+def _queue_of(srv, subject: str):
+    """The server's SendQueue for the client whose token subject is ``subject``."""
+    return next(peer for peer in srv.hub.peers() if peer.name.endswith(f" {subject})"))
+
+
+def test_a_client_that_keeps_up_is_written_to_without_a_writer_task():
+    """The common case costs no task wake-up: the text goes straight to the transport."""
+    from agent.server.app import CompanionServer, ServerSettings
+
+    srv = CompanionServer(ServerSettings(port=0), SECRET.encode()).start()
+    try:
+        device = connected(srv.url, "device-7")
+        for i in range(20):
+            assert device.request(big_telemetry(f"k-{i}", "device-7"))["type"] == "ack"
+        queue = _queue_of(srv, "device-7")
+        assert queue._writer is None and not queue._texts
+    finally:
+        srv.stop()
+
+
+def test_a_client_that_falls_behind_then_reads_gets_every_broadcast_in_order():
+    """Written directly, then queued while it does not read, then direct again: one order."""
+    from agent.server.app import CompanionServer, ServerSettings
+
+    srv = CompanionServer(ServerSettings(port=0, rate_limit_per_minute=10**6,
+                                         send_queue_messages=10**5, send_queue_bytes=1 << 28,
+                                         write_limit_bytes=4096), SECRET.encode()).start()
+    try:
+        watcher = stalled_operator(srv.url)
+        device = connected(srv.url, "device-0")
+        queue = _queue_of(srv, "watcher")
+        sent = 0
+        deadline = time.monotonic() + 30
+        while not queue._texts:  # until the watcher's broadcasts have to wait in its queue
+            assert time.monotonic() < deadline, "the watcher's queue never filled"
+            sent += 1
+            assert device.request(big_telemetry(f"t-{sent}", "device-0"))["type"] == "ack"
+        for _ in range(5):
+            sent += 1
+            assert device.request(big_telemetry(f"t-{sent}", "device-0"))["type"] == "ack"
+        watcher.ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        seen = [watcher.recv_type("telemetry.update")["payload"]["message_id"]
+                for _ in range(sent)]
+        assert seen == [f"t-{i}" for i in range(1, sent + 1)]
+        # Caught up: the next one goes straight out again.
+        wait_for(lambda: not queue._texts and queue._writer.done(), what="the queue drained")
+        assert device.request(big_telemetry("last", "device-0"))["type"] == "ack"
+        assert watcher.recv_type("telemetry.update")["payload"]["message_id"] == "last"
+        assert not queue._texts
+    finally:
+        srv.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from helpers import write_config
 
@@ -55,3 +56,76 @@ def test_daemon_rewrites_only_what_changed(tmp_path, monkeypatch):
         assert target.stat().st_ino != second
     finally:
         agent.outbox.close()
+
+
+def test_facts_are_written_at_once_and_counters_at_the_tick(tmp_path):
+    """Counters (sent, acked, queue depth) change with every sample: rewriting the file for
+    them at every look cost about 0.5 ms a time at 1 s. A fact (connected, an error, a
+    message set aside) wakes the main loop and is written at once; counters wait for the
+    tick (write_status() without counters=False)."""
+    config = config_mod.load(str(write_config(tmp_path, "ws://127.0.0.1:9/v1/ws")))
+    agent = Agent(config)
+    try:
+        target = tmp_path / "state" / statusfile.NAME
+        agent.write_status()
+        first = target.stat().st_ino
+        agent.health.add("sent", sent_items=1)  # a counter
+        agent.write_status(counters=False)  # a fact's wake-up: counters alone do not count
+        assert target.stat().st_ino == first
+        agent.health.update(connected=True)  # a fact
+        agent.write_status(counters=False)
+        second = target.stat().st_ino
+        written = json.loads(target.read_text())
+        assert second != first and written["connected"] is True and written["sent"] == 1
+        agent.health.add("acked")
+        agent.write_status()  # the tick: counters too
+        assert target.stat().st_ino != second and json.loads(target.read_text())["acked"] == 1
+    finally:
+        agent.outbox.close()
+
+
+def _looks(agent) -> int:
+    try:
+        return len(os.read(agent._look_r, 64))
+    except BlockingIOError:
+        return 0
+
+
+def test_a_fact_wakes_the_main_loop_a_counter_does_not(tmp_path):
+    config = config_mod.load(str(write_config(tmp_path, "ws://127.0.0.1:9/v1/ws")))
+    agent = Agent(config)
+    try:
+        agent.health.add("acked", 3)
+        agent.health.acked_now(1, 1.0)
+        agent.health.update(token_expires=5.0)
+        assert _looks(agent) == 0
+        agent.health.update(connected=True)
+        assert _looks(agent) == 1
+        agent.health.update(connected=True)  # unchanged: no wake-up
+        assert _looks(agent) == 0
+        agent.health.update(connected=False, last_error="gone")
+        assert _looks(agent) == 1
+        record = agent.outbox.put("telemetry", {"device_id": "device-001", "metrics": {}},
+                                  "2025-01-01T00:00:00.000Z")
+        agent.transport.set_aside(record.id, "test")  # set aside: a fact
+        assert _looks(agent) == 1
+    finally:
+        agent.outbox.close()
+
+
+def test_the_main_loop_ticks_at_the_counters_pace_or_half_the_watchdog(tmp_path):
+    def agent_at(interval):
+        folder = tmp_path / str(interval)
+        folder.mkdir()
+        return Agent(config_mod.load(str(write_config(folder, "ws://127.0.0.1:9/v1/ws",
+                                                      telemetry={"interval_s": interval}))))
+
+    for interval, every, under_watchdog in ((0.2, 2.0, 2.0), (1, 10.0, 10.0),
+                                            (5, 30.0, 15.0)):
+        agent = agent_at(interval)
+        try:
+            assert agent.counters_every() == every
+            assert agent.tick(None) == every
+            assert agent.tick(15.0) == under_watchdog  # WatchdogSec=30: 15 s is its half
+        finally:
+            agent.outbox.close()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import random
 import statistics
+import socket
 import subprocess
 import sys
+
+import pytest
 
 from helpers import REPO
 
@@ -50,12 +53,42 @@ def test_send_plan_puts_live_first_and_the_backlog_in_order(tmp_path):
     assert plan.next().seq == 1
     for i in range(6, 9):
         box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
+    plan.new_rows()  # the transport's wake-up after a put
     order = [plan.next().seq for _ in range(4)]
     assert order == [7, 8, 9, 2]
     box.put("telemetry", {"i": 9}, "2025-01-01T00:00:00.000Z")
+    plan.new_rows()
     order = [plan.next().seq for _ in range(5)]
     assert order == [10, 3, 4, 5, 6]
     assert plan.next() is None
+
+
+class CountingOutbox(Outbox):
+    reads = 0
+
+    def read_after(self, *args, **kwargs):
+        self.reads += 1
+        return super().read_after(*args, **kwargs)
+
+
+def test_send_plan_reads_the_outbox_only_when_something_may_be_new(tmp_path):
+    """A steady connection asked the outbox for live and backlog rows (two queries) on every
+    pass of its loop; now live rows are read after a wake-up, the backlog until it runs out."""
+    box = CountingOutbox(str(tmp_path), 10**6)
+    for i in range(3):
+        box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
+    plan = SendPlan(box, boundary=box.stats().last_seq, rows=2)
+    assert [plan.next().seq for _ in range(3)] == [1, 2, 3]
+    assert plan.next() is None
+    reads = box.reads
+    for _ in range(10):  # passes of the loop with nothing new: no query
+        assert plan.next() is None
+    assert box.reads == reads
+    box.put("telemetry", {"i": 3}, "2025-01-01T00:00:00.000Z")
+    plan.new_rows()
+    assert plan.next().seq == 4 and plan.next() is None
+    assert box.reads == reads + 1  # one live read; the backlog is known to be done
+    box.close()
 
 
 def test_send_plan_batches_the_backlog_within_both_limits(tmp_path):
@@ -92,3 +125,52 @@ def test_ws_url_does_not_import_ssl():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=30, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("host, family", [("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)])
+def test_the_transport_opens_ws_connections_itself_ipv4_and_ipv6(host, family):
+    """ws:// with an ASCII host and no proxy: resolved as bytes (no idna codec), connected
+    with websocket-client's own socket options, and handed to it."""
+    import websocket
+
+    from agent.transport import tcp_socket
+
+    try:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.bind((host, 0))
+    except OSError:
+        pytest.skip(f"no {host} here")
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    sock = tcp_socket(websocket, f"ws://{shown}:{port}/v1/ws", 2.0)
+    try:
+        assert sock is not None and sock.family == family
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.gettimeout() == 2.0
+        listener.accept()[0].close()
+    finally:
+        sock.close()
+        listener.close()
+
+
+def test_websocket_client_connects_itself_for_wss_a_proxy_or_a_non_ascii_host(monkeypatch):
+    import websocket
+
+    from agent.transport import tcp_socket
+
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert tcp_socket(websocket, "wss://example.org/v1/ws", 1.0) is None
+    assert tcp_socket(websocket, "ws://bücher.example/v1/ws", 1.0) is None
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    assert tcp_socket(websocket, "ws://example.org/v1/ws", 1.0) is None
+
+
+def test_a_refused_connection_is_an_os_error():
+    import websocket
+
+    from agent.transport import tcp_socket
+
+    with pytest.raises(OSError):
+        tcp_socket(websocket, "ws://127.0.0.1:1/v1/ws", 1.0)

@@ -44,6 +44,9 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
                     "(default HOST-PID)")
     ap.add_argument("--dedupe-s", type=int, default=600, help="seconds a stored telemetry id "
                     "is remembered cluster-wide (default 600)")
+    ap.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                    help="event loop: uvloop when installed (auto, the default; it comes with "
+                    "the 'server' extra), or insist on one")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every connection event")
     return ap.parse_args(argv)
 
@@ -113,9 +116,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                               args.ping_timeout, args.rate_limit, tls_cert=args.tls_cert,
                               tls_key=args.tls_key, offer_batches=not args.no_batches,
                               redis_url=args.redis, node_id=args.node_id,
-                              dedupe_s=args.dedupe_s)
+                              dedupe_s=args.dedupe_s, loop=args.loop)
     try:
         server = CompanionServer(settings, secret)
+    except ImportError as exc:  # --loop uvloop without uvloop installed
+        print(f"nexus-server: {exc.name} is missing; install the 'server' extra "
+              "(pip install 'nexus-edge-agent[server]') or use --loop auto", file=sys.stderr)
+        return 2
     except OSError as exc:  # a busy port, or an unreadable TLS certificate or key
         print(f"nexus-server: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
@@ -124,6 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # The fleet page, with a fresh operator token in the fragment (never in a request line).
     page_token = mint(secret, PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
     print(f"page: {page_url(server.url, page_token)}", flush=True)
+    print(f"event loop: {server.loop_name}", flush=True)  # bench/fleet.py reports it
     while not inbox.wait(None):
         pass
     server.stop()

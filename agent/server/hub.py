@@ -9,7 +9,10 @@ Rules and guarantees:
   send queue afterwards (``Peer.send`` never waits), so a client that does not
   read stalls neither the hub nor anyone else.
 * A broadcast visits only the clients subscribed to its channel (an index kept
-  beside the subscriptions), not the whole fleet.
+  beside the subscriptions), not the whole fleet, and is encoded once: every
+  subscriber gets the same text (the same message id).
+* Each frame is decoded once and its payload validated once (by the handler of
+  its type); the time stamps a frame's answers share are formatted once.
 * Telemetry is stored by message id: a resend of an id already stored is acked
   again but neither stored nor broadcast twice (delivery is at-least-once on the
   wire, exactly-once in the store).
@@ -17,6 +20,12 @@ Rules and guarantees:
   ``protocol.ERROR_CODES`` and whose message names the field; the connection
   stays open. Only a client that keeps sending past twice its rate limit is
   closed (1008).
+* With a store file, writes are committed in groups: the first write after a
+  commit opens a transaction, and everything ``handle`` would answer (acks,
+  errors, broadcasts, closes) is held until the caller's :meth:`Hub.commit`,
+  which the server calls once per event-loop step. An ack still means "on
+  disk"; a step's frames share one commit (one WAL sync instead of one each).
+  In memory every write commits at once and nothing is held.
 * The store is SQLite (``:memory:`` unless a file is given), bounded to
   ``max_rows`` telemetry rows: the oldest are deleted past that. Waiting
   commands and result routes are bounded too (``MAX_PENDING_COMMANDS``,
@@ -35,9 +44,11 @@ import collections
 import functools
 import json
 import logging
+import math
 import sqlite3
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Deque, Dict, List, Protocol, Tuple
 
 from .. import protocol as p
@@ -63,6 +74,7 @@ class Peer(Protocol):
 
 
 Outgoing = List[Tuple[Peer, str]]
+Closes = List[Tuple[Peer, int, str]]  # (peer, close code, reason), after its Outgoing
 
 
 @dataclass
@@ -108,13 +120,59 @@ class HubSettings:
     # telemetry.batch, offered in every welcome; None offers nothing (the guide's protocol)
     batch: p.BatchOffer | None = DEFAULT_BATCH_OFFER
     max_rows: int = 100_000
+    # With a store file: commit in groups (see the module's rules). A cluster node commits
+    # every write at once: it tells the other nodes "stored" right after handle().
+    group_commit: bool = True
+
+
+class Clock:
+    """``protocol.format_timestamp(now)``, cheaper: an ack, its row and its broadcasts share
+    one ``now`` (formatted once), and the date and time of day change once a second."""
+
+    def __init__(self) -> None:
+        # Tuples, replaced whole: a reader on another thread never sees half an update.
+        self._last: Tuple[float, str] = (math.nan, "")
+        self._second: Tuple[float, str] = (math.nan, "")
+
+    def __call__(self, now: float) -> str:
+        last = self._last
+        if last[0] == now:
+            return last[1]
+        # Rounded as datetime.fromtimestamp rounds (half to even, to the microsecond).
+        fraction, whole = math.modf(now)
+        micros = round(fraction * 1e6)
+        if micros >= 1_000_000:
+            whole, micros = whole + 1, micros - 1_000_000
+        elif micros < 0:
+            whole, micros = whole - 1, micros + 1_000_000
+        second = self._second
+        if second[0] != whole:
+            second = (whole, datetime.fromtimestamp(whole, tz=timezone.utc)
+                      .strftime("%Y-%m-%dT%H:%M:%S."))
+            self._second = second
+        text = f"{second[1]}{micros // 1000:03d}Z"
+        self._last = (now, text)
+        return text
+
+
+def ack_text(msg_id: str, timestamp: str) -> str:
+    """``protocol.encode`` of an ack without a payload, by concatenation (the id was checked
+    to be real text when its frame was decoded)."""
+    return '{"type":"ack","id":' + _json_text(msg_id) + ',"timestamp":"' + timestamp + '"}'
+
+
+# One encoder, made once: json.dumps with any option builds a new encoder on every call.
+_json_text = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class Hub:
     def __init__(self, db_path: str = ":memory:", settings: HubSettings | None = None) -> None:
         self.settings = settings or HubSettings()
         self._lock = threading.Lock()
+        self._clock = Clock()
         self._clients: Dict[str, Client] = {}
+        # device id -> its connections (client_id -> client): presence without a fleet scan
+        self._devices: Dict[str, Dict[str, Client]] = {}
         self._pending: Dict[str, PendingCommand] = {}  # command_id -> waiting for its device
         self._routes: Dict[str, str] = {}  # command_id -> operator client_id awaiting the result
         self._listeners: Dict[str, Dict[str, Client]] = {}  # channel -> client_id -> client
@@ -123,6 +181,10 @@ class Hub:
         if db_path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        self._group_commit = self.settings.group_commit and db_path != ":memory:"
+        self._in_transaction = False
+        self._held: Outgoing = []  # answers waiting for the commit (group commit only)
+        self._held_closes: Closes = []
         self._inserts = 0
         self._view: ClusterView | None = None  # set for one handle() call, under the lock
 
@@ -133,6 +195,8 @@ class Hub:
         client = Client(p.new_id("client"), identity, peer)
         with self._lock:
             self._clients[client.client_id] = client
+            if identity.is_device:
+                self._devices.setdefault(identity.subject, {})[client.client_id] = client
         welcome = p.make("connected", now, p.welcome_payload(client.client_id, now,
                                                            self.settings.batch))
         return client, _encode(welcome)
@@ -148,8 +212,13 @@ class Hub:
             self._clients.pop(client.client_id, None)
             for listeners in self._listeners.values():
                 listeners.pop(client.client_id, None)
-            still = any(c.identity.is_device and c.identity.subject == client.identity.subject
-                        for c in self._clients.values())
+            still = False
+            if client.identity.is_device:
+                others = self._devices.get(client.identity.subject, {})
+                others.pop(client.client_id, None)
+                still = bool(others)
+                if not still:
+                    self._devices.pop(client.identity.subject, None)
         if still or now is None:
             return []
         return self._presence(client, "device.offline", now)
@@ -170,20 +239,70 @@ class Hub:
     def handle(self, client: Client, text: str | bytes, now: float,
                view: ClusterView | None = None) -> Outgoing:
         """Everything to send in answer to one frame from ``client``; with a ``view``, also
-        what the other nodes of a cluster must hear about (written into it)."""
+        what the other nodes of a cluster must hear about (written into it). With a store
+        file, while a write waits for :meth:`commit`, the answers wait with it (in order)."""
+        out = self._handle(client, text, now, view)
+        if self._in_transaction:
+            with self._lock:
+                self._held += out
+            return []
+        return out
+
+    @property
+    def uncommitted(self) -> bool:
+        """Writes (and answers) wait for :meth:`commit`."""
+        return self._in_transaction
+
+    def commit(self) -> Tuple[Outgoing, Closes]:
+        """Commit the open transaction; the answers and closes it held, to send in order.
+        If the commit fails, nothing was stored and nothing held is sent: no false acks
+        (the clients resend unacked telemetry)."""
+        with self._lock:
+            out, closes = self._held, self._held_closes
+            self._held, self._held_closes = [], []
+            if not self._in_transaction:
+                return out, closes
+            self._in_transaction = False
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                log.exception("commit failed: %d answers dropped (the clients will resend)",
+                              len(out))
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                return [], closes
+        return out, closes
+
+    def _close_client(self, client: Client, code: int, reason: str) -> None:
+        """Close ``client``, after what is held for it when a commit is pending."""
+        if self._in_transaction:
+            with self._lock:
+                self._held_closes.append((client.peer, code, reason))
+        else:
+            client.peer.close(code, reason)
+
+    def _write(self, sql: str, args: Tuple[Any, ...]) -> sqlite3.Cursor:
+        """Every write: opens the group's transaction when the store is a file."""
+        if self._group_commit and not self._in_transaction:
+            self._db.execute("BEGIN")
+            self._in_transaction = True
+        return self._db.execute(sql, args)
+
+    def _handle(self, client: Client, text: str | bytes, now: float,
+                view: ClusterView | None) -> Outgoing:
         over_rate = self._over_rate(client, now)  # every frame counts, even a malformed one
         env: p.Envelope | None = None
         if _too_big(text):
             # The frame limit lets a batch through; everything else keeps 64 KiB.
             env = _batch_or_none(text)
             if env is None:
-                client.peer.close(p.CLOSE_TOO_BIG, "message too big")
+                self._close_client(client, p.CLOSE_TOO_BIG, "message too big")
                 return []
         try:
             env = env or p.decode(text)
             if over_rate:
                 return self._rate_error(client, env.id, now)
-            p.check_client_message(env)
+            p.check_client_envelope(env)  # the handler validates the payload (only once)
             with self._lock:
                 self._view = view
                 try:
@@ -218,7 +337,7 @@ class Hub:
         limit = self.settings.rate_limit_per_minute
         if len(client.recent) > 2 * limit:
             # A client that ignores RATE_LIMITED would otherwise make us answer forever.
-            client.peer.close(p.CLOSE_POLICY, "rate limit exceeded")
+            self._close_client(client, p.CLOSE_POLICY, "rate limit exceeded")
             return []
         return self._error(client, p.RATE_LIMITED, f"more than {limit} messages in 60 s; this "
                            "message was not processed, send it again later", now, msg_id)
@@ -229,7 +348,7 @@ class Hub:
 
     def _reply(self, client: Client, type_: str, env: p.Envelope, now: float,
                payload: Dict[str, Any] | None = None) -> Outgoing:
-        return [(client.peer, _encode(p.make(type_, now, payload, env.id)))]
+        return [(client.peer, _encode(p.Envelope(type_, env.id, self._clock(now), payload)))]
 
     def _ping(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         return self._reply(client, "pong", env, now)
@@ -266,18 +385,19 @@ class Hub:
         data = p.parse_telemetry(env)
         self._check_sender(client, data.device_id, env.id)
         assert env.id is not None and env.payload is not None
-        out = self._reply(client, "ack", env, now)
+        out: Outgoing = [(client.peer, ack_text(env.id, self._clock(now)))]
         return out + (self._store(env.id, data.device_id, env.timestamp or
-                                  p.format_timestamp(now), env.payload, now) or [])
+                                  self._clock(now), env.payload, now) or [])
 
     def _telemetry_batch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         """Every valid item stored and broadcast as if it came alone; one ack says what was
         taken. A bad item rejects only itself (named by index and field in the ack)."""
         offer = self.settings.batch
+        # Parsed before the offer is checked: a malformed batch is INVALID_MESSAGE either way.
+        batch = p.parse_telemetry_batch(env, offer.max_items if offer else p.MAX_BATCH_ITEMS)
         if offer is None:
             raise ProtocolError(p.UNKNOWN_MESSAGE_TYPE, "telemetry.batch is not offered by "
                                 "this server; send single telemetry messages", "type", env.id)
-        batch = p.parse_telemetry_batch(env, offer.max_items)
         self._check_sender(client, batch.device_id, env.id)
         broadcasts: Outgoing = []
         stored = 0
@@ -305,15 +425,17 @@ class Hub:
         view = self._view
         if view is not None and msg_id in view.duplicates:
             return None  # another node of the cluster stored it
-        cur = self._db.execute(
+        cur = self._write(
             "INSERT OR IGNORE INTO telemetry (id, device_id, sample_time, received_at, payload)"
             " VALUES (?, ?, ?, ?, ?)",
-            (msg_id, device_id, sample_time, p.format_timestamp(now), json.dumps(payload)))
+            (msg_id, device_id, sample_time, self._clock(now), json.dumps(payload)))
         if view is not None:
             view.stored.append(msg_id)
         if cur.rowcount != 1:
             return None
         self._trim(now)
+        if view is None and not self._listeners.get("telemetry"):
+            return []  # nobody to tell (the usual case for a fleet without operators)
         update = dict(payload, message_id=msg_id, sample_time=sample_time)
         if view is not None:
             view.published.append(("telemetry", update))
@@ -352,10 +474,10 @@ class Hub:
         if not client.identity.is_device or result.device_id != client.identity.subject:
             raise ProtocolError(p.FORBIDDEN, "a device may only report its own commands",
                                 "payload.device_id", env.id)
-        cur = self._db.execute(
+        cur = self._write(
             "INSERT OR IGNORE INTO command_results (command_id, device_id, status, received_at,"
             " payload) VALUES (?, ?, ?, ?, ?)",
-            (result.command_id, result.device_id, result.status, p.format_timestamp(now),
+            (result.command_id, result.device_id, result.status, self._clock(now),
              json.dumps(result.to_payload())))
         out = self._reply(client, "ack", env, now)
         # Relayed once per pending request: a device's resend (same result, new message) finds
@@ -375,11 +497,14 @@ class Hub:
 
     def _broadcast(self, channel: str, payload: Dict[str, Any], now: float) -> Outgoing:
         out: Outgoing = []
+        text = ""  # encoded for the first subscriber it goes to; the same text for all
         for client in self._listeners.get(channel, {}).values():
             for sub in client.subscriptions:
                 if sub.channel == channel and p.matches_filters(payload, sub.filters):
-                    out.append((client.peer, _encode(p.make(f"{channel}.update", now,
-                                                              payload))))
+                    if not text:
+                        text = _encode(p.Envelope(f"{channel}.update", p.new_id(),
+                                                  self._clock(now), payload))
+                    out.append((client.peer, text))
                     break  # one copy per client, however many subscriptions match
         return out
 
@@ -389,9 +514,8 @@ class Hub:
             del self._routes[next(iter(self._routes))]
 
     def _device_listening(self, device_id: str) -> bool:
-        return any(c.identity.is_device and c.identity.subject == device_id
-                   and any(s.channel == "commands" for s in c.subscriptions)
-                   for c in self._clients.values())
+        return any(any(s.channel == "commands" for s in c.subscriptions)
+                   for c in self._devices.get(device_id, {}).values())
 
     def _deliver_pending(self, device_id: str, now: float) -> Outgoing:
         out: Outgoing = []
@@ -468,7 +592,7 @@ class Hub:
     def _trim(self, now: float) -> None:
         self._inserts += 1
         if self._inserts % 1000 == 0:
-            self._db.execute(
+            self._write(
                 "DELETE FROM telemetry WHERE rowid <= "
                 "(SELECT MAX(rowid) FROM telemetry) - ?", (self.settings.max_rows,))
 
@@ -486,6 +610,9 @@ class Hub:
                  "payload": json.loads(r[3])} for r in rows]
 
     def close(self) -> None:
+        """Commit what is pending (its answers are not sent: the server is stopping) and
+        close the store."""
+        self.commit()
         with self._lock:
             self._db.close()
 

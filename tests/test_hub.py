@@ -1,0 +1,156 @@
+"""The hub without sockets: what one frame costs it, and that its shortcuts say exactly
+what the protocol module would have said."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import List, Tuple
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent import protocol as p
+from agent.server.hub import Clock, Hub, ack_text
+from agent.server.tokens import Identity
+
+NOW = 1_800_000_000.0
+
+
+class FakePeer:
+    def __init__(self) -> None:
+        self.closed: List[Tuple[int, str]] = []
+
+    def send(self, text: str) -> None:  # the hub returns texts; it never calls send
+        raise AssertionError("the hub must not send")
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+
+def join(hub: Hub, subject: str, role: str = "device"):
+    client, _ = hub.connect(Identity(subject, role, NOW + 3600), FakePeer(), NOW)
+    return client
+
+
+def telemetry(msg_id: str, device: str) -> str:
+    return json.dumps({"type": "telemetry", "id": msg_id, "timestamp": "2025-11-03T01:53:54.518Z",
+                       "payload": {"device_id": device, "metrics": {"cpu_usage": 1.5}}})
+
+
+@given(st.lists(st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False), min_size=1,
+                max_size=20))
+def test_clock_formats_as_format_timestamp(instants):
+    clock = Clock()
+    for now in instants + sorted(instants) + [instants[0]]:  # cached and fresh, same answer
+        assert clock(now) == p.format_timestamp(now)
+
+
+def test_clock_rounds_near_a_second_boundary_as_datetime_does():
+    clock = Clock()
+    for now in (1.9999995, 1.9999994, 1_800_000_000.9999996, 1_800_000_000.0005, 0.0):
+        assert clock(now) == p.format_timestamp(now), now
+
+
+@given(st.text(min_size=1, max_size=p.MAX_ID_CHARS).filter(p._is_unicode))
+def test_ack_text_is_what_encode_writes(msg_id):
+    stamp = p.format_timestamp(NOW)
+    assert ack_text(msg_id, stamp) == p.encode(p.make("ack", NOW, None, msg_id))
+
+
+def test_a_broadcast_is_one_text_for_every_subscriber():
+    hub = Hub()
+    device = join(hub, "d1")
+    operators = [join(hub, f"op-{i}", "operator") for i in range(3)]
+    for op in operators:
+        hub.handle(op, json.dumps({"type": "subscribe", "id": "s",
+                                   "payload": {"channel": "telemetry"}}), NOW)
+    out = hub.handle(device, telemetry("t-1", "d1"), NOW)
+    updates = [text for peer, text in out if peer is not device.peer]
+    assert len(updates) == 3 and len(set(updates)) == 1  # one message id for all of them
+    assert json.loads(updates[0])["payload"]["message_id"] == "t-1"
+
+
+def test_a_frame_is_validated_once(monkeypatch):
+    calls: List[str] = []
+    original = p.parse_telemetry
+
+    def counting(env: p.Envelope) -> p.Telemetry:
+        calls.append(env.id or "")
+        return original(env)
+
+    monkeypatch.setattr(p, "parse_telemetry", counting)
+    monkeypatch.setitem(p._CLIENT_CHECKS, "telemetry", counting)
+    hub = Hub()
+    assert json.loads(hub.handle(join(hub, "d1"), telemetry("t-1", "d1"), NOW)[0][1])["type"] \
+        == "ack"
+    assert calls == ["t-1"]
+
+
+def test_a_malformed_batch_is_invalid_even_where_batches_are_not_offered():
+    from agent.server.hub import HubSettings
+
+    hub = Hub(settings=HubSettings(batch=None))
+    bad = json.dumps({"type": p.TELEMETRY_BATCH, "id": "b", "payload": {"device_id": "d1"}})
+    good = json.dumps({"type": p.TELEMETRY_BATCH, "id": "b2", "payload": {
+        "device_id": "d1", "items": [{"id": "i", "timestamp": "2025-11-03T01:53:54.518Z",
+                                      "metrics": {"c": 1}}]}})
+    device = join(hub, "d1")
+    assert json.loads(hub.handle(device, bad, NOW)[0][1])["error"]["code"] == p.INVALID_MESSAGE
+    assert json.loads(hub.handle(device, good, NOW)[0][1])["error"]["code"] \
+        == p.UNKNOWN_MESSAGE_TYPE
+
+
+def test_presence_of_a_large_fleet_costs_no_scan_per_disconnect():
+    """10,000 devices leave: each asks "is another connection of this device left?" from
+    an index, not by walking the fleet (which was 50 million steps here)."""
+    hub = Hub()
+    watcher = join(hub, "watcher", "operator")
+    hub.handle(watcher, json.dumps({"type": "subscribe", "id": "s",
+                                    "payload": {"channel": "events"}}), NOW)
+    clients = [join(hub, f"d{i}") for i in range(10_000)]
+    twin = join(hub, "d0")  # a reconnect that overtook the old connection
+    start = time.process_time()
+    offline = [hub.disconnect(c, NOW) for c in clients]
+    assert time.process_time() - start < 2.0
+    assert offline[0] == []  # d0 is still connected through its twin
+    assert all(len(out) == 1 for out in offline[1:])
+    assert json.loads(offline[1][0][1])["payload"] == {"event": "device.offline",
+                                                       "device_id": "d1"}
+    assert len(hub.disconnect(twin, NOW)) == 1
+    assert hub.device_listening("d0") is False
+
+
+def test_with_a_store_file_answers_wait_for_the_group_commit(tmp_path):
+    import sqlite3
+
+    from agent.server.hub import HubSettings
+
+    path = str(tmp_path / "store.db")
+    hub = Hub(path, HubSettings(rate_limit_per_minute=3))
+    device, other = join(hub, "d1"), join(hub, "d2")
+    reader = sqlite3.connect(path)
+    assert hub.handle(device, telemetry("t-1", "d1"), NOW) == []  # held: not on disk yet
+    assert hub.handle(other, json.dumps({"type": "ping", "id": "p"}), NOW) == []  # in line
+    assert hub.uncommitted
+    assert reader.execute("SELECT COUNT(*) FROM telemetry").fetchone() == (0,)
+    for i in range(2, 8):  # past twice the rate limit: the close waits behind the acks
+        hub.handle(device, telemetry(f"t-{i}", "d1"), NOW)
+    out, closes = hub.commit()
+    assert reader.execute("SELECT COUNT(*) FROM telemetry").fetchone() == (3,)
+    assert [(peer is device.peer, json.loads(text)["type"]) for peer, text in out] == [
+        (True, "ack"), (False, "pong"), (True, "ack"), (True, "ack"), (True, "error"),
+        (True, "error"), (True, "error")]
+    assert closes == [(device.peer, p.CLOSE_POLICY, "rate limit exceeded")]
+    assert device.peer.closed == [] and not hub.uncommitted
+    assert hub.commit() == ([], [])
+    # Nothing written, nothing held: answered at once.
+    assert json.loads(hub.handle(other, json.dumps({"type": "ping", "id": "q"}), NOW)[0][1])[
+        "type"] == "pong"
+    hub.close()
+
+
+def test_in_memory_every_answer_goes_at_once():
+    hub = Hub()
+    out = hub.handle(join(hub, "d1"), telemetry("t-1", "d1"), NOW)
+    assert [json.loads(text)["type"] for _, text in out] == ["ack"] and not hub.uncommitted
