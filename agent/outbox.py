@@ -8,8 +8,9 @@ SIGKILLed at any instant, and must lose nothing it had stored; the disk is an
 SD card that must not fill up; a corrupt file must never become a crash loop.
 
 On-disk layout: one SQLite database ``outbox.db`` in ``state_dir``, WAL mode,
-1 KiB pages (a WAL frame is one page: a sample of a few hundred bytes commits
-one ~1 KiB frame instead of a 4 KiB one).
+512-byte pages (a WAL frame is one page: each put commits one ~0.5 KiB frame,
+and offline, one more frame for the table's parent page and one for the
+header page whenever a new page is taken, so the rows a page holds count too).
 
 * ``messages(seq, type, ts, payload, size, created)``: ``seq`` is the order of
   creation (the rowid, no second index). A message's id is ``<epoch>-<seq>``,
@@ -25,9 +26,37 @@ one ~1 KiB frame instead of a 4 KiB one).
   delete that removes the newest row (rare: a put's own delete of acked rows
   never does, since the row it inserts is newer). This replaces AUTOINCREMENT,
   which rewrote ``sqlite_sequence`` (one more page) on every insert.
-* A file of the first schema (AUTOINCREMENT, a UNIQUE ``id`` column) is
-  migrated on open in one transaction, keeping every message and its id, then
-  rebuilt with 1 KiB pages (VACUUM) when nothing else has it open.
+
+Rows (schema 3, ``PRAGMA user_version`` 3): a sample of ~440 bytes of JSON is
+stored in ~120, three or four to a page (two to a 1 KiB page before). Each
+column says how it is stored by its SQLite type, so rows of every schema read
+alike:
+
+* ``payload``: TEXT is the JSON text as it is (every row written before schema
+  3, and a payload compression does not shrink). A BLOB starts with a byte
+  naming its encoding: ``1`` (``DEFLATE_1``) is raw deflate with the preset
+  dictionary ``ZDICT_1`` (the keys of a sample and of a command result). A
+  dictionary is never changed once released: a new one gets a new byte. The
+  text read back is the text ``put`` produced, byte for byte. A row that cannot
+  be read (a byte of a newer version, damaged bytes) is moved to ``set_aside``
+  with the reason when it is read, and the rest go on.
+* ``type``: an integer code (``TYPE_CODES``: 1 telemetry, 2 command.result), or
+  the text of any other type.
+* ``ts``: milliseconds since the epoch when that formats back to exactly the
+  text given (``protocol.format_timestamp``'s form), else the text.
+* ``size``: the bytes of the payload's JSON text (UTF-8), not of what is
+  stored: ``max_bytes`` bounds the payload bytes the queue would send, as
+  before; the file holds less (about a third for samples), plus the pages'
+  own overhead.
+* ``created``: NULL when the ``ts`` (in milliseconds) is the creation time, as
+  for every sample and command result; else the time.
+* ``type``, ``ts`` and ``payload`` have no declared type: a declared TEXT would
+  turn the integer codes into text. Files of older schemas are rewritten on
+  open in one transaction, every row kept as it was (TEXT reads as before) and
+  the highest seq ever used kept; the first schema (AUTOINCREMENT, a UNIQUE
+  ``id`` column) and the second (TEXT columns, ``created`` NOT NULL) alike. A
+  file of other pages is then rebuilt with 512-byte pages (VACUUM, under a
+  rollback journal with ``synchronous=FULL``), when nothing else has it open.
 
 Durability (``queue.durability``):
 
@@ -42,20 +71,24 @@ Durability (``queue.durability``):
 
 Acknowledged rows are deleted lazily: ``ack`` takes them out of the queue at
 once (they are never read or counted again) and the delete rides along in the
-next ``put``'s transaction, so a sample costs one commit, not two. Acks that no
-put carries are deleted by the syncer within ``sync_interval_s``, or at once
-when ``ACK_FLUSH_AT`` are waiting, and by ``close``. A kill (or, with
-``normal``, a power cut) before the delete only means the server gets those
-messages again, under the same ids, and drops them.
+next ``put``'s transaction, so a sample costs one commit, not two (a put with
+nothing to delete is a single INSERT in autocommit mode: the same one commit,
+one statement instead of three). Acks that no put carries are deleted by the
+syncer within ``sync_interval_s``, or at once when ``ACK_FLUSH_AT`` are
+waiting, and by ``close``. A kill (or, with ``normal``, a power cut) before the
+delete only means the server gets those messages again, under the same ids,
+and drops them.
 
 What an acknowledgement means: the server's ``ack`` for an id says it has the
 message; only then is the row deleted. Delivery is therefore at-least-once.
 
-Bounds: the sum of ``size`` (bytes of the payload) stays under ``max_bytes``;
-a ``put`` that would exceed it first deletes the oldest rows and adds them to
-``dropped``. The daemon never stops for a full queue. Nothing enters that the
-protocol cannot carry: a message whose wire text is over
-``protocol.MAX_MESSAGE_BYTES`` is refused by ``put`` (LocalProtocolError).
+Bounds: the sum of ``size`` (bytes of the payloads' JSON text) stays under
+``max_bytes``; a ``put`` that would exceed it first deletes the oldest rows and
+adds them to ``dropped``. The daemon never stops for a full queue. Nothing
+enters that the protocol cannot carry: a message whose wire text is over
+``protocol.MAX_MESSAGE_BYTES`` is refused by ``put`` (LocalProtocolError). The
+wire size is worked out from the parts (``wire_size_ok``); only a message
+within a few hundred bytes of the limit has its envelope built to be sure.
 
 Set aside: a message the server refuses for good (``INVALID_MESSAGE``, or a
 connection it keeps closing while that message is the oldest in flight) is
@@ -88,23 +121,28 @@ import secrets
 import sqlite3
 import threading
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, TypeVar
+from datetime import datetime, timedelta
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple,
+                    TypeVar, Union)
 
 from . import protocol as p
 from . import store
 
 log = logging.getLogger("nexus.outbox")
 
+# type, ts and payload have no declared type on purpose: a declared TEXT would turn the
+# integer codes into text (column affinity). See "Rows" in the module docstring.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY,
-    type TEXT NOT NULL,
-    ts TEXT NOT NULL,
-    payload TEXT NOT NULL,
+    type NOT NULL,
+    ts NOT NULL,
+    payload NOT NULL,
     size INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS set_aside (
@@ -117,11 +155,143 @@ CREATE TABLE IF NOT EXISTS set_aside (
     at REAL NOT NULL
 );
 """
+SCHEMA_VERSION = 3  # PRAGMA user_version; 0 in files of the first two schemas
 SET_ASIDE_KEEP = 100
-PAGE_SIZE = 1024
+PAGE_SIZE = 512
 DURABILITIES = ("normal", "full")
 SYNC_INTERVAL_S = 10.0
 ACK_FLUSH_AT = 64  # acked rows waiting for a put before they are deleted on their own
+INSERT = "INSERT INTO messages (seq, type, ts, payload, size, created) VALUES (?, ?, ?, ?, ?, ?)"
+
+# --------------------------------------------------------------------------- how a row is stored
+# Never change a dictionary or a code once released: rows written with it must still read.
+# A new dictionary gets a new leading byte (and an entry in _ZDICTS); a new type, a new code.
+
+# Preset dictionary of the deflate codec 1: a command result, then a telemetry sample with
+# the metrics in the order metrics.py and service.py write them (deflate finds the text at
+# the end of the dictionary at the shortest distances, so the most common goes last).
+ZDICT_1 = (
+    b'{"command_id":"","device_id":"","status":"succeeded","exit_code":0,"stdout":"",'
+    b'"stderr":"","duration_ms":0}'
+    b'{"device_id":"","metrics":{"cpu_usage":0.0,"memory_usage":0.0,'
+    b'"memory_available_bytes":0,"swap_usage":0.0,"uptime_s":0,"disk_root_usage":0,'
+    b'"disk_state_usage":0,"net_bytes_sent":0,"net_bytes_recv":0,"load_1m":0,"load_5m":0,'
+    b'"load_15m":0,"cpu_temp_c":0,"agent_rss_bytes":0,"agent_queue_depth":0,'
+    b'"agent_queue_bytes":0,"agent_oldest_queued_age_s":0,"agent_dropped":0,'
+    b'"agent_reconnects":0,"agent_clock_offset_s":0}}'
+)
+DEFLATE_1 = 1  # leading byte of a BLOB payload: raw deflate (RFC 1951) with ZDICT_1
+_ZDICTS = {DEFLATE_1: ZDICT_1}
+_LEVEL, _WBITS, _MEMLEVEL = 6, -12, 5  # 4 KiB window, small state: ~10 us a sample
+TYPE_CODES = {"telemetry": 1, "command.result": 2}  # stored as a small integer
+_TYPES = {code: name for name, code in TYPE_CODES.items()}
+
+
+def pack_payload(data: bytes) -> Optional[bytes]:
+    """The stored form of a payload's UTF-8 ``data``: DEFLATE_1 and the deflated bytes,
+    or None when that is not smaller (the text is stored as it is)."""
+    c = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS, _MEMLEVEL, zlib.Z_DEFAULT_STRATEGY,
+                         ZDICT_1)
+    packed = c.compress(data) + c.flush()
+    return b"\x01" + packed if len(packed) + 1 < len(data) else None
+
+
+def unpack_payload(value: Union[str, bytes]) -> str:
+    """The payload text of a stored value: TEXT as it is (every row before compression, and
+    rows compression did not shrink), a BLOB by its leading byte. ValueError when it cannot
+    be read (an unknown leading byte, from a newer version; damaged bytes)."""
+    if isinstance(value, str):
+        return value
+    zdict = _ZDICTS.get(value[0]) if value else None
+    if zdict is None:
+        raise ValueError(f"unknown payload encoding {value[:1]!r}")
+    try:
+        d = zlib.decompressobj(-15, zdict=zdict)  # the largest window reads any smaller one
+        data = d.decompress(value[1:]) + d.flush()
+    except zlib.error as exc:
+        raise ValueError(f"damaged payload: {exc}") from None
+    if not d.eof or d.unused_data:
+        raise ValueError("damaged payload: the deflate stream does not end where the row does")
+    return data.decode("utf-8")
+
+
+_EPOCH, _SECOND = datetime(1970, 1, 1), timedelta(seconds=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _second_of(prefix: str) -> Optional[int]:
+    """Seconds since the epoch of ``YYYY-MM-DDTHH:MM:SS`` (UTC), only when formatting them
+    back gives ``prefix`` exactly; else None."""
+    try:
+        second = (datetime.fromisoformat(prefix) - _EPOCH) // _SECOND
+    except (ValueError, TypeError):  # not a date; a date with a zone
+        return None
+    return second if _format_second(second) == prefix else None
+
+
+@functools.lru_cache(maxsize=8)
+def _format_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+def pack_ts(ts: str) -> Union[int, str]:
+    """A timestamp as stored: milliseconds since the epoch (6 bytes instead of 24) when
+    :func:`unpack_ts` gives ``ts`` back exactly (protocol.format_timestamp's form), else
+    the text."""
+    if len(ts) == 24 and ts[19] == "." and ts[23] == "Z" and ts[20:23].isascii() and \
+            ts[20:23].isdigit():
+        second = _second_of(ts[:19])
+        if second is not None:
+            return second * 1000 + int(ts[20:23])
+    return ts
+
+
+def unpack_ts(value: Union[int, str]) -> str:
+    if isinstance(value, str):
+        return value
+    second, milli = divmod(value, 1000)
+    return f"{_format_second(second)}.{milli:03d}Z"
+
+
+def unpack_type(value: Union[int, str]) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return _TYPES[value]
+    except KeyError:
+        raise ValueError(f"unknown type code {value}") from None
+
+
+def _decode(rows: List[Tuple[Any, ...]], epoch: str
+            ) -> Tuple[List[Record], List[Tuple[int, str]]]:
+    """Records of stored (seq, type, ts, payload) rows, and the (seq, reason) of the rows
+    that cannot be read."""
+    records: List[Record] = []
+    unreadable: List[Tuple[int, str]] = []
+    for seq, type_, ts, payload in rows:
+        try:
+            records.append(Record(seq, f"{epoch}-{seq}", unpack_type(type_), unpack_ts(ts),
+                                  unpack_payload(payload)))
+        except ValueError as exc:
+            unreadable.append((seq, f"unreadable row: {exc}"))
+    return records, unreadable
+
+
+def _created(row: Tuple[Any, Any]) -> Optional[float]:
+    """A row's creation time from (created, ts): created is NULL when the ts, stored as
+    milliseconds, is that time."""
+    created, ts = row
+    if created is not None:
+        return float(created)
+    return ts / 1000 if isinstance(ts, int) else None
+
+
+def wire_size_ok(type_: str, msg_id: str, ts: str, size: int,
+                 limit: int = p.MAX_MESSAGE_BYTES) -> bool:
+    """True when the envelope of a ``size``-byte payload certainly fits ``limit``, without
+    building it: 39 bytes of keys and punctuation, and at most 2 + 6 bytes per character
+    for each JSON string (``\\uXXXX``). False means "build it and see" (near the limit)."""
+    return 45 + 6 * (len(type_) + len(msg_id) + len(ts)) + size <= limit
 
 
 @dataclass(frozen=True)
@@ -238,11 +408,12 @@ class Outbox:
 
     @classmethod
     def _setup(cls, db: sqlite3.Connection) -> None:
-        migrated = _migrate_v1(db)
+        _migrate(db)
         db.executescript(SCHEMA)
         cls._init_meta(db)
-        if migrated:
-            _repage(db)
+        if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # a new file
+        _repage(db)  # a file of other pages: older schemas, or a rebuild cut short
 
     @staticmethod
     def _init_meta(db: sqlite3.Connection) -> None:
@@ -278,29 +449,39 @@ class Outbox:
     def put(self, type_: str, payload: Mapping[str, Any], ts: str,
             now: Optional[float] = None) -> Record:
         """Store a message (see Durability in the module docstring) and return it with its
-        permanent id.
+        permanent id. ``now`` is its creation time (default: now), for ``stats``.
 
         LocalProtocolError (nothing stored) when its wire text would be over the protocol's
         size limit: the server could never accept it, and it would block the queue.
         """
         text = p.dumps(payload)
-        size = len(text.encode("utf-8"))
+        data = text.encode("utf-8")
+        size = len(data)
+        # Encoded before the lock: the sampler's compression never holds up the transport.
+        stored: Union[str, bytes] = pack_payload(data) or text
+        ts_value = pack_ts(ts)
         created = time.time() if now is None else now
+        created_value = None if isinstance(ts_value, int) and \
+            abs(created * 1000 - ts_value) < 1 else created  # NULL: the ts says it
+        row = (TYPE_CODES.get(type_, type_), ts_value, stored, size, created_value)
         with self._lock:
             seq = self._last_seq + 1
             msg_id = f"{self._epoch}-{seq}"
-            p.envelope_text(type_, msg_id, ts, text)  # raises when over the limit
-        with self._lock:
-            with self._transaction() as db:
-                # Acked rows go in this same commit (one WAL frame for the insert and the
-                # deletes); the new row is the newest, so meta.last_seq needs no update.
-                self._delete_acked(db, newest_stays=True)
-                self._make_room(db, size)
-                seq = self._last_seq + 1
-                msg_id = f"{self._epoch}-{seq}"
-                db.execute("INSERT INTO messages (seq, type, ts, payload, size, created) "
-                           "VALUES (?, ?, ?, ?, ?, ?)", (seq, type_, ts, text, size, created))
-            self._acked.clear()  # only once committed: a rollback keeps them to delete later
+            if not wire_size_ok(type_, msg_id, ts, size):
+                p.envelope_text(type_, msg_id, ts, text)  # near the limit: exact; raises over it
+            if self._acked or self._bytes + size > self.max_bytes:
+                with self._transaction() as db:
+                    # Acked rows go in this same commit (one WAL frame for the insert and the
+                    # deletes); the new row is the newest, so meta.last_seq needs no update.
+                    self._delete_acked(db, newest_stays=True)
+                    self._make_room(db, size)
+                    db.execute(INSERT, (seq, *row))
+                self._acked.clear()  # only once committed: a rollback keeps them for later
+            else:
+                # Nothing to delete: one INSERT in autocommit mode is a transaction of its
+                # own, with the same durability, for one statement instead of three.
+                self._db.execute(INSERT, (seq, *row))
+                self._unsynced = True
             self._last_seq, self._depth, self._bytes = seq, self._depth + 1, self._bytes + size
             self._put_since_sync = True
         return Record(seq, msg_id, type_, ts, text)
@@ -376,21 +557,29 @@ class Outbox:
             if seq is None or seq in self._acked:
                 return False
             with self._transaction() as db:
-                row = db.execute("SELECT seq, type, ts, payload, size FROM messages "
-                                 "WHERE seq = ?", (seq,)).fetchone()
-                if row is None:
-                    return False
-                db.execute("INSERT OR REPLACE INTO set_aside VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (seq, msg_id, row[1], row[2], row[3], reason[:500], time.time()))
-                db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
-                if seq == self._last_seq:
-                    db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(seq),))
-                db.execute("DELETE FROM set_aside WHERE seq NOT IN (SELECT seq FROM set_aside "
-                           "ORDER BY seq DESC LIMIT ?)", (SET_ASIDE_KEEP,))
-                self._set_aside += 1
-                db.execute("UPDATE meta SET value = ? WHERE key = 'set_aside'",
-                           (str(self._set_aside),))
-                self._depth, self._bytes = self._depth - 1, self._bytes - int(row[4])
+                return self._move_aside(db, seq, reason)
+
+    def _move_aside(self, db: sqlite3.Connection, seq: int, reason: str) -> bool:
+        """Move one queued row to ``set_aside``, readable (decoded) when it can be. Caller
+        holds self._lock, in a transaction."""
+        row = db.execute("SELECT type, ts, payload, size FROM messages WHERE seq = ?",
+                         (seq,)).fetchone()
+        if row is None:
+            return False
+        try:
+            kept = (unpack_type(row[0]), unpack_ts(row[1]), unpack_payload(row[2]))
+        except ValueError:
+            kept = (str(row[0]), str(row[1]), row[2])  # kept as stored, for inspection
+        db.execute("INSERT OR REPLACE INTO set_aside VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (seq, f"{self._epoch}-{seq}", *kept, reason[:500], time.time()))
+        db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+        if seq == self._last_seq:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(seq),))
+        db.execute("DELETE FROM set_aside WHERE seq NOT IN (SELECT seq FROM set_aside "
+                   "ORDER BY seq DESC LIMIT ?)", (SET_ASIDE_KEEP,))
+        self._set_aside += 1
+        db.execute("UPDATE meta SET value = ? WHERE key = 'set_aside'", (str(self._set_aside),))
+        self._depth, self._bytes = self._depth - 1, self._bytes - int(row[3])
         return True
 
     # ------------------------------------------------------------------ syncing
@@ -451,18 +640,29 @@ class Outbox:
                 query += f" AND seq NOT IN ({','.join('?' * len(self._acked))})"
                 args.extend(self._acked)
             rows = self._db.execute(query + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
-        return [Record(row[0], f"{self._epoch}-{row[0]}", row[1], row[2], row[3])
-                for row in rows]
+            epoch, generation = self._epoch, self.generation
+        # Decoded outside the lock: a long batch's decompression never holds up a put.
+        records, unreadable = _decode(rows, epoch)
+        if unreadable:
+            with self._lock:
+                if self.generation != generation:
+                    return []  # the file was replaced meanwhile: the caller restarts
+                with self._transaction() as db:
+                    for bad, reason in unreadable:
+                        self._move_aside(db, bad, reason)
+                        log.error("outbox %s: message %s-%d cannot be read (%s); set aside",
+                                  self.path, epoch, bad, reason)
+        return records
 
     @_on_corruption(retry=True)
     def stats(self) -> OutboxStats:
         with self._lock:
-            query = "SELECT created FROM messages"
+            query = "SELECT created, ts FROM messages"
             if self._acked:
                 query += f" WHERE seq NOT IN ({','.join('?' * len(self._acked))})"
             oldest = self._db.execute(query + " ORDER BY seq LIMIT 1",
                                       list(self._acked)).fetchone()
-            return OutboxStats(self._depth, self._bytes, oldest[0] if oldest else None,
+            return OutboxStats(self._depth, self._bytes, _created(oldest) if oldest else None,
                                self._dropped, self._last_seq, self._set_aside)
 
     def close(self) -> None:
@@ -483,38 +683,46 @@ class Outbox:
             self._db = None  # type: ignore[assignment]
 
 
-# --------------------------------------------------------------------------- the first schema
+# --------------------------------------------------------------------------- older schemas
 
 
-def _migrate_v1(db: sqlite3.Connection) -> bool:
-    """Rewrite a first-schema ``messages`` table (AUTOINCREMENT, UNIQUE id) in one
-    transaction, keeping every row (its id is ``<epoch>-<seq>``, so the seq keeps it) and
-    the highest seq ever used. True when it did."""
-    row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' "
-                     "AND name = 'messages'").fetchone()
-    if row is None or "AUTOINCREMENT" not in row[0].upper():
+def _migrate(db: sqlite3.Connection) -> bool:
+    """Rewrite a ``messages`` table of an older schema in one transaction, keeping every row
+    as it is (its id is ``<epoch>-<seq>``, so the seq keeps it; its TEXT type, ts and
+    payload read as before) and the highest seq ever used. True when it did.
+
+    First schema: AUTOINCREMENT and a UNIQUE ``id``. Second: declared TEXT columns (which
+    would turn the integer codes of new rows into text) and ``created`` NOT NULL.
+    """
+    if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        return False
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "messages" not in tables:
         return False
     db.execute("BEGIN IMMEDIATE")
     try:
-        last = db.execute("SELECT MAX(COALESCE((SELECT MAX(seq) FROM messages), 0), "
-                          "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), "
-                          "0))").fetchone()[0]
-        db.execute("CREATE TABLE messages_v2 (seq INTEGER PRIMARY KEY, type TEXT NOT NULL, "
-                   "ts TEXT NOT NULL, payload TEXT NOT NULL, size INTEGER NOT NULL, "
-                   "created REAL NOT NULL)")
-        db.execute("INSERT INTO messages_v2 SELECT seq, type, ts, payload, size, created "
+        last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages").fetchone()[0]
+        if "sqlite_sequence" in tables:  # AUTOINCREMENT's highest seq
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+            last = max(last, row[0] if row else 0)
+        if "meta" in tables:
+            row = db.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone()
+            last = max(last, int(row[0]) if row else 0)
+        db.execute(SCHEMA.split(";")[0].replace("IF NOT EXISTS messages", "messages_v3"))
+        db.execute("INSERT INTO messages_v3 SELECT seq, type, ts, payload, size, created "
                    "FROM messages ORDER BY seq")
-        count = db.execute("SELECT COUNT(*) FROM messages_v2").fetchone()[0]
+        count = db.execute("SELECT COUNT(*) FROM messages_v3").fetchone()[0]
         db.execute("DROP TABLE messages")
-        db.execute("ALTER TABLE messages_v2 RENAME TO messages")
+        db.execute("ALTER TABLE messages_v3 RENAME TO messages")
         db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(last),))
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-    log.info("outbox: migrated %d queued messages to the current schema (no AUTOINCREMENT, "
-             "no id index)", count)
+    log.info("outbox: migrated %d queued messages to schema %d (compressed rows from now on; "
+             "the queued ones are kept as they are)", count, SCHEMA_VERSION)
     return True
 
 
@@ -523,7 +731,10 @@ def _repage(db: sqlite3.Connection) -> None:
     a file another process has open keeps its pages, and works the same."""
     if db.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE:
         return
+    synchronous = int(db.execute("PRAGMA synchronous").fetchone()[0])
     try:
+        # A rollback journal: FULL, so that a power cut during the rebuild cannot corrupt it.
+        db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA journal_mode=DELETE")
         db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         db.execute("VACUUM")
@@ -531,3 +742,4 @@ def _repage(db: sqlite3.Connection) -> None:
         log.info("outbox: kept the file's page size (%s)", exc)
     finally:
         db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")

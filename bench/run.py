@@ -4,8 +4,10 @@
    and 5 s beside a bare interpreter with exactly its imports, a bare sender,
    collectd and node_exporter (where installed), start-up to READY; targets
    marked met or missed.
-2. Durable enqueue rate: Outbox.put (WAL, the default durability ``normal``,
-   bounded) against a bare SQLite insert with the same pragmas, on the same disk.
+2. Durable enqueue rate: Outbox.put of the agent's own sample (WAL, the default
+   durability ``normal``, bounded) against encoding the same dict to JSON and one bare
+   SQLite insert with the same pragmas, on the same disk (``enqueue_rates``; alone:
+   ``python bench/run.py enqueue``).
 3. Backlog drain: a pre-filled outbox of N messages delivered and acked as
    single messages through ``nexus-server --no-batches`` (rate limit lifted, the
    agent's pace lifted, the server's store on tmpfs), against a bare
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,27 +60,61 @@ WINDOW = 16
 DRAIN_RUNS = 3
 
 
-def enqueue_rates(tmp: Path, n: int = 300) -> tuple:
-    from agent.outbox import Outbox
+def enqueue_rates(tmp: Path, n: int = 1000, rounds: int = 5) -> Dict[str, float]:
+    """Messages per second (median of ``rounds``, taken in turns so that the machine's load
+    falls on all alike) of:
 
-    box = Outbox(str(tmp / "ob"), 50_000_000)
-    payload = {"device_id": "device-001", "metrics": {f"m{i}": i * 1.5 for i in range(20)}}
-    start = time.perf_counter()
-    for _ in range(n):
-        box.put("telemetry", payload, "2025-01-01T00:00:00.000Z")
-    ours = n / (time.perf_counter() - start)
-    box.close()
-    db = sqlite3.connect(tmp / "bare.db", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")  # the Outbox's default durability
-    db.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, body TEXT)")
-    text = json.dumps(payload)
-    start = time.perf_counter()
-    for _ in range(n):
-        db.execute("INSERT INTO t (body) VALUES (?)", (text,))
-    bare = n / (time.perf_counter() - start)
-    db.close()
-    return ours, bare
+    * ``put``: Outbox.put of the agent's own sample, a dict (durability ``normal``);
+    * ``put_plain``: the same with rows stored uncompressed (what compression costs);
+    * ``bare``: the baseline: the same dict to JSON text (protocol.dumps, as put does) and
+      one INSERT of it, autocommit, WAL, ``synchronous=NORMAL``, the outbox's page size;
+    * ``bare_text``: the INSERT alone of a text encoded beforehand (the baseline until
+      2026-11: it left JSON encoding out of the bare side only).
+    """
+    import disk  # bench/disk.py: the agent's own sample
+
+    from agent import outbox as outbox_mod
+    from agent import protocol as p
+
+    payload = json.loads(disk.sample_payload())
+    ts = "2025-01-01T00:00:00.000Z"
+    text = p.dumps(payload)
+
+    def put(folder: Path, compress: bool) -> float:
+        box = outbox_mod.Outbox(str(folder), 10**9)
+        pack = outbox_mod.pack_payload
+        if not compress:
+            outbox_mod.pack_payload = lambda data: None  # type: ignore[assignment]
+        try:
+            start = time.perf_counter()
+            for _ in range(n):
+                box.put("telemetry", payload, ts)
+            return n / (time.perf_counter() - start)
+        finally:
+            outbox_mod.pack_payload = pack  # type: ignore[assignment]
+            box.close()
+
+    def bare(folder: Path, encode: bool) -> float:
+        folder.mkdir()
+        db = sqlite3.connect(folder / "bare.db", isolation_level=None)
+        db.execute(f"PRAGMA page_size={outbox_mod.PAGE_SIZE}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # the Outbox's default durability
+        db.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, body TEXT)")
+        start = time.perf_counter()
+        for _ in range(n):
+            db.execute("INSERT INTO t (body) VALUES (?)", (p.dumps(payload) if encode else text,))
+        rate = n / (time.perf_counter() - start)
+        db.close()
+        return rate
+
+    runs: Dict[str, List[float]] = {"put": [], "put_plain": [], "bare": [], "bare_text": []}
+    for i in range(rounds):
+        runs["put"].append(put(tmp / f"put-{i}", True))
+        runs["put_plain"].append(put(tmp / f"plain-{i}", False))
+        runs["bare"].append(bare(tmp / f"bare-{i}", True))
+        runs["bare_text"].append(bare(tmp / f"text-{i}", False))
+    return {name: statistics.median(rates) for name, rates in runs.items()}
 
 
 # The drain row's server, the same for both sides: singles only, rate limit lifted, its
@@ -187,8 +224,22 @@ def drain_rates(tmp: Path) -> tuple:
     return statistics.median(ours), statistics.median(theirs)
 
 
+def enqueue_note(enq: Dict[str, float]) -> str:
+    return (f"enqueue: put {enq['put']:,.0f}/s, put with rows uncompressed "
+            f"{enq['put_plain']:,.0f}/s ({enq['put_plain'] / enq['bare']:.0%}); json + insert "
+            f"{enq['bare']:,.0f}/s, insert of a text encoded beforehand {enq['bare_text']:,.0f}/s "
+            f"(put: {enq['put'] / enq['bare_text']:.0%} of that)")
+
+
 def main() -> int:
     os.environ.update(child_env())
+    if sys.argv[1:] == ["enqueue"]:  # python bench/run.py enqueue: only the enqueue rates
+        with tempfile.TemporaryDirectory(dir=ROOT) as d:
+            enq = enqueue_rates(Path(d))
+        print(f"durable enqueue {enq['put']:,.0f} msg/s vs json + bare insert "
+              f"{enq['bare']:,.0f} ({enq['put'] / enq['bare']:.0%})")
+        print(enqueue_note(enq))
+        return 0
     import footprint  # bench/footprint.py: its own table, targets marked
 
     footprint.main(["--seconds", "60"])
@@ -197,8 +248,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         (tmp / "e").mkdir()
-        put, bare = enqueue_rates(tmp / "e")
-        rows.append(("durable enqueue (msg/s)", put, bare, 0.9, "WAL, synchronous=NORMAL"))
+        enq = enqueue_rates(tmp / "e")
+        rows.append(("durable enqueue (msg/s)", enq["put"], enq["bare"], 0.9,
+                      "WAL, synchronous=NORMAL; both from the same dict"))
         ours, theirs = drain_rates(tmp)
         rows.append((f"backlog drain of {BACKLOG} (msg/s)", ours, theirs, 0.7,
                      f"singles, window {WINDOW}, server store on tmpfs, counted at the "
@@ -208,7 +260,8 @@ def main() -> int:
         met = "MET" if baseline and value / baseline >= target else "MISSED"
         print(f"{name:34} {value:10.1f} {baseline:10.1f} {footprint.ratio(value, baseline):>16}"
               f"  >={target:.0%} {met}  {note}")
-    print("baselines: bare sqlite3 insert; bare websocket-client loop")
+    print("baselines: json + bare sqlite3 insert; bare websocket-client loop")
+    print(enqueue_note(enq))
     print()
     import disk  # bench/disk.py: flash writes per sample (about 75 s)
 

@@ -6,8 +6,10 @@ import os
 import random
 import signal
 import sqlite3
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import REPO
@@ -238,4 +240,231 @@ def test_kill_during_timed_syncs_then_reopen(tmp_path):
         assert {i for n, i in enumerate(reported) if n % 3} <= stored
         assert seen.isdisjoint(reported)  # ids are never reused across kills
         seen.update(reported)
+        box.close()
+
+
+# ---------------------------------------------------------------- stored rows (schema 3)
+
+SAMPLE = {"device_id": "device-001", "metrics": {
+    "cpu_usage": 66.7, "memory_usage": 3.3, "memory_available_bytes": 24499417088,
+    "swap_usage": 0.0, "uptime_s": 9407.5, "disk_root_usage": 22.2, "disk_state_usage": 22.2,
+    "net_bytes_sent": 3411839340, "net_bytes_recv": 3867734993, "load_1m": 0.08,
+    "load_5m": 0.32, "load_15m": 0.49, "cpu_temp_c": 48.3, "agent_rss_bytes": 24137728,
+    "agent_queue_depth": 3723, "agent_queue_bytes": 1627451,
+    "agent_oldest_queued_age_s": 3725.3, "agent_dropped": 0, "agent_reconnects": 57}}
+
+
+def stored_rows(box):
+    return box._db.execute("SELECT seq, type, ts, payload, size, created FROM messages "
+                           "ORDER BY seq").fetchall()
+
+
+def test_rows_are_stored_compressed_and_read_back_byte_identical(tmp_path):
+    from agent import protocol as p
+
+    box = Outbox(str(tmp_path), 10**7)
+    payloads = [SAMPLE, {"device_id": "d", "metrics": {"é": 1.5, "snow": "\u2603" * 50}},
+                {"lone": "\ud800 and a pair \U0001F600", "text": "x" * 20000},
+                {"command_id": "c-1", "device_id": "d", "status": "succeeded", "exit_code": 0,
+                 "stdout": "line\n" * 3000, "stderr": "", "duration_ms": 12}]
+    put = [box.put("telemetry" if i < 3 else "command.result", payload,
+                   "2025-11-03T01:53:54.518Z") for i, payload in enumerate(payloads)]
+    for record, payload in zip(put, payloads):
+        assert record.payload == p.dumps(payload)
+    rows = stored_rows(box)
+    for (_, type_, ts, payload, size, created), record in zip(rows, put):
+        assert isinstance(payload, bytes) and payload[0] == outbox_mod.DEFLATE_1
+        assert len(payload) < size == len(record.payload.encode())
+        assert type_ == outbox_mod.TYPE_CODES[record.type] and ts == 1762134834518
+        assert isinstance(created, float)  # put at time.time(), not at the ts
+    box.close()
+    box = Outbox(str(tmp_path), 10**7)
+    got = box.read_after(0, 10)
+    assert [(r.id, r.type, r.ts, r.payload) for r in got] == \
+        [(r.id, r.type, r.ts, r.payload) for r in put]
+    assert [r.envelope_text() for r in got] == [r.envelope_text() for r in put]
+    assert len(SAMPLE and rows[0][3]) < 140  # a sample of ~500 bytes stored in under 140
+
+
+def test_a_row_compression_does_not_shrink_is_stored_as_text(tmp_path):
+    box = Outbox(str(tmp_path), 10**6)
+    record = box.put("ping", {}, "not a timestamp")  # 2 bytes: deflate cannot beat that
+    (_, type_, ts, payload, _, created), = stored_rows(box)
+    assert (type_, ts, payload) == ("ping", "not a timestamp", record.payload)
+    assert isinstance(created, float)
+    assert box.read_after(0, 1) == [record]
+
+
+@pytest.mark.parametrize("ts", ["2025-01-01T00:00:00.000Z", "1999-12-31T23:59:59.999Z",
+                                "2025-01-01T00:00:00Z", "2025-01-01T00:00:00.000+00:00",
+                                "2025-01-01T00:00:00.000z", "2025-13-01T00:00:00.000Z",
+                                "2025-01-01T00:00:00.\u0661\u0662\u0663Z",
+                                "0999-01-01T00:00:00.000Z"])
+def test_a_timestamp_reads_back_exactly_as_given(tmp_path, ts):
+    box = Outbox(str(tmp_path), 10**6)
+    box.put("telemetry", {"n": 1}, ts)
+    assert box.read_after(0, 1)[0].ts == ts
+    stored_ts = stored_rows(box)[0][2]
+    assert isinstance(stored_ts, int) == (ts in ("2025-01-01T00:00:00.000Z",
+                                                  "1999-12-31T23:59:59.999Z"))
+
+
+def test_the_oldest_age_comes_from_the_ts_or_the_creation_time(tmp_path):
+    from agent import protocol as p
+
+    box = Outbox(str(tmp_path), 10**6)
+    now = 1762134834.518
+    box.put("telemetry", {"n": 1}, p.format_timestamp(now), now)  # as the sampler does
+    assert stored_rows(box)[0][5] is None
+    assert box.stats().oldest_created == pytest.approx(now, abs=0.001)
+    box.ack([box.read_after(0, 1)[0].id])
+    box.put("telemetry", {"n": 2}, p.format_timestamp(now), now + 30)  # created later
+    assert box.stats().oldest_created == now + 30
+
+
+def test_a_sample_takes_a_third_of_a_small_page(tmp_path):
+    """Offline the table grows: each new page costs two more WAL frames (its parent and
+    the header page), so the rows a page holds decide the flash writes (docs/performance.md,
+    "Flash writes"). Schema 2 held two samples per 1 KiB page."""
+    box = Outbox(str(tmp_path), 10**8)
+    for _ in range(300):
+        box.put("telemetry", SAMPLE, "2025-11-03T01:53:54.518Z", 1762134834.518)
+    pages = box._db.execute("PRAGMA page_count").fetchone()[0]
+    assert pages * outbox_mod.PAGE_SIZE <= 300 * 200  # 3 to a 512-byte page, and the tree
+
+
+def test_an_unreadable_row_is_set_aside_and_the_rest_read_on(tmp_path, caplog):
+    box = Outbox(str(tmp_path), 10**6)
+    records = fill(box, 4)
+    box._db.execute("UPDATE messages SET payload = X'07AABB' WHERE seq = 2")  # a newer codec
+    box._db.execute("UPDATE messages SET payload = X'01FFFF' WHERE seq = 3")  # damaged
+    assert [r.id for r in box.read_after(0, 10)] == [records[0].id, records[3].id]
+    stats = box.stats()
+    assert (stats.depth, stats.set_aside) == (2, 2)
+    assert stats.bytes == len(records[0].payload) + len(records[3].payload)
+    kept = box._db.execute("SELECT id, reason FROM set_aside ORDER BY seq").fetchall()
+    assert [k[0] for k in kept] == [records[1].id, records[2].id]
+    assert "unknown payload encoding" in kept[0][1] and "damaged" in kept[1][1]
+    assert "cannot be read" in caplog.text
+
+
+def test_the_size_check_is_exact_at_the_limit(tmp_path):
+    from agent import protocol as p
+    from agent.errors import LocalProtocolError
+
+    box = Outbox(str(tmp_path), 10**6)
+    ts = "2025-01-01T00:00:00.000Z"
+    probe = p.envelope_text("telemetry", f"{box._epoch}-1", ts, p.dumps({"pad": ""}))
+    room = p.MAX_MESSAGE_BYTES - len(probe.encode())
+    record = box.put("telemetry", {"pad": "\u00e9" * (room // 2)}, ts)  # 2 bytes each
+    assert len(record.envelope_text().encode()) == p.MAX_MESSAGE_BYTES
+    with pytest.raises(LocalProtocolError):
+        box.put("telemetry", {"pad": "\u00e9" * (room // 2) + "xx"}, ts)
+    assert box.stats().depth == 1
+
+
+SECOND_SCHEMA = """
+CREATE TABLE messages (seq INTEGER PRIMARY KEY, type TEXT NOT NULL, ts TEXT NOT NULL,
+    payload TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE set_aside (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, type TEXT NOT NULL,
+    ts TEXT NOT NULL, payload TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
+INSERT INTO meta VALUES ('epoch', 'beef0001'), ('dropped', '3'), ('set_aside', '0'),
+    ('last_seq', '12');
+"""
+
+
+def test_a_file_of_the_second_schema_keeps_its_rows_ids_and_bytes(tmp_path):
+    """Files written before compression: 1 KiB pages, TEXT rows. Every queued message keeps
+    its id, type, timestamp and payload text, byte for byte; new rows are compressed."""
+    db = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+    db.execute("PRAGMA page_size=1024")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(SECOND_SCHEMA)
+    old = [(seq, "telemetry" if seq % 2 else "command.result", f"2025-01-01T00:00:{seq:02d}.000Z",
+            f'{{"device_id":"d","metrics":{{"n":{seq},"s":"\u00e9\\ud800"}}}}')
+           for seq in range(3, 11)]
+    for seq, type_, ts, text in old:
+        db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
+                   (seq, type_, ts, text, len(text.encode()), 1000.0 + seq))
+    db.close()  # seq 11 and 12 were acked and deleted: last_seq stays 12
+    box = Outbox(str(tmp_path), 10**6)
+    got = box.read_after(0, 100)
+    assert [(r.id, r.type, r.ts, r.payload) for r in got] == \
+        [(f"beef0001-{seq}", type_, ts, text) for seq, type_, ts, text in old]
+    stats = box.stats()
+    assert (stats.depth, stats.bytes, stats.dropped, stats.last_seq, stats.oldest_created) == \
+        (8, sum(len(o[3].encode()) for o in old), 3, 12, 1003.0)
+    new = box.put("telemetry", SAMPLE, "2025-01-01T00:01:00.000Z")
+    assert new.id == "beef0001-13"
+    assert box._db.execute("PRAGMA page_size").fetchone()[0] == outbox_mod.PAGE_SIZE
+    assert box._db.execute("PRAGMA user_version").fetchone()[0] == outbox_mod.SCHEMA_VERSION
+    kinds = [type(row[3]) for row in stored_rows(box)]
+    assert kinds == [str] * 8 + [bytes]  # old rows as they were, the new one compressed
+    assert box.ack(["beef0001-3"]) == 1
+    box.close()
+    box = Outbox(str(tmp_path), 10**6)
+    assert [r.payload for r in box.read_after(0, 100)] == [o[3] for o in old[1:]] + \
+        [new.payload]
+    assert box.read_after(0, 1)[0].envelope_text() == \
+        '{"type":"command.result","id":"beef0001-4","timestamp":"2025-01-01T00:00:04.000Z",' \
+        f'"payload":{old[1][3]}}}'
+
+
+def test_a_rebuild_cut_short_is_done_at_the_next_open(tmp_path):
+    db = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+    db.execute("PRAGMA page_size=1024")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(outbox_mod.SCHEMA)  # migrated to schema 3, killed before the VACUUM
+    db.execute(f"PRAGMA user_version={outbox_mod.SCHEMA_VERSION}")
+    db.close()
+    box = Outbox(str(tmp_path), 10**6)
+    assert box._db.execute("PRAGMA page_size").fetchone()[0] == outbox_mod.PAGE_SIZE
+
+
+MIGRATOR = """
+import sys
+sys.path.insert(0, {repo!r})
+from agent.outbox import Outbox
+print("opening", flush=True)
+Outbox({state!r}, 10**9).close()
+print("done", flush=True)
+"""
+
+
+def test_sigkill_while_migrating_loses_nothing(tmp_path):
+    """A second-schema file of 20,000 rows, its opener killed at random moments (in the
+    migration's transaction, in the VACUUM, after): each reopen has every row, byte for
+    byte, under its id."""
+    pristine = tmp_path / "pristine.db"
+    db = sqlite3.connect(pristine, isolation_level=None)
+    db.execute("PRAGMA page_size=1024")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(SECOND_SCHEMA)
+    texts = [f'{{"device_id":"d","metrics":{{"n":{seq},"pad":"{"p" * (seq % 300)}"}}}}'
+             for seq in range(1, 20001)]
+    db.execute("BEGIN")
+    db.executemany("INSERT INTO messages VALUES (?, 'telemetry', '2025-01-01T00:00:00.000Z', ?, "
+                   "?, 1.0)", [(seq, t, len(t)) for seq, t in enumerate(texts, 1)])
+    db.execute("COMMIT")
+    db.close()  # the last connection: checkpointed, no -wal left
+    for round_ in range(6):
+        state = tmp_path / f"r{round_}"
+        state.mkdir()
+        shutil.copy(pristine, state / "outbox.db")
+        script = MIGRATOR.format(repo=str(REPO), state=str(state))
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "opening"
+        deadline = time.monotonic() + random.uniform(0, 0.5)
+        while time.monotonic() < deadline and proc.poll() is None:
+            pass  # a random kill point, not a synchronisation
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+        box = Outbox(str(state), 10**9)
+        got = box.read_after(0, 10**6)
+        assert [r.payload for r in got] == texts
+        assert got[-1].id == "beef0001-20000" and box.stats().last_seq == 20000
+        assert box._db.execute("PRAGMA page_size").fetchone()[0] == outbox_mod.PAGE_SIZE
         box.close()
