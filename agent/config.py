@@ -56,6 +56,7 @@ class QueueConfig:
     max_bytes: int = 50_000_000
     durability: str = "normal"  # or "full": see agent/outbox.py and docs/design.md
     sync_interval_s: float = 10.0
+    lock: str = "exclusive"  # or "shared": other processes may read outbox.db meanwhile
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,8 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
     "telemetry": {"interval_s": (_number(0.05, 86400), False)},
     "queue": {"max_bytes": (_number(65536, 10**12, integer=True), False),
               "durability": (_choice("normal", "full"), False),
-              "sync_interval_s": (_number(0.01, 300), False)},
+              "sync_interval_s": (_number(0.01, 300), False),
+              "lock": (_choice("exclusive", "shared"), False)},
     "reconnect": {"base_delay_s": (_number(0.01, 3600), False),
                   "max_delay_s": (_number(0.1, 86400), False)},
     "commands": {"allow": (_kind(dict), False),

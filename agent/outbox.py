@@ -159,6 +159,7 @@ SCHEMA_VERSION = 3  # PRAGMA user_version; 0 in files of the first two schemas
 SET_ASIDE_KEEP = 100
 PAGE_SIZE = 512
 DURABILITIES = ("normal", "full")
+LOCKS = ("exclusive", "shared")
 SYNC_INTERVAL_S = 10.0
 ACK_FLUSH_AT = 64  # acked rows waiting for a put before they are deleted on their own
 INSERT = "INSERT INTO messages (seq, type, ts, payload, size, created) VALUES (?, ?, ?, ?, ?, ?)"
@@ -344,9 +345,12 @@ def _on_corruption(retry: bool, default: Any = None) -> Callable[[F], F]:
 class Outbox:
     def __init__(self, state_dir: str, max_bytes: int, filename: str = "outbox.db",
                  lock_wait_s: float = store.LOCK_WAIT_S, durability: str = "normal",
-                 sync_interval_s: float = SYNC_INTERVAL_S) -> None:
+                 sync_interval_s: float = SYNC_INTERVAL_S, lock: str = "exclusive") -> None:
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
+        if lock not in LOCKS:
+            raise ValueError(f"lock must be one of {LOCKS}, not {lock!r}")
+        self.lock = lock
         self.path = os.path.join(state_dir, filename)
         self.max_bytes = max_bytes
         self.durability = durability
@@ -373,7 +377,7 @@ class Outbox:
     def _open(self) -> sqlite3.Connection:
         return store.open_db(self.path, self._setup, self._lock_wait_s, "outbox",
                              synchronous="FULL" if self.durability == "full" else "NORMAL",
-                             page_size=PAGE_SIZE)
+                             page_size=PAGE_SIZE, exclusive=self.lock == "exclusive")
 
     def _load(self) -> None:
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) "

@@ -82,7 +82,8 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.outbox = Outbox(config.state_dir, config.queue.max_bytes,
                              durability=config.queue.durability,
-                             sync_interval_s=config.queue.sync_interval_s)
+                             sync_interval_s=config.queue.sync_interval_s,
+                             lock=config.queue.lock)
         self.health = Health()
         self.sampler = Sampler(config.state_dir, temperatures)
         self.runner: Optional[CommandRunner] = None

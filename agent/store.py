@@ -60,11 +60,17 @@ def is_locked(exc: BaseException) -> bool:
 
 
 def _connect(path: str, busy_timeout_s: float, synchronous: str,
-             page_size: Optional[int]) -> sqlite3.Connection:
+             page_size: Optional[int], exclusive: bool) -> sqlite3.Connection:
     # isolation_level=None: callers issue BEGIN/COMMIT themselves.
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                          timeout=busy_timeout_s)
     try:
+        if exclusive:
+            # Before the first access: SQLite then keeps the WAL index in this process's
+            # memory (no -shm file, whose pages the kernel writes back every ~30 s) and
+            # holds the file's lock from the first read until close. Another process
+            # cannot read the file meanwhile; one that tries gets "database is locked".
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
         if page_size:
             # Only a new file takes it (before WAL mode is set); an existing one keeps its own.
             db.execute(f"PRAGMA page_size={int(page_size)}")
@@ -86,11 +92,12 @@ def _connect(path: str, busy_timeout_s: float, synchronous: str,
 
 def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
             lock_wait_s: float = LOCK_WAIT_S, what: str = "file", synchronous: str = "FULL",
-            page_size: Optional[int] = None) -> sqlite3.Connection:
+            page_size: Optional[int] = None, exclusive: bool = False) -> sqlite3.Connection:
     """A checked connection to ``path`` with ``setup`` (schema, meta rows) applied.
 
     ``synchronous`` is FULL (every commit synced) or NORMAL; ``page_size`` applies to a
-    file created now.
+    file created now; ``exclusive``: this connection alone has the file until it closes
+    (SQLite's EXCLUSIVE locking mode, the WAL index in memory).
 
     Raises StoreError for what must not be thrown away (a lock, an unwritable or failing
     disk); moves a corrupt file aside and starts afresh (logged).
@@ -100,7 +107,7 @@ def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
     set_aside = 0
     while True:
         try:
-            db = _connect(path, min(1.0, lock_wait_s), synchronous, page_size)
+            db = _connect(path, min(1.0, lock_wait_s), synchronous, page_size, exclusive)
             try:
                 setup(db)
             except BaseException:

@@ -90,13 +90,17 @@ def write_bytes(pid: int) -> int:
 
 
 class AgentRun:
-    """One agent; samples stored = acked + queued (from its status file)."""
+    """One agent. Samples stored in the window: the window over the interval (the sampler
+    keeps a fixed schedule; the status file's counters are written only every ten
+    samples, too coarse for a one-minute window)."""
 
     def __init__(self, folder: Path, url: str, interval: float, durability: str,
-                 runtime: Optional[Path]) -> None:
+                 runtime: Optional[Path], lock: str = "exclusive") -> None:
         folder.mkdir(parents=True)
+        self.interval = interval
         config = write_config(folder, url, telemetry={"interval_s": interval},
-                              log_level="warning", queue={"durability": durability},
+                              log_level="warning",
+                              queue={"durability": durability, "lock": lock},
                               server={"max_messages_per_minute": 6000})
         env = child_env()
         self.status_dir = folder / "state"
@@ -105,7 +109,7 @@ class AgentRun:
             env["RUNTIME_DIRECTORY"] = str(runtime)
             self.status_dir = runtime
         self.agent = AgentProcess(config, env=env)
-        self.start: Tuple[int, int] = (0, 0)
+        self.start: Tuple[int, float] = (0, 0.0)
 
     def samples(self) -> int:
         try:
@@ -114,8 +118,8 @@ class AgentRun:
             return 0
         return int(data.get("acked", 0)) + int(data.get("queue_depth", 0))
 
-    def mark(self) -> Tuple[int, int]:
-        return write_bytes(self.agent.proc.pid), self.samples()
+    def mark(self) -> Tuple[int, float]:
+        return write_bytes(self.agent.proc.pid), time.monotonic() / self.interval
 
 
 class BaselineRun:
@@ -160,6 +164,10 @@ def measure(seconds: float, work: Path, shm: Path) -> List[Tuple[str, float, str
                         work / name, url, interval, durability, shm / name)
         runs[("agent, normal, status file in state_dir", 1.0, "online")] = AgentRun(
             work / "status-on-disk", srv.url, 1.0, "normal", None)
+        for where, url in (("online", srv.url), ("offline", offline)):
+            runs[("agent, normal, queue.lock shared", 1.0, where)] = AgentRun(
+                work / f"shared-{where}", url, 1.0, "normal", shm / f"shared-{where}",
+                lock="shared")
         for kind, label in (("full-first-schema", "SQLite FULL, first schema"),
                             ("normal-1k", "SQLite NORMAL, 1 KiB pages"),
                             ("append", "append-only file, no fsync")):
@@ -175,7 +183,7 @@ def measure(seconds: float, work: Path, shm: Path) -> List[Tuple[str, float, str
         for (name, interval, where), run in runs.items():
             end = run.mark()  # type: ignore[attr-defined]
             start = run.start  # type: ignore[attr-defined]
-            samples = end[1] - start[1]
+            samples = round(end[1] - start[1])
             per = (end[0] - start[0]) / samples if samples else float("nan")
             rows.append((name, interval, where, per, samples))
         return rows

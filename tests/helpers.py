@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import websocket
 
@@ -247,21 +249,62 @@ class AgentProcess:
         self._log.close()
 
 
-def outbox_ids(state_dir: Path) -> List[str]:
-    """Ids stored in an agent's outbox, oldest first (read-only, while it runs or after)."""
-    import sqlite3
+@contextlib.contextmanager
+def outbox_snapshot(state_dir: Path) -> Iterator[Optional[sqlite3.Connection]]:
+    """A read-only connection to a copy of an agent's outbox (None when there is none yet).
 
-    if not (state_dir / "outbox.db").exists():
-        return []
-    db = sqlite3.connect(f"file:{state_dir / 'outbox.db'}?mode=ro", uri=True)
+    The agent holds ``outbox.db`` with SQLite's EXCLUSIVE locking (the default
+    ``queue.lock``), so no other process can open it while it runs; a copy of the file and
+    its WAL can be read. The copy is consistent: SQLite's recovery of the copied WAL keeps
+    only whole commits, and the copy is taken again when the WAL was restarted (a new
+    salt in its header) while it was made.
+    """
+    import shutil
+
+    src = state_dir / "outbox.db"
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "outbox.db"
+        for _ in range(20):
+            if not src.exists():
+                yield None
+                return
+            salt = _wal_salt(src)
+            try:
+                shutil.copyfile(src, dst)
+                if Path(f"{src}-wal").exists():
+                    shutil.copyfile(f"{src}-wal", f"{dst}-wal")
+            except FileNotFoundError:  # removed meanwhile (a corrupt file set aside)
+                continue
+            if _wal_salt(src) == salt:
+                break
+            for stale in (dst, Path(f"{dst}-wal")):
+                stale.unlink(missing_ok=True)
+        db = sqlite3.connect(str(dst))
+        try:
+            yield db
+        finally:
+            db.close()
+
+
+def _wal_salt(db_path: Path) -> bytes:
     try:
-        return [r[0] for r in db.execute(
-            "SELECT (SELECT value FROM meta WHERE key = 'epoch') || '-' || seq "
-            "FROM messages ORDER BY seq")]
-    except sqlite3.OperationalError:  # not created yet
-        return []
-    finally:
-        db.close()
+        with open(f"{db_path}-wal", "rb") as f:
+            return f.read(32)[16:24]
+    except FileNotFoundError:
+        return b""
+
+
+def outbox_ids(state_dir: Path) -> List[str]:
+    """Ids stored in an agent's outbox, oldest first (while it runs or after)."""
+    with outbox_snapshot(state_dir) as db:
+        if db is None:
+            return []
+        try:
+            return [r[0] for r in db.execute(
+                "SELECT (SELECT value FROM meta WHERE key = 'epoch') || '-' || seq "
+                "FROM messages ORDER BY seq")]
+        except sqlite3.OperationalError:  # not created yet
+            return []
 
 
 def stored(db_path: Path, device_id: str = "device-001") -> List[Dict[str, Any]]:

@@ -9,6 +9,7 @@ exactly those to reappear, and nothing else.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -75,7 +76,18 @@ class QueueModel(RuleBasedStateMachine):
 
     @rule()
     def crash(self):
-        self.box._stop.set()  # the syncer thread dies with the process; the file is not closed
+        # What a crash leaves is the files as they are at this instant (SQLite buffers
+        # nothing after a commit): copy them and go on with the copy. The outbox holds its
+        # file exclusively, so a second one cannot open the same file in this process.
+        self.box._stop.set()  # the syncer thread dies with the process
+        left = tempfile.mkdtemp(prefix="nexus-model-")
+        for suffix in ("", "-wal"):
+            if os.path.exists(os.path.join(self.dir, "outbox.db" + suffix)):
+                shutil.copyfile(os.path.join(self.dir, "outbox.db" + suffix),
+                                os.path.join(left, "outbox.db" + suffix))
+        self.box.close()  # in the old folder: nothing of it reaches the copy
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir = left
         self.box = Outbox(self.dir, self.cap)
         back = {r.id for r in self.box.read_after(0, 10**6)} & set(self.maybe)
         for i in back:  # acked, its delete not yet committed: it is sent again, that is all

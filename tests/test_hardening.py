@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ from helpers import (
     child_env,
     connected,
     outbox_ids,
+    outbox_snapshot,
     stored,
     wait_for,
     welcome,
@@ -135,8 +135,8 @@ def test_a_message_the_server_keeps_refusing_is_set_aside(tmp_path, mode):
                           timeout=20, what="the poison set aside and later samples acked")
         assert status["queue_depth"] <= 3
         assert poison.id not in outbox_ids(state)
-        kept = sqlite3.connect(state / "outbox.db").execute("SELECT id, reason FROM set_aside")
-        (kept_id, reason), = kept.fetchall()
+        with outbox_snapshot(state) as db:  # the agent has the file itself: read a copy
+            (kept_id, reason), = db.execute("SELECT id, reason FROM set_aside").fetchall()
         assert kept_id == poison.id and ("1009" in reason or "INVALID_MESSAGE" in reason)
         assert "set aside message" in agent.log()
     finally:

@@ -86,9 +86,11 @@ def test_ready_status_watchdog_stopping(tmp_path, notify):
 
 
 def test_stalled_sampler_stops_the_watchdog(tmp_path, notify):
-    """A stuck disk (another process holds the outbox's write lock) must stop WATCHDOG=1."""
+    """A stuck disk (another process holds the outbox's write lock) must stop WATCHDOG=1.
+    The queue is opened shared so that another process can take its lock at all."""
     srv = ServerProcess()
-    agent = AgentProcess(write_config(tmp_path, srv.url), env=systemd_env(notify))
+    agent = AgentProcess(write_config(tmp_path, srv.url, queue={"lock": "shared"}),
+                         env=systemd_env(notify))
     try:
         wait_for(lambda: len(notify.lines("WATCHDOG=1")) >= 2, what="watchdog pings")
         blocker = sqlite3.connect(tmp_path / "state" / "outbox.db", timeout=10)

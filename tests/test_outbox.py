@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from helpers import REPO
+from helpers import REPO, outbox_snapshot
 
 from agent import outbox as outbox_mod
 from agent.outbox import Outbox
@@ -21,6 +21,12 @@ from agent.outbox import Outbox
 def fill(box, n, start=0):
     return [box.put("telemetry", {"device_id": "d", "metrics": {"n": start + i}},
                     f"2025-01-01T00:00:{i % 60:02d}.000Z") for i in range(n)]
+
+
+def in_file(folder, sql):
+    """What another process finds in the file (a copy: the outbox has it exclusively)."""
+    with outbox_snapshot(folder) as db:
+        return db.execute(sql).fetchall()
 
 
 def test_put_read_ack_in_order(tmp_path):
@@ -97,15 +103,15 @@ def test_fresh_file_after_corruption_gets_new_id_space(tmp_path):
 
 def test_ids_are_never_reused_when_the_newest_row_goes_without_a_close(tmp_path):
     """Acked rows deleted by the syncer (no put to carry them), then a kill (no close):
-    the next seq still follows the highest ever used."""
-    box = Outbox(str(tmp_path), 10**6)
+    the next seq still follows the highest ever used. Shared: a second outbox in this
+    process opens the file while the first, never closed, still holds it."""
+    box = Outbox(str(tmp_path), 10**6, lock="shared")
     first = fill(box, 3)
     box.ack([r.id for r in first])
     box.sync()  # a put came since the last sync: the next put may yet carry the deletes
     box.sync()  # none came: the syncer deletes them itself, meta.last_seq with them
-    assert sqlite3.connect(tmp_path / "outbox.db").execute(
-        "SELECT COUNT(*) FROM messages").fetchone()[0] == 0
-    again = Outbox(str(tmp_path), 10**6)  # as after SIGKILL: the first one never closed
+    assert in_file(tmp_path, "SELECT COUNT(*) FROM messages") == [(0,)]
+    again = Outbox(str(tmp_path), 10**6, lock="shared")  # as after SIGKILL: never closed
     assert fill(again, 1)[0].seq == 4
 
 
@@ -118,8 +124,7 @@ def test_acked_rows_leave_the_queue_at_once_and_the_file_with_the_next_put(tmp_p
     stats = box.stats()
     assert stats.depth == 1 and stats.bytes == len(records[2].payload)
     assert box.set_aside(records[0].id, "late") is False
-    rows = lambda: sqlite3.connect(tmp_path / "outbox.db").execute(  # noqa: E731
-        "SELECT seq FROM messages ORDER BY seq").fetchall()
+    rows = lambda: in_file(tmp_path, "SELECT seq FROM messages ORDER BY seq")  # noqa: E731
     assert rows() == [(1,), (2,), (3,)]  # still in the file: the delete waits for a put
     fill(box, 1, start=3)
     assert rows() == [(3,), (4,)]
@@ -132,8 +137,7 @@ def test_many_acks_are_deleted_without_waiting_for_a_put(tmp_path):
     box = Outbox(str(tmp_path), 10**7)
     records = fill(box, outbox_mod.ACK_FLUSH_AT)
     box.ack([r.id for r in records])
-    assert sqlite3.connect(tmp_path / "outbox.db").execute(
-        "SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+    assert in_file(tmp_path, "SELECT COUNT(*) FROM messages") == [(0,)]
 
 
 def test_cap_counts_only_queued_rows_with_acks_waiting(tmp_path):
@@ -468,3 +472,31 @@ def test_sigkill_while_migrating_loses_nothing(tmp_path):
         assert got[-1].id == "beef0001-20000" and box.stats().last_seq == 20000
         assert box._db.execute("PRAGMA page_size").fetchone()[0] == outbox_mod.PAGE_SIZE
         box.close()
+
+
+@pytest.mark.parametrize("lock", ["exclusive", "shared"])
+def test_the_file_is_the_outboxs_alone_unless_shared(tmp_path, lock):
+    """queue.lock exclusive (the default): no -shm file (its pages cost about 700 bytes a
+    sample offline) and no other process can open the file while the outbox has it;
+    shared: the WAL index in -shm, and another process reads the file live."""
+    box = Outbox(str(tmp_path), 10**6, lock=lock)
+    fill(box, 3)
+    peek = subprocess.run(
+        [sys.executable, "-c", "import sqlite3, sys; db = sqlite3.connect(sys.argv[1], "
+         "timeout=0.2); print(db.execute('SELECT COUNT(*) FROM messages').fetchone()[0])",
+         str(tmp_path / "outbox.db")], capture_output=True, text=True, timeout=30)
+    try:
+        if lock == "exclusive":
+            assert not (tmp_path / "outbox.db-shm").exists()
+            assert peek.returncode != 0 and "database is locked" in peek.stderr
+            with pytest.raises(outbox_mod.store.StoreError, match="locked"):
+                Outbox(str(tmp_path), 10**6, lock_wait_s=0.3)  # a second agent: exit 75
+        else:
+            assert (tmp_path / "outbox.db-shm").exists()
+            assert peek.stdout.strip() == "3"
+        assert in_file(tmp_path, "SELECT COUNT(*) FROM messages") == [(3,)]
+    finally:
+        box.close()
+    again = Outbox(str(tmp_path), 10**6)  # closed: the next one has it
+    assert [r.seq for r in again.read_after(0, 10)] == [1, 2, 3]
+    again.close()
