@@ -25,7 +25,6 @@ disk (not tmpfs), or every figure reads 0.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -103,20 +102,13 @@ class AgentRun:
                               queue={"durability": durability, "lock": lock},
                               server={"max_messages_per_minute": 6000})
         env = child_env()
-        self.status_dir = folder / "state"
+        self.state_dir = self.status_dir = folder / "state"
         if runtime is not None:
             runtime.mkdir(parents=True)
             env["RUNTIME_DIRECTORY"] = str(runtime)
             self.status_dir = runtime
         self.agent = AgentProcess(config, env=env)
         self.start: Tuple[int, float] = (0, 0.0)
-
-    def samples(self) -> int:
-        try:
-            data = json.loads((self.status_dir / "status.json").read_text())
-        except (OSError, ValueError):
-            return 0
-        return int(data.get("acked", 0)) + int(data.get("queue_depth", 0))
 
     def mark(self) -> Tuple[int, float]:
         return write_bytes(self.agent.proc.pid), time.monotonic() / self.interval
@@ -174,8 +166,11 @@ def measure(seconds: float, work: Path, shm: Path) -> List[Tuple[str, float, str
             runs[(f"baseline: {label}", 1.0, "ins+del")] = BaselineRun(
                 work / kind, kind, 1.0, payload)
         agents = [r for r in runs.values() if isinstance(r, AgentRun)]
-        wait_for(lambda: all(a.samples() >= 2 for a in agents), timeout=30,
-                 what="every agent storing samples")
+        # Up and storing: its status file is written (counters come only every ten
+        # samples, 50 s at 5 s) and its queue file exists.
+        wait_for(lambda: all((a.status_dir / "status.json").exists() and
+                             (a.state_dir / "outbox.db").exists() for a in agents),
+                 timeout=30, what="every agent storing samples")
         for run in runs.values():
             run.start = run.mark()  # type: ignore[attr-defined]
         time.sleep(seconds)  # the measuring window: every process runs at its own pace
