@@ -3,28 +3,10 @@
 from __future__ import annotations
 
 import json
-from typing import List, Tuple
+from typing import List
 
 from agent.server.hub import ClusterView, Hub
-from agent.server.tokens import Identity
-
-NOW = 1_800_000_000.0
-
-
-class FakePeer:
-    def __init__(self) -> None:
-        self.closed: List[Tuple[int, str]] = []
-
-    def send(self, text: str) -> None:  # the hub returns texts; it never calls send
-        raise AssertionError("the hub must not send")
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed.append((code, reason))
-
-
-def join(hub: Hub, subject: str, role: str = "device"):
-    client, _ = hub.connect(Identity(subject, role, NOW + 3600), FakePeer(), NOW)
-    return client
+from hubkit import NOW, join
 
 
 def frame(type_: str, msg_id: str, payload: dict) -> str:

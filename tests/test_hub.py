@@ -5,32 +5,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import List, Tuple
+from typing import List
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent import protocol as p
 from agent.server.hub import Clock, Hub, ack_text
-from agent.server.tokens import Identity
-
-NOW = 1_800_000_000.0
-
-
-class FakePeer:
-    def __init__(self) -> None:
-        self.closed: List[Tuple[int, str]] = []
-
-    def send(self, text: str) -> None:  # the hub returns texts; it never calls send
-        raise AssertionError("the hub must not send")
-
-    def close(self, code: int, reason: str) -> None:
-        self.closed.append((code, reason))
-
-
-def join(hub: Hub, subject: str, role: str = "device"):
-    client, _ = hub.connect(Identity(subject, role, NOW + 3600), FakePeer(), NOW)
-    return client
+from hubkit import NOW, join
 
 
 def telemetry(msg_id: str, device: str) -> str:
