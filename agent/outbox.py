@@ -96,6 +96,14 @@ moved by :meth:`set_aside` to the ``set_aside`` table with the reason, so it
 never blocks the messages behind it. The last ``SET_ASIDE_KEEP`` are kept for
 inspection; the running count is ``meta.set_aside``.
 
+Lock (``queue.lock``): ``exclusive`` (default) opens the file in SQLite's
+EXCLUSIVE locking mode, so the WAL index is kept in this process's memory (no
+``-shm`` file: its pages, dirtied by every commit and written back by the
+kernel every ~30 s, were about 700 bytes a sample offline) and the lock is held
+until ``close``: no other process can read the file meanwhile, and a second
+agent on the same ``state_dir`` waits ``lock_wait_s`` and gives up (exit 75).
+``shared`` keeps the ``-shm`` file and lets other processes read live.
+
 Opening: ``store.open_db`` decides (a lock is waited out, an unwritable or
 failing disk is reported, only real corruption moves the file aside to
 ``outbox.db.corrupt-<time>`` and starts a fresh one). A file that passes the
