@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import os
 import random
 import shutil
@@ -439,8 +440,14 @@ def print_load(rows: List[LoadResult]) -> None:
         note = r.note if r.connected == r.devices else f"only {r.connected} connected; {r.note}"
         print(f"{r.server:36} {r.devices:7d} {r.sent:8d} {r.acked:8d} {r.percentile(0.5):8.1f} "
               f"{r.percentile(0.99):8.1f} {max(r.latencies_ms, default=float('nan')):8.1f} "
-              f"{r.rss_mb:7.0f} {r.peak_rss_mb:7.0f} {r.cpu_pct:6.0f} {r.cpu_us_per_msg:6.0f} "
-              f"{r.client_cpu_pct:6.0f}  {note}")
+              f"{_measured(r.rss_mb, 7)} {_measured(r.peak_rss_mb, 7)} {_measured(r.cpu_pct, 6)} "
+              f"{_measured(r.cpu_us_per_msg, 6)} {_measured(r.client_cpu_pct, 6)}  {note}")
+
+
+def _measured(value: float, width: int) -> str:
+    """A figure, or "-" where the run did not measure it (bench/cluster.py's rows: several
+    processes serve, none of them is "the server")."""
+    return f"{'-':>{width}}" if not value or math.isnan(value) else f"{value:{width}.0f}"
 
 
 def print_storm(rows: List[StormResult]) -> None:
