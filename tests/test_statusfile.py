@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from helpers import write_config
 
 from agent import config as config_mod
 from agent import statusfile
 from agent.service import Agent
+
+
+@pytest.fixture
+def agent(tmp_path):
+    """An agent built but not started (its server is a closed port), status in state_dir."""
+    config = config_mod.load(str(write_config(tmp_path, "ws://127.0.0.1:9/v1/ws")))
+    return Agent(config)
 
 
 def test_written_to_the_runtime_directory_under_systemd(tmp_path, monkeypatch):
@@ -38,9 +46,7 @@ def test_reader_skips_another_agents_file_and_falls_back_to_state_dir(tmp_path, 
         str(state / statusfile.NAME)]
 
 
-def test_daemon_rewrites_only_what_changed(tmp_path, monkeypatch):
-    config = config_mod.load(str(write_config(tmp_path, "ws://127.0.0.1:9/v1/ws")))
-    agent = Agent(config)
+def test_daemon_rewrites_only_what_changed(tmp_path, agent):
     try:
         target = tmp_path / "state" / statusfile.NAME
         agent.write_status()
@@ -58,13 +64,11 @@ def test_daemon_rewrites_only_what_changed(tmp_path, monkeypatch):
         agent.outbox.close()
 
 
-def test_facts_are_written_at_once_and_counters_at_the_tick(tmp_path):
+def test_facts_are_written_at_once_and_counters_at_the_tick(tmp_path, agent):
     """Counters (sent, acked, queue depth) change with every sample: rewriting the file for
     them at every look cost about 0.5 ms a time at 1 s. A fact (connected, an error, a
     message set aside) wakes the main loop and is written at once; counters wait for the
     tick (write_status() without counters=False)."""
-    config = config_mod.load(str(write_config(tmp_path, "ws://127.0.0.1:9/v1/ws")))
-    agent = Agent(config)
     try:
         target = tmp_path / "state" / statusfile.NAME
         agent.write_status()
@@ -91,9 +95,7 @@ def _looks(agent) -> int:
         return 0
 
 
-def test_a_fact_wakes_the_main_loop_a_counter_does_not(tmp_path):
-    config = config_mod.load(str(write_config(tmp_path, "ws://127.0.0.1:9/v1/ws")))
-    agent = Agent(config)
+def test_a_fact_wakes_the_main_loop_a_counter_does_not(agent):
     try:
         agent.health.add("acked", 3)
         agent.health.acked_now(1, 1.0)
