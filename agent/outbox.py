@@ -113,6 +113,17 @@ treated the same way the moment SQLite reports it (``SQLITE_CORRUPT`` or
 counted as ``dropped`` and logged with their number, ``generation`` bumped so
 readers restart their cursors. It is never retried in a reconnect loop.
 
+Held rows: while the queue is short (at most ``HELD_ROWS`` rows, as it is
+online: a sample is acknowledged before the next is taken) every queued row is
+also held in memory, as the :class:`Record` ``put`` returned, with its size and
+creation time. ``read_after``, ``ack`` and ``stats`` then answer from memory
+instead of querying the file (a query each, about 150 us a sample in the
+running agent with its caches cold after a second's sleep; docs/performance.md
+"Footprint"). Held rows are always a subset of the queued rows (every path that
+takes a row out of the queue takes it out of memory too), so "as many held as
+queued" means "all of them held"; otherwise, as when a backlog builds offline,
+the file is read as before and memory holds nothing until the queue empties.
+
 Threads: only this object touches the database; its methods take one lock, so
 the sampler (``put``), the transport (``read_after``, ``ack``) and the status
 reporter (``stats``) may call it from their own threads. Its own syncer thread
@@ -125,7 +136,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -170,6 +180,7 @@ DURABILITIES = ("normal", "full")
 LOCKS = ("exclusive", "shared")
 SYNC_INTERVAL_S = 10.0
 ACK_FLUSH_AT = 64  # acked rows waiting for a put before they are deleted on their own
+HELD_ROWS = 32  # the queue's rows are also held in memory while there are no more than this
 INSERT = "INSERT INTO messages (seq, type, ts, payload, size, created) VALUES (?, ?, ?, ?, ?, ?)"
 
 # --------------------------------------------------------------------------- how a row is stored
@@ -196,11 +207,16 @@ TYPE_CODES = {"telemetry": 1, "command.result": 2}  # stored as a small integer
 _TYPES = {code: name for name, code in TYPE_CODES.items()}
 
 
+# A compressor with ZDICT_1 loaded, copied for each payload: loading the dictionary (hashing
+# it into the compressor's tables) was a fifth of a put's time.
+_DEFLATER_1 = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS, _MEMLEVEL,
+                               zlib.Z_DEFAULT_STRATEGY, ZDICT_1)
+
+
 def pack_payload(data: bytes) -> Optional[bytes]:
     """The stored form of a payload's UTF-8 ``data``: DEFLATE_1 and the deflated bytes,
     or None when that is not smaller (the text is stored as it is)."""
-    c = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS, _MEMLEVEL, zlib.Z_DEFAULT_STRATEGY,
-                         ZDICT_1)
+    c = _DEFLATER_1.copy()  # thread-safe: zlib locks the object it copies
     packed = c.compress(data) + c.flush()
     return b"\x01" + packed if len(packed) + 1 < len(data) else None
 
@@ -396,6 +412,13 @@ class Outbox:
         self._set_aside = int(self._meta("set_aside"))
         self._last_seq = max(int(row[2]), int(self._meta("last_seq")))
         self._acked: Dict[int, int] = {}  # seq -> size: acknowledged, not deleted yet
+        # seq -> (record, size, created) of queued rows, in seq order; see "Held rows"
+        self._held: Dict[int, Tuple[Record, int, float]] = {}
+
+    def _all_held(self) -> bool:
+        """Every queued row is held (held rows are always queued ones). Caller holds the
+        lock."""
+        return len(self._held) == self._depth
 
     def _recover(self, exc: BaseException) -> None:
         """The open file turned out corrupt: set it aside, go on with a fresh one, and say
@@ -429,7 +452,7 @@ class Outbox:
 
     @staticmethod
     def _init_meta(db: sqlite3.Connection) -> None:
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(4),))
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (os.urandom(4).hex(),))
         for key in ("dropped", "set_aside", "last_seq"):
             db.execute("INSERT OR IGNORE INTO meta VALUES (?, '0')", (key,))
 
@@ -481,6 +504,7 @@ class Outbox:
             msg_id = f"{self._epoch}-{seq}"
             if not wire_size_ok(type_, msg_id, ts, size):
                 p.envelope_text(type_, msg_id, ts, text)  # near the limit: exact; raises over it
+            record = Record(seq, msg_id, type_, ts, text)
             if self._acked or self._bytes + size > self.max_bytes:
                 with self._transaction() as db:
                     # Acked rows go in this same commit (one WAL frame for the insert and the
@@ -494,9 +518,13 @@ class Outbox:
                 # own, with the same durability, for one statement instead of three.
                 self._db.execute(INSERT, (seq, *row))
                 self._unsynced = True
+            if self._all_held() and self._depth < HELD_ROWS:
+                self._held[seq] = (record, size, created)
+            else:
+                self._held.clear()  # a backlog: read from the file until the queue empties
             self._last_seq, self._depth, self._bytes = seq, self._depth + 1, self._bytes + size
             self._put_since_sync = True
-        return Record(seq, msg_id, type_, ts, text)
+        return record
 
     def _make_room(self, db: sqlite3.Connection, size: int) -> None:
         """Delete the oldest rows until ``size`` more bytes fit under max_bytes.
@@ -511,6 +539,8 @@ class Outbox:
                 if freed >= excess:
                     break
             count = db.execute("DELETE FROM messages WHERE seq <= ?", (last,)).rowcount
+            for held in [held for held in self._held if held <= last]:
+                del self._held[held]
             self._depth, self._bytes = self._depth - count, self._bytes - freed
             self._dropped += count
             db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (str(self._dropped),))
@@ -545,7 +575,15 @@ class Outbox:
         wanted = {seq for seq in map(self._seq_of, ids) if seq is not None}
         taken = 0
         with self._lock:
-            seqs = sorted(wanted - set(self._acked))
+            seqs = []
+            for seq in sorted(wanted - set(self._acked)):
+                held = self._held.pop(seq, None)
+                if held is None:
+                    seqs.append(seq)  # looked up in the file below
+                else:
+                    self._acked[seq] = held[1]
+                    self._depth, self._bytes = self._depth - 1, self._bytes - held[1]
+                    taken += 1
             for start in range(0, len(seqs), 500):
                 chunk = seqs[start:start + 500]
                 rows = self._db.execute(
@@ -578,6 +616,7 @@ class Outbox:
                          (seq,)).fetchone()
         if row is None:
             return False
+        self._held.pop(seq, None)
         try:
             kept = (unpack_type(row[0]), unpack_ts(row[1]), unpack_payload(row[2]))
         except ValueError:
@@ -648,6 +687,9 @@ class Outbox:
             query += " AND seq <= ?"
             args.append(upto)
         with self._lock:
+            if self._all_held():  # nothing queued, or all of it in memory
+                return [record for s, (record, _, _) in self._held.items()
+                        if s > seq and (upto is None or s <= upto)][:limit]
             if self._acked:  # at most ACK_FLUSH_AT
                 query += f" AND seq NOT IN ({','.join('?' * len(self._acked))})"
                 args.extend(self._acked)
@@ -669,6 +711,10 @@ class Outbox:
     @_on_corruption(retry=True)
     def stats(self) -> OutboxStats:
         with self._lock:
+            if self._all_held():  # nothing queued, or all of it in memory
+                oldest_created = next(iter(self._held.values()))[2] if self._held else None
+                return OutboxStats(self._depth, self._bytes, oldest_created, self._dropped,
+                                   self._last_seq, self._set_aside)
             query = "SELECT created, ts FROM messages"
             if self._acked:
                 query += f" WHERE seq NOT IN ({','.join('?' * len(self._acked))})"

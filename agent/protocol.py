@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
@@ -128,7 +128,7 @@ def _normalise_fraction(text: str) -> str:
 
 def new_id(prefix: str = "msg") -> str:
     """A fresh random id, e.g. ``msg-3f2a9c0e5b7d4e1a``."""
-    return f"{prefix}-{secrets.token_hex(8)}"
+    return f"{prefix}-{os.urandom(8).hex()}"  # secrets.token_hex(8), without its imports
 
 
 # --------------------------------------------------------------------------- the envelope

@@ -42,7 +42,6 @@ import collections
 import json
 import logging
 import os
-import random
 import select
 import socket
 import struct
@@ -180,7 +179,18 @@ class Health:
 # --------------------------------------------------------------------------- pacing
 
 
-def backoff_delays(base: float, cap: float, rng: random.Random) -> Iterator[float]:
+class Jitter:
+    """Uniform random numbers for the backoff's jitter, from ``os.urandom``: the ``random``
+    module (and ``secrets``, which imports it) cost about 0.15 MB of RSS in the daemon for
+    a call or two a reconnect (docs/performance.md, "Footprint"). Tests may pass a
+    ``random.Random`` instead: anything with ``uniform(low, high)``."""
+
+    @staticmethod
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * (int.from_bytes(os.urandom(7), "big") / 2.0 ** 56)
+
+
+def backoff_delays(base: float, cap: float, rng: Any) -> Iterator[float]:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**n)]."""
     attempt = 0
     while True:
@@ -394,12 +404,12 @@ CommandHandler = Callable[[p.CommandRequest], None]
 class Transport:
     def __init__(self, config: Config, outbox: Outbox, health: Health,
                  on_command: Optional[CommandHandler] = None,
-                 rng: Optional[random.Random] = None) -> None:
+                 rng: Optional[Any] = None) -> None:
         self.config = config
         self.outbox = outbox
         self.health = health
         self.on_command = on_command
-        self.rng = rng or random.Random()
+        self.rng = rng or Jitter()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)

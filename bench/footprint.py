@@ -9,6 +9,9 @@ Every subject runs at the same time, in its own process, over the same window:
   then sleeps: the memory floor of a Python agent with these libraries;
 * a bare websocket-client loop sending one message a second and reading its
   ack: the CPU floor of the same traffic with no sampling and no queue;
+* a bare loop that takes the agent's psutil readings once a second and sends
+  them with websocket-client, reading the ack: the CPU floor of the agent's
+  job in Python with its libraries, without the queue, threads and checks;
 * collectd (cpu, memory, interface, load plugins, network output to a UDP
   socket of this bench, interval 1 s) and prometheus-node-exporter (default
   collectors, scraped every second by this bench), where installed.
@@ -92,6 +95,40 @@ while True:
     ws.recv()
     i += 1
     time.sleep(1.0)
+"""
+
+# The floor of the agent's job in Python with its libraries: the same psutil readings as a
+# sample (disk usage and temperature every 10 s, as the agent), JSON, one send and its ack a
+# second; no queue, no threads, no status file, no reconnection, no checks.
+BARE_SAMPLER_SENDER = """
+import json, os, sys, time
+sys.modules["ssl"] = None
+import websocket
+del sys.modules["ssl"]
+import psutil
+ws = websocket.create_connection(sys.argv[1], header=["Authorization: Bearer " + sys.argv[2]])
+ws.recv()
+psutil.cpu_percent()
+me, slow, temp, i = psutil.Process(), {}, None, 0
+while True:
+    time.sleep(1.0)
+    vm = psutil.virtual_memory()
+    net = psutil.net_io_counters()
+    m = {"cpu_usage": psutil.cpu_percent(), "memory_usage": vm.percent,
+         "memory_available_bytes": vm.available, "swap_usage": psutil.swap_memory().percent,
+         "uptime_s": round(time.time() - psutil.boot_time(), 1),
+         "net_bytes_sent": net.bytes_sent, "net_bytes_recv": net.bytes_recv}
+    m["load_1m"], m["load_5m"], m["load_15m"] = os.getloadavg()
+    if i % 10 == 0:
+        slow = {"disk_root_usage": psutil.disk_usage("/").percent,
+                "agent_rss_bytes": me.memory_info().rss}
+        temp = psutil.sensors_temperatures()
+    m.update(slow)
+    ws.send(json.dumps({"type": "telemetry", "id": "s-%d" % i, "timestamp":
+        time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        "payload": {"device_id": "device-003", "metrics": m}}))
+    ws.recv()
+    i += 1
 """
 
 COLLECTD_CONF = """Interval 1
@@ -208,7 +245,8 @@ class Scraper(threading.Thread):
 def agent_config(folder: Path, url: str, interval: float) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     # The shipped defaults (example config), not the test suite's fast timers.
-    return write_config(folder, url, log_level="info", telemetry={"interval_s": interval},
+    return write_config(folder, url, device_id=f"device-1{interval:02.0f}", log_level="info",
+                        telemetry={"interval_s": interval},
                         server={"url": url, "connect_timeout_s": 10, "ping_interval_s": 20,
                                 "ping_timeout_s": 10, "ack_timeout_s": 30,
                                 "max_messages_per_minute": 90},
@@ -326,6 +364,11 @@ def measure(seconds: float, starts: int) -> Tuple[List[Subject], Dict[str, List[
                                     subprocess.Popen([sys.executable, "-c", BARE_SENDER,
                                                       server.url, mint("device-002")], env=env),
                                     "1 message + ack a second, no sampling, no queue"))
+            subjects.append(Subject("bare sampler + sender, 1 s",
+                                    subprocess.Popen([sys.executable, "-c", BARE_SAMPLER_SENDER,
+                                                      server.url, mint("device-003")], env=env),
+                                    "the same psutil readings, JSON, send + ack; no queue, "
+                                    "no threads"))
             peers, helpers = start_peers(tmp, notes)
             subjects += peers
             time.sleep(8.0)  # imports, first connection, first acks, collectd's first read
@@ -399,6 +442,11 @@ def targets(subjects: List[Subject], startups: Dict[str, List[float]]) -> List[s
     if "cpu" in agent:
         out.append(f"- CPU at 1 s <= {TARGET_CPU_1S} % of a core: {agent['cpu']:.3f} % "
                    f"({agent['ticks']} ticks) {mark(agent['cpu'] <= TARGET_CPU_1S)}")
+    floor = by.get("bare sampler + sender, 1 s", {})
+    if "cpu" in agent and "cpu" in floor:
+        out.append(f"- CPU at 1 s against the bare sampler + sender (the same readings and "
+                   f"traffic, nothing else): {agent['cpu']:.3f} % against {floor['cpu']:.3f} % "
+                   f"(ratio {ratio(agent['cpu'], floor['cpu'])})")
     if "rss" in agent and "rss" in bare:
         over = (agent["rss"] - bare["rss"]) / 1024
         out.append(f"- RSS within {TARGET_RSS_OVER_BARE_MB:g} MB of the bare interpreter: "

@@ -199,8 +199,9 @@ def test_the_daemon_does_not_load_what_it_does_not_use(tmp_path):
     config = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws", log_level="warning")
     # encodings.idna (with unicodedata, stringprep): getaddrinfo of a str host; an ASCII
     # host name is resolved as bytes (transport.tcp_socket).
+    # random and secrets (about 0.15 MB): ids and jitter come from os.urandom.
     unwanted = ("argparse,shutil,bz2,lzma,ssl,agent.runner,agent.executor,encodings.idna,"
-                "unicodedata,stringprep")
+                "unicodedata,stringprep,random,secrets")
     out = subprocess.run([sys.executable, "-c", DAEMON_MODULES, str(config), unwanted],
                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -15,6 +15,7 @@ import pytest
 from helpers import REPO, outbox_snapshot
 
 from agent import outbox as outbox_mod
+from agent import protocol as p
 from agent.outbox import Outbox
 
 
@@ -340,6 +341,8 @@ def test_a_sample_takes_a_third_of_a_small_page(tmp_path):
 def test_an_unreadable_row_is_set_aside_and_the_rest_read_on(tmp_path, caplog):
     box = Outbox(str(tmp_path), 10**6)
     records = fill(box, 4)
+    box.close()  # rows of an earlier run: read from the file, not held in memory
+    box = Outbox(str(tmp_path), 10**6)
     box._db.execute("UPDATE messages SET payload = X'07AABB' WHERE seq = 2")  # a newer codec
     box._db.execute("UPDATE messages SET payload = X'01FFFF' WHERE seq = 3")  # damaged
     assert [r.id for r in box.read_after(0, 10)] == [records[0].id, records[3].id]
@@ -500,3 +503,63 @@ def test_the_file_is_the_outboxs_alone_unless_shared(tmp_path, lock):
     again = Outbox(str(tmp_path), 10**6)  # closed: the next one has it
     assert [r.seq for r in again.read_after(0, 10)] == [1, 2, 3]
     again.close()
+
+
+def test_a_short_queue_is_answered_from_memory(tmp_path):
+    """Online a sample is acked before the next is put: read_after, ack and stats answer
+    from the rows held in memory, and the file sees only the puts' writes."""
+    box = Outbox(str(tmp_path), 10**6)
+    statements = []
+    box._db.set_trace_callback(statements.append)
+    sent = []
+    for i in range(5):
+        now = 1762134834.5 + i
+        box.put("telemetry", {"n": i}, p.format_timestamp(now), now)
+        assert box.stats().oldest_created == now
+        records = box.read_after(sent[-1].seq if sent else 0, 10)
+        assert [r.payload for r in records] == [f'{{"n":{i}}}']
+        sent += records
+        assert box.ack([records[0].id]) == 1
+        assert box.stats().depth == 0 and box.stats().oldest_created is None
+    assert not [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert box.read_after(0, 10) == []
+    box.close()
+    box = Outbox(str(tmp_path), 10**6)
+    assert box.stats().depth == 0  # the acks reached the file
+
+
+def test_held_rows_follow_every_way_out_of_the_queue(tmp_path):
+    """Rows held in memory leave with the rows of the file: acked, set aside, dropped for
+    room; past HELD_ROWS the file is read. After each step the answers equal those of the
+    same file opened afresh (nothing held)."""
+    def answers(box):
+        s = box.stats()
+        return ([(r.id, r.type, r.ts, r.payload) for r in box.read_after(0, 1000)],
+                (s.depth, s.bytes, s.oldest_created and round(s.oldest_created, 3)))
+
+    def check(box, max_bytes=10**6):
+        mine = answers(box)
+        box.close()
+        box = Outbox(str(tmp_path), max_bytes)
+        assert answers(box) == mine
+        return box
+
+    box = Outbox(str(tmp_path), 10**6)
+    records = fill(box, 5)
+    box.ack([records[1].id])
+    box = check(box)
+    records = fill(box, 4, start=10)
+    box.set_aside(records[2].id, "refused")
+    box.ack([records[0].id])
+    box = check(box)
+    fill(box, outbox_mod.HELD_ROWS + 3, start=100)  # a backlog: read from the file
+    assert not box._held
+    box = check(box)
+    box.ack([r.id for r in box.read_after(0, 1000)])
+    fill(box, 3, start=500)  # held again once the queue is empty
+    assert len(box._held) == 3
+    box = check(box, max_bytes=400)
+    box.ack([r.id for r in box.read_after(0, 1000)])
+    fill(box, 15, start=600)  # max_bytes drops the oldest, held ones among them
+    assert box.stats().dropped > 0 and len(box._held) == box.stats().depth
+    check(box, max_bytes=400).close()
