@@ -496,7 +496,7 @@ def targets(subjects: List[Subject], startups: Dict[str, List[float]]) -> List[s
     for floor_name in ("bare sampler + sender, 1 s", "bare /proc sampler + sender, 1 s"):
         floor = by.get(floor_name, {})
         if "cpu" in agent and "cpu" in floor:
-            out.append(f"- CPU at 1 s against the {floor_name[:-6]} (the same readings and "
+            out.append(f"- CPU at 1 s against the {floor_name[:-5]} (the same readings and "
                        f"traffic, nothing else): {agent['cpu']:.3f} % against "
                        f"{floor['cpu']:.3f} % (ratio {ratio(agent['cpu'], floor['cpu'])})")
     if "rss" in agent and "rss" in bare:
