@@ -81,13 +81,28 @@ while True:
     time.sleep(3600)
 """
 
-BARE_SENDER = """
-import json, sys, time
+# The bare loops' connection: URL and token from argv (ssl hidden, as the agent does for ws://).
+_CONNECT = """
+import json, os, sys, time
 sys.modules["ssl"] = None
 import websocket
 del sys.modules["ssl"]
 ws = websocket.create_connection(sys.argv[1], header=["Authorization: Bearer " + sys.argv[2]])
 ws.recv()
+"""
+
+# The end of a sampling loop: the metrics ``m`` and the slow ones sent as telemetry of the
+# device named by argv[3], and the ack read.
+_SEND_SAMPLE = """
+    m.update(slow)
+    ws.send(json.dumps({"type": "telemetry", "id": "s-%d" % i, "timestamp":
+        time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        "payload": {"device_id": sys.argv[3], "metrics": m}}))
+    ws.recv()
+    i += 1
+"""
+
+BARE_SENDER = _CONNECT + """
 i = 0
 while True:
     ws.send(json.dumps({"type": "telemetry", "id": "b-%d" % i, "timestamp":
@@ -101,14 +116,8 @@ while True:
 # The floor of the agent's job in Python with its libraries: the same psutil readings as a
 # sample (disk usage and temperature every 10 s, as the agent), JSON, one send and its ack a
 # second; no queue, no threads, no status file, no reconnection, no checks.
-BARE_SAMPLER_SENDER = """
-import json, os, sys, time
-sys.modules["ssl"] = None
-import websocket
-del sys.modules["ssl"]
+BARE_SAMPLER_SENDER = _CONNECT + """
 import psutil
-ws = websocket.create_connection(sys.argv[1], header=["Authorization: Bearer " + sys.argv[2]])
-ws.recv()
 psutil.cpu_percent()
 me, slow, temp, i = psutil.Process(), {}, None, 0
 while True:
@@ -123,25 +132,12 @@ while True:
     if i % 10 == 0:
         slow = {"disk_root_usage": psutil.disk_usage("/").percent,
                 "agent_rss_bytes": me.memory_info().rss}
-        temp = psutil.sensors_temperatures()
-    m.update(slow)
-    ws.send(json.dumps({"type": "telemetry", "id": "s-%d" % i, "timestamp":
-        time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
-        "payload": {"device_id": "device-003", "metrics": m}}))
-    ws.recv()
-    i += 1
-"""
+        temp = psutil.sensors_temperatures()""" + _SEND_SAMPLE
 
 # The same job with the readings taken from /proc directly instead of through psutil (Linux
 # only; swap, the process's RSS and the temperature left out): what psutil itself costs at a
 # sample a second.
-BARE_PROC_SENDER = """
-import json, os, sys, time
-sys.modules["ssl"] = None
-import websocket
-del sys.modules["ssl"]
-ws = websocket.create_connection(sys.argv[1], header=["Authorization: Bearer " + sys.argv[2]])
-ws.recv()
+BARE_PROC_SENDER = _CONNECT + """
 def cpu():
     with open("/proc/stat", "rb") as fh:
         v = [int(x) for x in fh.readline().split()[1:]]
@@ -169,14 +165,8 @@ while True:
     m["load_1m"], m["load_5m"], m["load_15m"] = os.getloadavg()
     if i % 10 == 0:
         st = os.statvfs("/")
-        slow = {"disk_root_usage": round(100 * (st.f_blocks - st.f_bfree) / st.f_blocks, 1)}
-    m.update(slow)
-    ws.send(json.dumps({"type": "telemetry", "id": "s-%d" % i, "timestamp":
-        time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
-        "payload": {"device_id": "device-004", "metrics": m}}))
-    ws.recv()
-    i += 1
-"""
+        slow = {"disk_root_usage": round(100 * (st.f_blocks - st.f_bfree) / st.f_blocks, 1)}""" + \
+    _SEND_SAMPLE
 
 COLLECTD_CONF = """Interval 1
 BaseDir "{dir}"
@@ -413,12 +403,14 @@ def measure(seconds: float, starts: int) -> Tuple[List[Subject], Dict[str, List[
                                     "1 message + ack a second, no sampling, no queue"))
             subjects.append(Subject("bare sampler + sender, 1 s",
                                     subprocess.Popen([sys.executable, "-c", BARE_SAMPLER_SENDER,
-                                                      server.url, mint("device-003")], env=env),
+                                                      server.url, mint("device-003"),
+                                                      "device-003"], env=env),
                                     "the same psutil readings, JSON, send + ack; no queue, "
                                     "no threads"))
             subjects.append(Subject("bare /proc sampler + sender, 1 s",
                                     subprocess.Popen([sys.executable, "-c", BARE_PROC_SENDER,
-                                                      server.url, mint("device-004")], env=env),
+                                                      server.url, mint("device-004"),
+                                                      "device-004"], env=env),
                                     "the same, read from /proc without psutil"))
             peers, helpers = start_peers(tmp, notes)
             subjects += peers
