@@ -510,9 +510,13 @@ class Outbox:
                     # Acked rows go in this same commit (one WAL frame for the insert and the
                     # deletes); the new row is the newest, so meta.last_seq needs no update.
                     self._delete_acked(db, newest_stays=True)
-                    self._make_room(db, size)
+                    dropped = self._make_room(db, size)
                     db.execute(INSERT, (seq, *row))
-                self._acked.clear()  # only once committed: a rollback keeps them for later
+                # Only once committed: a rollback keeps the acked rows for later, and the
+                # counters and held rows as they were.
+                self._acked.clear()
+                if dropped[0]:
+                    self._dropped_oldest(*dropped)
             else:
                 # Nothing to delete: one INSERT in autocommit mode is a transaction of its
                 # own, with the same durability, for one statement instead of three.
@@ -526,26 +530,35 @@ class Outbox:
             self._put_since_sync = True
         return record
 
-    def _make_room(self, db: sqlite3.Connection, size: int) -> None:
-        """Delete the oldest rows until ``size`` more bytes fit under max_bytes.
+    def _make_room(self, db: sqlite3.Connection, size: int) -> Tuple[int, int, int]:
+        """Delete the oldest rows until ``size`` more bytes fit under max_bytes; (rows, their
+        bytes, the newest seq deleted), for :meth:`_dropped_oldest` once committed.
 
         Caller has deleted the acked rows first, so every row seen here is queued."""
-        while self._depth and self._bytes + size > self.max_bytes:
+        depth, total, count, freed, last = self._depth, self._bytes, 0, 0, 0
+        while depth and total + size > self.max_bytes:
             rows = db.execute("SELECT seq, size FROM messages ORDER BY seq LIMIT 64").fetchall()
-            excess = self._bytes + size - self.max_bytes
-            freed, last = 0, rows[-1][0]
+            excess, these = total + size - self.max_bytes, 0
             for seq, row_size in rows:
-                freed, last = freed + row_size, seq
-                if freed >= excess:
+                these, last = these + row_size, seq
+                if these >= excess:
                     break
-            count = db.execute("DELETE FROM messages WHERE seq <= ?", (last,)).rowcount
-            for held in [held for held in self._held if held <= last]:
-                del self._held[held]
-            self._depth, self._bytes = self._depth - count, self._bytes - freed
-            self._dropped += count
-            db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (str(self._dropped),))
-            log.warning("outbox full (%d bytes max): dropped the %d oldest messages "
-                        "(%d dropped in all)", self.max_bytes, count, self._dropped)
+            deleted = db.execute("DELETE FROM messages WHERE seq <= ?", (last,)).rowcount
+            depth, total, count, freed = depth - deleted, total - these, count + deleted, \
+                freed + these
+        if count:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'",
+                       (str(self._dropped + count),))
+        return count, freed, last
+
+    def _dropped_oldest(self, count: int, freed: int, last: int) -> None:
+        """Account for rows :meth:`_make_room` deleted, now that they are gone for good."""
+        for seq in [seq for seq in self._held if seq <= last]:
+            del self._held[seq]
+        self._depth, self._bytes, self._dropped = self._depth - count, self._bytes - freed, \
+            self._dropped + count
+        log.warning("outbox full (%d bytes max): dropped the %d oldest messages "
+                    "(%d dropped in all)", self.max_bytes, count, self._dropped)
 
     def _delete_acked(self, db: sqlite3.Connection, newest_stays: bool) -> None:
         """Delete the acked rows; keep ``meta.last_seq`` when the newest row goes and no

@@ -563,3 +563,29 @@ def test_held_rows_follow_every_way_out_of_the_queue(tmp_path):
     fill(box, 15, start=600)  # max_bytes drops the oldest, held ones among them
     assert box.stats().dropped > 0 and len(box._held) == box.stats().depth
     check(box, max_bytes=400).close()
+
+
+def test_a_put_that_fails_after_making_room_changes_no_count(tmp_path):
+    """A full queue's put deletes the oldest rows in its own transaction; when the insert
+    then fails (here a trigger makes SQLite refuse it, as a full disk would), the rollback
+    brings the rows back, and the counts and held rows must still say so: a depth counted
+    too low would make the outbox answer reads from memory and skip rows of the file."""
+    box = Outbox(str(tmp_path), 350)
+    records = fill(box, 10)
+    before = box.stats()
+    assert before.bytes + 30 > 350  # the next put must make room
+    box._db.execute("CREATE TEMP TRIGGER refuse BEFORE INSERT ON messages "
+                    "BEGIN SELECT RAISE(ABORT, 'no room on the disk'); END")
+    with pytest.raises(sqlite3.IntegrityError, match="no room"):
+        box.put("telemetry", {"device_id": "d", "metrics": {"n": 99}},
+                "2025-01-01T00:01:00.000Z")
+    assert box.stats() == before
+    assert [r.id for r in box.read_after(0, 100)] == [r.id for r in records]
+    box._db.execute("DROP TRIGGER refuse")
+    box.put("telemetry", {"device_id": "d", "metrics": {"n": 99}}, "2025-01-01T00:01:00.000Z")
+    after = box.stats()
+    assert after.dropped >= 1 and after.depth == before.depth + 1 - after.dropped
+    box.close()
+    reopened = Outbox(str(tmp_path), 350).stats()
+    assert (reopened.depth, reopened.bytes, reopened.dropped) == \
+        (after.depth, after.bytes, after.dropped)
