@@ -416,9 +416,9 @@ class Outbox:
         self._held: Dict[int, Tuple[Record, int, float]] = {}
 
     def _all_held(self) -> bool:
-        """Every queued row is held (held rows are always queued ones). Caller holds the
-        lock."""
-        return len(self._held) == self._depth
+        """Every queued row is held (held rows are always queued ones), and the file is open
+        (after ``close`` every call fails as before). Caller holds the lock."""
+        return len(self._held) == self._depth and self._db is not None
 
     def _recover(self, exc: BaseException) -> None:
         """The open file turned out corrupt: set it aside, go on with a fresh one, and say
@@ -523,7 +523,8 @@ class Outbox:
                 self._db.execute(INSERT, (seq, *row))
                 self._unsynced = True
             if self._all_held() and self._depth < HELD_ROWS:
-                self._held[seq] = (record, size, created)
+                # The creation time as the file gives it back (stats agree to the bit).
+                self._held[seq] = (record, size, _created((created_value, ts_value)) or created)
             else:
                 self._held.clear()  # a backlog: read from the file until the queue empties
             self._last_seq, self._depth, self._bytes = seq, self._depth + 1, self._bytes + size
@@ -624,7 +625,11 @@ class Outbox:
 
     def _move_aside(self, db: sqlite3.Connection, seq: int, reason: str) -> bool:
         """Move one queued row to ``set_aside``, readable (decoded) when it can be. Caller
-        holds self._lock, in a transaction."""
+        holds self._lock, in a transaction. False when it is no longer queued: gone, or
+        acked (its row stays until the next delete, and ``read_after`` decodes outside the
+        lock, so an ack can come between its read and this)."""
+        if seq in self._acked:
+            return False
         row = db.execute("SELECT type, ts, payload, size FROM messages WHERE seq = ?",
                          (seq,)).fetchone()
         if row is None:
@@ -716,9 +721,9 @@ class Outbox:
                     return []  # the file was replaced meanwhile: the caller restarts
                 with self._transaction() as db:
                     for bad, reason in unreadable:
-                        self._move_aside(db, bad, reason)
-                        log.error("outbox %s: message %s-%d cannot be read (%s); set aside",
-                                  self.path, epoch, bad, reason)
+                        if self._move_aside(db, bad, reason):
+                                log.error("outbox %s: message %s-%d cannot be read (%s); "
+                                      "set aside", self.path, epoch, bad, reason)
         return records
 
     @_on_corruption(retry=True)
