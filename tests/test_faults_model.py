@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from agent import outbox as outbox_mod
 from agent.outbox import Outbox
 
 TS = "2025-01-01T00:00:00.000Z"
@@ -41,6 +42,15 @@ class QueueModel(RuleBasedStateMachine):
 
     @rule(n=st.integers(0, 400))
     def put(self, n):
+        self._put(n)
+
+    @rule(count=st.integers(outbox_mod.HELD_ROWS - 2, outbox_mod.HELD_ROWS + 8))
+    def put_many(self, count):
+        """A backlog around the length up to which the outbox holds its rows in memory."""
+        for _ in range(count):
+            self._put(0)
+
+    def _put(self, n):
         record_ = self.box.put("telemetry", {"device_id": "d", "metrics": {"x": 1},
                                              "pad": "p" * n}, TS)
         assert record_.id not in self.ever, "an id was reused"
@@ -110,6 +120,10 @@ class QueueModel(RuleBasedStateMachine):
         assert stats.depth == len(self.queued)
         assert stats.bytes == sum(self.queued.values())
         assert stats.dropped == self.dropped
+        # Answers from the rows held in memory (a short queue) agree with the file's rows.
+        in_file = [seq for (seq,) in self.box._db.execute("SELECT seq FROM messages ORDER BY seq")
+                   if seq not in self.box._acked]
+        assert [int(i.split("-")[1]) for i in got] == in_file
         if len(got) > 2:  # reading from the middle gives the rest, in order
             assert [r.id for r in self.box.read_after(int(got[1].split("-")[1]), 10**6)] == \
                 got[2:]
