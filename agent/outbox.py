@@ -589,25 +589,24 @@ class Outbox:
         wanted = {seq for seq in map(self._seq_of, ids) if seq is not None}
         taken = 0
         with self._lock:
-            seqs = []
+            found: List[Tuple[int, int]] = []  # (seq, size) of the queued rows among them
+            seqs = []  # the rest, looked up in the file
             for seq in sorted(wanted - set(self._acked)):
                 held = self._held.pop(seq, None)
                 if held is None:
-                    seqs.append(seq)  # looked up in the file below
+                    seqs.append(seq)
                 else:
-                    self._acked[seq] = held[1]
-                    self._depth, self._bytes = self._depth - 1, self._bytes - held[1]
-                    taken += 1
+                    found.append((seq, held[1]))
             for start in range(0, len(seqs), 500):
                 chunk = seqs[start:start + 500]
-                rows = self._db.execute(
+                found += self._db.execute(
                     f"SELECT seq, size FROM messages WHERE seq IN ({','.join('?' * len(chunk))})",
                     chunk).fetchall()
-                for seq, size in rows:
-                    if seq not in self._acked:
-                        self._acked[seq] = size
-                        self._depth, self._bytes = self._depth - 1, self._bytes - int(size)
-                        taken += 1
+            for seq, size in found:
+                if seq not in self._acked:
+                    self._acked[seq] = size
+                    self._depth, self._bytes = self._depth - 1, self._bytes - int(size)
+                    taken += 1
             if len(self._acked) >= ACK_FLUSH_AT:
                 self._flush_acked()
         return taken
@@ -722,7 +721,7 @@ class Outbox:
                 with self._transaction() as db:
                     for bad, reason in unreadable:
                         if self._move_aside(db, bad, reason):
-                                log.error("outbox %s: message %s-%d cannot be read (%s); "
+                            log.error("outbox %s: message %s-%d cannot be read (%s); "
                                       "set aside", self.path, epoch, bad, reason)
         return records
 
