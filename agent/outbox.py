@@ -16,9 +16,8 @@ header page whenever a new page is taken, so the rows a page holds count too).
   creation (the rowid, no second index). A message's id is ``<epoch>-<seq>``,
   fixed at creation and sent unchanged on every resend, so the server can drop
   duplicates; ``ack`` and ``set_aside`` parse the seq back out of it (an id of
-  another epoch or shape is unknown, and ignored). ``epoch`` is random per
-  database file, so the ids of a fresh file (after corruption) cannot collide
-  with those of the old one.
+  an unknown epoch, or a seq outside its epoch's range, is ignored).
+* ``epochs(first_seq, epoch)``: see "Identity" below.
 * ``meta(key, value)``: ``epoch``, the running ``dropped`` and ``set_aside``
   counts, and ``last_seq``. A seq is never reused, even after the table empties
   and the agent restarts: on open, the next seq follows both ``MAX(seq)`` and
@@ -26,6 +25,31 @@ header page whenever a new page is taken, so the rows a page holds count too).
   delete that removes the newest row (rare: a put's own delete of acked rows
   never does, since the row it inserts is newer). This replaces AUTOINCREMENT,
   which rewrote ``sqlite_sequence`` (one more page) on every insert.
+
+Identity: an id is never used twice for a device, whatever the disk lost. Every
+open begins a new epoch, 64 random bits (``EPOCH_BYTES``, from ``os.urandom``),
+for the seqs from the next one on (``epochs`` row ``(last_seq + 1, epoch)``).
+Why at every open and not once per file: with ``normal`` a power cut can lose
+the newest committed rows (the WAL's unsynced tail), and a restored backup or a
+copied SD card image goes back in time the same way; the next seqs then repeat
+ones the server may already have stored under the old epoch, and it would ack
+the new samples as duplicates and drop them. A fresh epoch makes every id after
+an open new, and ids the old file gave keep their epoch (the rows still queued
+are resent unchanged). Epochs that name no queued row are pruned at open. Two
+opens choosing the same epoch: 2^-64 per pair, about 3 in 10^10 over 100,000
+device starts (birthday bound); and the server dedupes per device anyway.
+Files from before (one 4-byte ``meta.epoch`` for every row) read as one epoch
+from seq 0. A crash loop adds no rows: an epoch with no seq yet is replaced.
+
+Reading a row back: one step (:func:`decode_row`) turns a stored row into a
+:class:`Record` ready for the wire, or an :class:`Unreadable` with the reason,
+never an exception. A damaged card can leave anything in a cell: text that is
+not UTF-8 where a BLOB was (SQLite's default conversion fails the whole query,
+so the connection's ``text_factory`` returns such a cell as :class:`BadText`),
+an integer where the payload was, a deflate stream that no longer inflates, text
+that is not a JSON object, or one over the protocol's size limit. Such a row is
+moved to ``set_aside`` with the reason the first time it is read, counted, and
+the rows behind it go on at once. ``quick_check`` sees none of this.
 
 Rows (schema 3, ``PRAGMA user_version`` 3): a sample of ~440 bytes of JSON is
 stored in ~120, three or four to a page (two to a 1 KiB page before). Each
@@ -133,7 +157,9 @@ so a slow card never holds up a ``put``. ``close`` stops the syncer first.
 
 from __future__ import annotations
 
+import bisect
 import functools
+import json
 import logging
 import os
 import sqlite3
@@ -163,6 +189,7 @@ CREATE TABLE IF NOT EXISTS messages (
     created REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS epochs (first_seq INTEGER PRIMARY KEY, epoch NOT NULL);
 CREATE TABLE IF NOT EXISTS set_aside (
     seq INTEGER PRIMARY KEY,
     id TEXT NOT NULL,
@@ -287,28 +314,134 @@ def unpack_type(value: Union[int, str]) -> str:
         raise ValueError(f"unknown type code {value}") from None
 
 
-def _decode(rows: List[Tuple[Any, ...]], epoch: str
-            ) -> Tuple[List[Record], List[Tuple[int, str]]]:
-    """Records of stored (seq, type, ts, payload) rows, and the (seq, reason) of the rows
-    that cannot be read."""
-    records: List[Record] = []
-    unreadable: List[Tuple[int, str]] = []
-    for seq, type_, ts, payload in rows:
+# --------------------------------------------------------------------------- reading a row back
+# One step turns a stored row into a Record (wire-ready) or an Unreadable saying why; nothing
+# after it sees raw row values. A row's cells may hold anything a damaged card leaves: a
+# flipped serial-type bit turns a BLOB into TEXT that is not UTF-8 (which SQLite's default
+# text conversion raises on, for the whole query), an integer where the payload was, bytes
+# that inflate to text that is not JSON. quick_check and integrity_check see none of that.
+
+
+class BadText(bytes):
+    """A TEXT cell that is not UTF-8, as its bytes (see :func:`text_factory`)."""
+
+
+def text_factory(data: bytes) -> Union[str, BadText]:
+    """The connection's text conversion: a cell that is not UTF-8 comes back as BadText
+    instead of failing the whole query (sqlite3's default raises OperationalError)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return BadText(data)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A stored row that cannot become a message, and why (it is set aside, never sent)."""
+
+    seq: int
+    id: str
+    reason: str
+
+
+_MAX_TS_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+
+
+def _kind(value: Any) -> str:
+    return "text that is not UTF-8" if isinstance(value, BadText) else \
+        {int: "an integer", float: "a real", str: "text", bytes: "a blob"}.get(
+            type(value), type(value).__name__)
+
+
+def _stored_type(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value in _TYPES:
+        return _TYPES[value]
+    if type(value) is str and value in TYPE_CODES:  # rows of schemas before codes
+        return value
+    raise ValueError(f"type is {_kind(value)} naming no known message type")
+
+
+def _stored_ts(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_TS_MS:
+        return unpack_ts(value)
+    if type(value) is str:
         try:
-            records.append(Record(seq, f"{epoch}-{seq}", unpack_type(type_), unpack_ts(ts),
-                                  unpack_payload(payload)))
-        except ValueError as exc:
-            unreadable.append((seq, f"unreadable row: {exc}"))
+            p.parse_timestamp(value)
+        except (ValueError, TypeError, OverflowError):
+            raise ValueError("ts is text that is not an ISO-8601 timestamp") from None
+        return value
+    raise ValueError(f"ts is {_kind(value)}, not a time")
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _stored_payload(value: Any) -> str:
+    if type(value) is str:
+        text = value
+    elif type(value) is bytes:
+        text = unpack_payload(value)
+    else:
+        raise ValueError(f"payload is {_kind(value)}")
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("payload is JSON nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"payload is not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("payload is JSON but not an object")
+    if len(text) > p.MAX_MESSAGE_BYTES or len(text.encode("utf-8")) > p.MAX_MESSAGE_BYTES:
+        raise ValueError("payload is over the protocol's size limit")
+    return text
+
+
+def _decode(rows: List[Tuple[Any, ...]], id_of: Callable[[int], str]
+            ) -> Tuple[List[Record], List[Unreadable]]:
+    """Records of stored (seq, type, ts, payload) rows, and the rows that cannot be read."""
+    records: List[Record] = []
+    unreadable: List[Unreadable] = []
+    for seq, type_, ts, payload in rows:
+        row = decode_row(seq, id_of(seq), type_, ts, payload)
+        if isinstance(row, Record):
+            records.append(row)
+        else:
+            unreadable.append(row)
     return records, unreadable
+
+
+def decode_row(seq: int, msg_id: str, type_: Any, ts: Any, payload: Any
+               ) -> Union[Record, Unreadable]:
+    """A stored row as a Record, or Unreadable with the reason: never an exception, so one
+    row can never stop the send loop."""
+    try:
+        return Record(seq, msg_id, _stored_type(type_), _stored_ts(ts),
+                      _stored_payload(payload))
+    except ValueError as exc:
+        return Unreadable(seq, msg_id, f"unreadable row: {exc}")
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged cell makes a decoder raise
+        return Unreadable(seq, msg_id, f"unreadable row: {type(exc).__name__}: {exc}")
+
+
+def _int(value: Any) -> int:
+    """A count or size cell as an int; 0 for a damaged one (the row is caught when read)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _created(row: Tuple[Any, Any]) -> Optional[float]:
     """A row's creation time from (created, ts): created is NULL when the ts, stored as
-    milliseconds, is that time."""
+    milliseconds, is that time. None when neither gives one (a damaged cell)."""
     created, ts = row
-    if created is not None:
-        return float(created)
-    return ts / 1000 if isinstance(ts, int) else None
+    try:
+        if created is not None:
+            return float(created)
+        return ts / 1000 if isinstance(ts, int) else None
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def wire_size_ok(type_: str, msg_id: str, ts: str, size: int,
@@ -342,6 +475,19 @@ class OutboxStats:
     dropped: int
     last_seq: int
     set_aside: int = 0
+
+
+EPOCH_BYTES = 8  # 64 random bits per open: see "Identity" in the module docstring
+
+
+def new_epoch() -> str:
+    return os.urandom(EPOCH_BYTES).hex()
+
+
+def _epoch_text(value: Any) -> bool:
+    """An epoch as stored is text of hex digits (4 bytes in files before epochs, now 8)."""
+    return type(value) is str and 0 < len(value) <= 32 and all(
+        c in "0123456789abcdef" for c in value)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -399,21 +545,51 @@ class Outbox:
     # ------------------------------------------------------------------ opening
 
     def _open(self) -> sqlite3.Connection:
-        return store.open_db(self.path, self._setup, self._lock_wait_s, "outbox",
-                             synchronous="FULL" if self.durability == "full" else "NORMAL",
-                             page_size=PAGE_SIZE, exclusive=self.lock == "exclusive")
+        db = store.open_db(self.path, self._setup, self._lock_wait_s, "outbox",
+                           synchronous="FULL" if self.durability == "full" else "NORMAL",
+                           page_size=PAGE_SIZE, exclusive=self.lock == "exclusive")
+        db.text_factory = text_factory  # a damaged TEXT cell must not fail a whole query
+        return db
 
     def _load(self) -> None:
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) "
                                "FROM messages").fetchone()
-        self._depth, self._bytes = int(row[0]), int(row[1])
-        self._epoch = self._meta("epoch")
-        self._dropped = int(self._meta("dropped"))
-        self._set_aside = int(self._meta("set_aside"))
-        self._last_seq = max(int(row[2]), int(self._meta("last_seq")))
+        self._depth, self._bytes = int(row[0]), _int(row[1])
+        self._dropped = _int(self._meta("dropped"))
+        self._set_aside = _int(self._meta("set_aside"))
+        self._last_seq = max(int(row[2]), _int(self._meta("last_seq")))
+        self._start_epoch()
         self._acked: Dict[int, int] = {}  # seq -> size: acknowledged, not deleted yet
         # seq -> (record, size, created) of queued rows, in seq order; see "Held rows"
         self._held: Dict[int, Tuple[Record, int, float]] = {}
+
+    def _start_epoch(self) -> None:
+        """Begin a new epoch at the next seq (see "Identity"): a fresh random value at every
+        open, so no id the server may have seen is used again, whatever the file lost. The
+        epochs that still name queued rows are kept; older ones are pruned."""
+        rows = [(int(first), epoch) for first, epoch in self._db.execute(
+            "SELECT first_seq, epoch FROM epochs ORDER BY first_seq")]
+        if not rows:  # a file from before epochs: its one epoch names every row
+            rows = [(0, self._meta("epoch"))]
+        oldest = self._db.execute("SELECT MIN(seq) FROM messages").fetchone()[0]
+        nxt = self._last_seq + 1
+        oldest = nxt if oldest is None else int(oldest)
+        keep = max([i for i, (first, _) in enumerate(rows) if first <= oldest] or [0])
+        kept = [(first, epoch if _epoch_text(epoch) else new_epoch())  # a damaged one: anew
+                for first, epoch in rows[keep:] if first < nxt]
+        self._epochs = kept + [(nxt, new_epoch())]
+        with self._transaction() as db:
+            db.execute("DELETE FROM epochs")
+            db.executemany("INSERT INTO epochs VALUES (?, ?)", self._epochs)
+        self._epoch = self._epochs[-1][1]
+        self._firsts = [first for first, _ in self._epochs]
+        self._epoch_index = {epoch: i for i, (_, epoch) in enumerate(self._epochs)}
+
+    def _id(self, seq: int) -> str:
+        """The id of the row ``seq``: its epoch's value and the seq."""
+        if seq >= self._firsts[-1]:
+            return f"{self._epoch}-{seq}"
+        return f"{self._epochs[max(0, bisect.bisect_right(self._firsts, seq) - 1)][1]}-{seq}"
 
     def _all_held(self) -> bool:
         """Every queued row is held (held rows are always queued ones), and the file is open
@@ -452,12 +628,14 @@ class Outbox:
 
     @staticmethod
     def _init_meta(db: sqlite3.Connection) -> None:
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (os.urandom(4).hex(),))
+        # The first epoch of a file (ids of files from before the epochs table use it).
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (new_epoch(),))
         for key in ("dropped", "set_aside", "last_seq"):
             db.execute("INSERT OR IGNORE INTO meta VALUES (?, '0')", (key,))
 
     def _meta(self, key: str) -> str:
-        return str(self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return "" if row is None else str(row[0])
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -472,11 +650,15 @@ class Outbox:
         self._unsynced = True
 
     def _seq_of(self, msg_id: str) -> Optional[int]:
-        """The seq in an id of this file (``<epoch>-<seq>``); None for any other id."""
-        epoch, _, seq = msg_id.partition("-")
-        if epoch != self._epoch or not seq.isdigit() or len(seq) > 18:
+        """The seq in an id of this file (``<epoch>-<seq>`` with the seq in that epoch's
+        range); None for any other id."""
+        epoch, _, text = msg_id.partition("-")
+        index = self._epoch_index.get(epoch)
+        if index is None or not text.isdigit() or len(text) > 19:
             return None
-        return int(seq)
+        seq = int(text)
+        end = self._firsts[index + 1] if index + 1 < len(self._firsts) else seq + 1
+        return seq if self._firsts[index] <= seq < end else None
 
     # ------------------------------------------------------------------ writing
 
@@ -501,7 +683,7 @@ class Outbox:
         row = (TYPE_CODES.get(type_, type_), ts_value, stored, size, created_value)
         with self._lock:
             seq = self._last_seq + 1
-            msg_id = f"{self._epoch}-{seq}"
+            msg_id = f"{self._epoch}-{seq}"  # seq is past every older epoch's range
             if not wire_size_ok(type_, msg_id, ts, size):
                 p.envelope_text(type_, msg_id, ts, text)  # near the limit: exact; raises over it
             record = Record(seq, msg_id, type_, ts, text)
@@ -541,7 +723,7 @@ class Outbox:
             rows = db.execute("SELECT seq, size FROM messages ORDER BY seq LIMIT 64").fetchall()
             excess, these = total + size - self.max_bytes, 0
             for seq, row_size in rows:
-                these, last = these + row_size, seq
+                these, last = these + _int(row_size), seq
                 if these >= excess:
                     break
             deleted = db.execute("DELETE FROM messages WHERE seq <= ?", (last,)).rowcount
@@ -605,7 +787,7 @@ class Outbox:
             for seq, size in found:
                 if seq not in self._acked:
                     self._acked[seq] = size
-                    self._depth, self._bytes = self._depth - 1, self._bytes - int(size)
+                    self._depth, self._bytes = self._depth - 1, self._bytes - _int(size)
                     taken += 1
             if len(self._acked) >= ACK_FLUSH_AT:
                 self._flush_acked()
@@ -636,10 +818,10 @@ class Outbox:
         self._held.pop(seq, None)
         try:
             kept = (unpack_type(row[0]), unpack_ts(row[1]), unpack_payload(row[2]))
-        except ValueError:
-            kept = (str(row[0]), str(row[1]), row[2])  # kept as stored, for inspection
+        except Exception:  # noqa: BLE001 - a damaged row: kept as stored, for inspection
+            kept = (str(row[0]), str(row[1]), row[2])
         db.execute("INSERT OR REPLACE INTO set_aside VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (seq, f"{self._epoch}-{seq}", *kept, reason[:500], time.time()))
+                   (seq, self._id(seq), *kept, reason[:500], time.time()))
         db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
         if seq == self._last_seq:
             db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(seq),))
@@ -647,7 +829,7 @@ class Outbox:
                    "ORDER BY seq DESC LIMIT ?)", (SET_ASIDE_KEEP,))
         self._set_aside += 1
         db.execute("UPDATE meta SET value = ? WHERE key = 'set_aside'", (str(self._set_aside),))
-        self._depth, self._bytes = self._depth - 1, self._bytes - int(row[3])
+        self._depth, self._bytes = self._depth - 1, self._bytes - _int(row[3])
         return True
 
     # ------------------------------------------------------------------ syncing
@@ -711,18 +893,18 @@ class Outbox:
                 query += f" AND seq NOT IN ({','.join('?' * len(self._acked))})"
                 args.extend(self._acked)
             rows = self._db.execute(query + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
-            epoch, generation = self._epoch, self.generation
+            generation = self.generation
         # Decoded outside the lock: a long batch's decompression never holds up a put.
-        records, unreadable = _decode(rows, epoch)
+        records, unreadable = _decode(rows, self._id)
         if unreadable:
             with self._lock:
                 if self.generation != generation:
                     return []  # the file was replaced meanwhile: the caller restarts
                 with self._transaction() as db:
-                    for bad, reason in unreadable:
-                        if self._move_aside(db, bad, reason):
-                            log.error("outbox %s: message %s-%d cannot be read (%s); "
-                                      "set aside", self.path, epoch, bad, reason)
+                    for bad in unreadable:
+                        if self._move_aside(db, bad.seq, bad.reason):
+                            log.error("outbox %s: message %s cannot be read (%s); set aside",
+                                      self.path, bad.id, bad.reason)
         return records
 
     @_on_corruption(retry=True)

@@ -24,7 +24,8 @@ The rules, all of them:
   ``rejected``, which are set aside with the server's reason. An ack for
   anything else is ignored.
 * **Errors.** ``RATE_LIMITED`` for a message in flight: it goes first again,
-  after a 5 s pause of all sends. ``INVALID_MESSAGE`` for one: it is set aside
+  after a 5 s pause of all sends. ``INVALID_MESSAGE`` or ``UNKNOWN_MESSAGE_TYPE``
+  for one: it is set aside
   (``set_aside``), never sent again; for a whole batch (or
   ``UNKNOWN_MESSAGE_TYPE`` for one) the connection ends with
   :class:`BatchesRefused` instead and nothing is set aside: the transport
@@ -57,7 +58,10 @@ from .errors import ProtocolError
 log = logging.getLogger("nexus.transport")
 
 RATE_LIMIT_PAUSE_S = 5.0
-REJECTING_CODES = (p.INVALID_MESSAGE,)  # the server will never accept that message as it is
+# The server will never accept that message as it is. UNKNOWN_MESSAGE_TYPE for a single
+# stored message (a type damaged on disk, or one this server does not take) is one too:
+# kept, it would stay the oldest in flight and end every connection at the ack timeout.
+REJECTING_CODES = (p.INVALID_MESSAGE, p.UNKNOWN_MESSAGE_TYPE)
 
 
 class ConnectionLost(Exception):
@@ -283,8 +287,7 @@ class Session:
             self.retry.append(entry[0])
             self.pause_until = now + RATE_LIMIT_PAUSE_S
             log.warning("server rate limit hit; pausing sends for %g s", RATE_LIMIT_PAUSE_S)
-        elif entry is not None and entry[0].items and error.code in (
-                *REJECTING_CODES, p.UNKNOWN_MESSAGE_TYPE):
+        elif entry is not None and entry[0].items and error.code in REJECTING_CODES:
             raise BatchesRefused(f"the server refused a telemetry.batch ({error.code}: "
                                  f"{error.message}); sending single messages from now on")
         elif error.code in REJECTING_CODES and entry is not None:

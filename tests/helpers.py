@@ -301,8 +301,8 @@ def outbox_ids(state_dir: Path) -> List[str]:
             return []
         try:
             return [r[0] for r in db.execute(
-                "SELECT (SELECT value FROM meta WHERE key = 'epoch') || '-' || seq "
-                "FROM messages ORDER BY seq")]
+                "SELECT (SELECT epoch FROM epochs WHERE first_seq <= seq "
+                "ORDER BY first_seq DESC LIMIT 1) || '-' || seq FROM messages ORDER BY seq")]
         except sqlite3.OperationalError:  # not created yet
             return []
 

@@ -63,7 +63,10 @@ def test_ids_are_stable_and_never_reused_across_reopen(tmp_path):
     second = fill(box, 2)
     assert {r.id for r in first}.isdisjoint({r.id for r in second})
     assert second[0].seq == 4  # never reused, even after deletes
-    assert second[0].id.split("-")[0] == first[0].id.split("-")[0]  # same file, same epoch
+    # Every open begins a new epoch of 64 random bits (issue 21: a power cut may lose the
+    # newest seqs, and the next open must not reuse ids the server already has).
+    epochs = (first[0].id.split("-")[0], second[0].id.split("-")[0])
+    assert epochs[0] != epochs[1] and len(epochs[1]) == 16
 
 
 def test_cap_drops_oldest_and_counts(tmp_path):
@@ -185,7 +188,8 @@ def test_a_file_of_the_first_schema_keeps_its_messages_and_ids(tmp_path):
     assert box.read_after(0, 1)[0].payload == '{"n":3}'
     stats = box.stats()
     assert (stats.depth, stats.dropped, stats.set_aside, stats.last_seq) == (4, 2, 1, 7)
-    assert fill(box, 1)[0].id == "c0ffee00-8"  # 7 was used once: never again
+    new = fill(box, 1)[0].id  # 7 was used once: never again; this open's own epoch
+    assert new.endswith("-8") and not new.startswith("c0ffee00-")
     assert box.ack(["c0ffee00-3"]) == 1
     assert box._db.execute("PRAGMA page_size").fetchone()[0] == outbox_mod.PAGE_SIZE
     box.close()
@@ -403,7 +407,8 @@ def test_a_file_of_the_second_schema_keeps_its_rows_ids_and_bytes(tmp_path):
     assert (stats.depth, stats.bytes, stats.dropped, stats.last_seq, stats.oldest_created) == \
         (8, sum(len(o[3].encode()) for o in old), 3, 12, 1003.0)
     new = box.put("telemetry", SAMPLE, "2025-01-01T00:01:00.000Z")
-    assert new.id == "beef0001-13"
+    # Old rows keep the file's epoch; new ones take the epoch this open began.
+    assert new.id.endswith("-13") and not new.id.startswith("beef0001-")
     assert box._db.execute("PRAGMA page_size").fetchone()[0] == outbox_mod.PAGE_SIZE
     assert box._db.execute("PRAGMA user_version").fetchone()[0] == outbox_mod.SCHEMA_VERSION
     kinds = [type(row[3]) for row in stored_rows(box)]
@@ -626,3 +631,120 @@ def test_a_closed_outbox_answers_nothing_from_memory(tmp_path):
     box.close()
     with pytest.raises(AttributeError):  # as before rows were held: the file is closed
         box.read_after(0, 10)
+
+
+# ---------------------------------------------------------------- issue 21: identity, damaged rows
+
+
+def test_ids_after_a_power_cut_are_never_ones_the_server_may_have_seen(tmp_path):
+    """A power cut with durability normal can lose the newest committed rows (the WAL's
+    unsynced tail): the file then comes back as it was a few puts earlier. The ids given
+    after that must not repeat the lost ones, which the server may already have stored (it
+    would ack the new samples as duplicates and drop them)."""
+    state = tmp_path / "state"
+    box = Outbox(str(state), 10**6)
+    seen = {r.id for r in fill(box, 2)}
+    box.close()
+    shutil.copytree(state, tmp_path / "before")  # the file as the power cut will leave it
+    box = Outbox(str(state), 10**6)
+    seen |= {r.id for r in fill(box, 10)}  # sent and stored by the server, then lost
+    box.close()
+    shutil.rmtree(state)
+    shutil.copytree(tmp_path / "before", state)
+    box = Outbox(str(state), 10**6)
+    after = fill(box, 10)
+    assert after[0].seq == 3  # the file lost seqs 3-12 ...
+    assert not seen & {r.id for r in after}  # ... but not one id is used twice
+    assert [r.id for r in box.read_after(0, 100)][:2] == sorted(seen, key=lambda i: int(
+        i.split("-")[1]))[:2]  # the rows queued before keep their ids (resent unchanged)
+    box.close()
+
+
+def test_old_epochs_stay_while_their_rows_are_queued_and_go_after(tmp_path):
+    box = Outbox(str(tmp_path), 10**6)
+    first = fill(box, 2)
+    box.close()
+    box = Outbox(str(tmp_path), 10**6)
+    second = fill(box, 2)
+    assert box.ack([first[0].id, second[1].id]) == 2  # ids of both epochs are known
+    assert box.ack([first[1].id.split("-")[0] + "-3"]) == 0  # seq 3 is not the old epoch's
+    box.close()
+    box = Outbox(str(tmp_path), 10**6)
+    assert [r.id for r in box.read_after(0, 10)] == [first[1].id, second[0].id]
+    box.ack([first[1].id, second[0].id])
+    box.close()
+    box = Outbox(str(tmp_path), 10**6)  # nothing queued: only the new epoch is kept
+    assert [row[0] for row in box._db.execute("SELECT first_seq FROM epochs")] == [5]
+    box.close()
+
+
+DAMAGED = [
+    # (what the damage is, SQL value replacing the payload, words of the reason)
+    ("a blob's serial type flipped to text", "CAST(X'01FF8000' AS TEXT)", "not UTF-8"),
+    ("an integer where the payload was", "42", "an integer"),
+    ("a real where the payload was", "4.5", "a real"),
+    ("text that is not JSON", "'{\"device_id\": '", "not JSON"),
+    ("JSON that is not an object", "'[1, 2]'", "not an object"),
+    ("NaN, which JSON does not have", "'{\"x\": NaN}'", "not JSON"),
+    ("JSON nested too deeply", "'{\"x\":' || replace(hex(zeroblob(50000)), '00', '[') || '}'",
+     "nested too deeply"),
+    ("an unknown compression", "X'07AABB'", "encoding"),
+    ("a damaged deflate stream", "X'01FFFFFFFF'", "damaged"),
+    ("an empty blob", "X''", "encoding"),
+    ("over the size limit", "'{\"x\":\"' || hex(zeroblob(400000)) || '\"}'", "size limit"),
+]
+
+
+@pytest.mark.parametrize("what,value,words", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_a_damaged_payload_is_set_aside_with_its_reason_and_the_rest_flows(
+        tmp_path, what, value, words):
+    box = Outbox(str(tmp_path), 10**7)
+    rows = fill(box, 3)
+    box.close()
+    box = Outbox(str(tmp_path), 10**7)  # rows of the file, nothing held
+    box._db.execute(f"UPDATE messages SET payload = {value} WHERE seq = 2")
+    got = box.read_after(0, 10)  # must not raise
+    assert [r.id for r in got] == [rows[0].id, rows[2].id]
+    stats = box.stats()
+    assert (stats.depth, stats.set_aside) == (2, 1)
+    reason = box._db.execute("SELECT reason FROM set_aside WHERE seq = 2").fetchone()[0]
+    assert words in reason, reason
+    assert box.read_after(0, 10) == got  # set aside once, and gone from the queue
+    box.close()
+
+
+@pytest.mark.parametrize("column,value,words", [
+    ("type", "CAST(X'FF' AS TEXT)", "type"), ("type", "9", "type"), ("type", "'tele'", "type"),
+    ("ts", "X'00'", "ts"), ("ts", "'yesterday'", "ts"), ("ts", "-5", "ts"),
+    ("ts", "9223372036854775807", "ts"),
+])
+def test_a_damaged_type_or_time_is_set_aside_too(tmp_path, column, value, words):
+    box = Outbox(str(tmp_path), 10**7)
+    rows = fill(box, 2)
+    box.close()
+    box = Outbox(str(tmp_path), 10**7)
+    box._db.execute(f"UPDATE messages SET {column} = {value} WHERE seq = 1")
+    assert [r.id for r in box.read_after(0, 10)] == [rows[1].id]
+    reason = box._db.execute("SELECT reason FROM set_aside WHERE seq = 1").fetchone()[0]
+    assert words in reason
+    box.close()
+
+
+def test_damaged_sizes_times_and_counters_do_not_stop_the_queue(tmp_path):
+    """Cells the queue itself reads (size, created, the meta counters) damaged: it opens,
+    counts, makes room and acks without an exception."""
+    box = Outbox(str(tmp_path), 3000)
+    rows = fill(box, 4)
+    box.close()
+    box = Outbox(str(tmp_path), 3000)
+    db = box._db
+    db.execute("UPDATE messages SET size = CAST(X'FF00' AS TEXT), created = 'x' WHERE seq = 1")
+    db.execute("UPDATE meta SET value = CAST(X'C3' AS TEXT) WHERE key = 'dropped'")
+    db.execute("UPDATE meta SET value = 'many' WHERE key = 'set_aside'")
+    box.close()
+    box = Outbox(str(tmp_path), 3000)
+    assert box.stats().depth == 4
+    assert box.ack([rows[0].id]) == 1
+    fill(box, 200, start=10)  # makes room over damaged sizes
+    assert box.stats().dropped > 0
+    box.close()

@@ -172,6 +172,15 @@ def test_invalid_message_is_set_aside_other_errors_keep_it():
     assert s.set_aside[1:] == [] and s.acks == []  # stays queued for the next connection
 
 
+def test_a_single_message_of_a_type_the_server_does_not_know_is_set_aside():
+    """Kept, it would stay the oldest in flight and end every connection at the ack
+    timeout, forever (a type damaged on disk; issue 21)."""
+    s = opened()
+    s.send(telemetry(1), 0.0)
+    s.receive(error("e-1", "UNKNOWN_MESSAGE_TYPE"), 0.1, WALL)
+    assert [msg_id for msg_id, _ in s.set_aside] == ["e-1"] and not s.inflight
+
+
 def test_auth_failed_ends_as_refused():
     s = opened()
     with pytest.raises(AuthRefused):
