@@ -80,10 +80,17 @@ class Agent:
                  notifier: Optional[Notifier] = None) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
-        self.outbox = Outbox(config.state_dir, config.queue.max_bytes,
-                             durability=config.queue.durability,
-                             sync_interval_s=config.queue.sync_interval_s,
-                             lock=config.queue.lock)
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        # One agent per state_dir, whatever queue.lock says (store.DirLock); held until close.
+        self.dir_lock = store.DirLock(config.state_dir)
+        try:
+            self.outbox = Outbox(config.state_dir, config.queue.max_bytes,
+                                 durability=config.queue.durability,
+                                 sync_interval_s=config.queue.sync_interval_s,
+                                 lock=config.queue.lock)
+        except BaseException:
+            self.dir_lock.close()
+            raise
         self.health = Health()
         self.sampler = Sampler(config.state_dir, temperatures)
         self.runner: Optional[CommandRunner] = None
@@ -271,6 +278,7 @@ class Agent:
             self.runner.close()
         self.write_status(stopped=True)
         self.outbox.close()
+        self.dir_lock.close()
         self.notifier.close()
         # The look pipe stays open until the process ends, like the transport's wake pipe:
         # a thread that outlived its join may still write to it, and a closed descriptor's

@@ -76,6 +76,10 @@ class AuthRefused(ConnectionLost):
     """The server refused our token (close 4000, AUTH_FAILED, or 401/403 at the handshake)."""
 
 
+class AckTimeout(ConnectionLost):
+    """The oldest message in flight got no ack within ``ack_timeout_s``."""
+
+
 class BatchesRefused(ConnectionLost):
     """The server offered telemetry.batch but refused one as a whole: use single messages."""
 
@@ -232,7 +236,7 @@ class Session:
         if self.inflight:
             _, sent_at = next(iter(self.inflight.values()))
             if now - sent_at > self.cfg.ack_timeout_s:
-                raise ConnectionLost(f"no ack within {self.cfg.ack_timeout_s:g} s")
+                raise AckTimeout(f"no ack within {self.cfg.ack_timeout_s:g} s")
 
     def deadline(self, now: float) -> float:
         """When the caller must call :meth:`tick` again at the latest (monotonic)."""
@@ -250,6 +254,10 @@ class Session:
 
     def oldest_in_flight(self) -> Optional[str]:
         return next(iter(self.inflight)) if self.inflight else None
+
+    def batch_in_flight(self) -> Optional[Outgoing]:
+        """A telemetry.batch sent and not yet acked, if any."""
+        return next((m for m, _ in self.inflight.values() if m.items), None)
 
     # ------------------------------------------------------------------ messages
 

@@ -16,12 +16,21 @@ Rules, in the order :func:`open_db` applies them:
   ``<file>.corrupt-<time>``, logged as an error, and a fresh file is made.
   Only this case loses what was in the file, and it says so.
 
+One agent per ``state_dir``, in every ``queue.lock`` mode: :class:`DirLock` holds
+``flock`` on ``state_dir/agent.lock`` for the life of the process (the kernel
+drops it when the process dies, however it dies), with the holder's pid in the
+file for the message a second agent gets: the same wait and ``StoreError``
+(exit 75) as a locked file. SQLite's own locks cannot say this: with
+``shared`` two agents would both run, collide on every seq and connect as the
+same device.
+
 ``sqlite3.OperationalError`` is a subclass of ``DatabaseError``, which is why
 corruption is recognised by the exact type and never by ``isinstance``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
@@ -139,6 +148,51 @@ def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
             set_aside_corrupt(path, str(exc), what)
             set_aside += 1
             # Loop: the fresh file opens like any other (and may itself be locked or fail).
+
+
+class DirLock:
+    """``flock`` on ``<state_dir>/agent.lock``, held until :meth:`close` or the process ends."""
+
+    NAME = "agent.lock"
+
+    def __init__(self, state_dir: str, wait_s: float = LOCK_WAIT_S) -> None:
+        self.path = os.path.join(state_dir, self.NAME)
+        # O_CLOEXEC: a command the agent runs must not inherit (and outlive us holding) it.
+        self._fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                          0o600)
+        try:
+            self._take(wait_s)
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"pid {os.getpid()}\n".encode(), 0)
+        except BaseException:
+            self.close()
+            raise
+
+    def _take(self, wait_s: float) -> None:
+        assert self._fd is not None
+        deadline = time.monotonic() + wait_s
+        logged = False
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip() or \
+                    "pid unknown"
+                if time.monotonic() >= deadline:
+                    raise StoreError(self.path, f"another nexus-agent ({holder}) uses this "
+                                     f"state_dir; waited {wait_s:g} s", temporary=True) from None
+                if not logged:
+                    log.warning("%s: another nexus-agent (%s) uses this state_dir; waiting up "
+                                "to %g s", self.path, holder, wait_s)
+                    logged = True
+                time.sleep(0.1)  # flock has no timed wait; ten tries a second for 10 s at most
+
+    def close(self) -> None:
+        """Release the lock; safe to call twice."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
 
 
 def set_aside_corrupt(path: str, reason: str, what: str) -> Optional[str]:

@@ -31,6 +31,11 @@ is the I/O around them:
   answered with ``INVALID_MESSAGE``; one over the protocol's size limit; and
   one that was the oldest in flight when the server closed the connection
   with a refusing code (1003, 1007, 1009, 1011) ``STRIKES`` times in a row.
+* A batch is never struck: a connection that ends with a refusing code, or at
+  the ack timeout, while a batch is in flight halves the batch size for the
+  rest of the run (a proxy in front of the server may refuse frames the server
+  offered to take), down to ``MIN_BATCH_BYTES``, below which batches stop and
+  single messages go. The strikes then count against single messages.
 * Stopping: no new sends; wait up to ``DRAIN_S`` for in-flight acks (cut
   short by :meth:`Transport.hurry`); close with 1000. Nothing is lost by a
   stop: unacked messages stay in the outbox.
@@ -59,6 +64,7 @@ from .errors import AuthError, ProtocolError
 from .logsetup import redact
 from .outbox import Outbox, Record
 from .session import (  # noqa: F401 - TokenBucket: re-exported for callers and tests
+    AckTimeout,
     AuthRefused,
     BatchesRefused,
     ConnectionLost,
@@ -86,6 +92,7 @@ MAX_FRAMES_PER_READ = 64
 # Close codes that say "I will not take what you sent" (not "I am going away").
 REFUSING_CLOSE_CODES = (1003, 1007, p.CLOSE_TOO_BIG, p.CLOSE_INTERNAL)
 STRIKES = 3  # refusing closes in a row with the same oldest message before it is set aside
+MIN_BATCH_BYTES = 8 * 1024  # halved below this, batches stop: singles go (see the docstring)
 STABLE_S = 10.0  # a connection must last this long (and get an ack) to reset the backoff
 
 
@@ -295,8 +302,10 @@ class SendPlan:
     """
 
     def __init__(self, outbox: Outbox, boundary: int, rows: int,
-                 batch: Optional[p.BatchOffer] = None, device_id: str = "") -> None:
+                 batch: Optional[p.BatchOffer] = None, device_id: str = "",
+                 max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
         self.outbox = outbox
+        self.max_batch_bytes = max_batch_bytes
         self.boundary = boundary
         self.rows = rows
         self.batch = batch
@@ -366,7 +375,7 @@ class SendPlan:
     def _next_batch(self, offer: p.BatchOffer) -> List[Tuple[str, str]]:
         """Backlog telemetry from the front of the backlog, up to both limits (may be []).
         Only ids and item texts are kept: the records go as soon as they are read."""
-        room = min(offer.max_bytes, MAX_BATCH_BYTES) - BATCH_ENVELOPE_BYTES
+        room = min(offer.max_bytes, self.max_batch_bytes) - BATCH_ENVELOPE_BYTES
         items: List[Tuple[str, str]] = []
         buf = self.buffers["backlog"]
         while len(items) < offer.max_items and self._refill("backlog", BATCH_READ_ROWS):
@@ -418,6 +427,7 @@ class Transport:
         self.worked = False
         self._hurry = threading.Event()
         self.batches_allowed = True  # off for good once a server refuses a whole batch
+        self.batch_bytes = MAX_BATCH_BYTES  # halved by each batch a connection died with
         self._strikes: Tuple[str, int] = ("", 0)  # (oldest in-flight id, refusing closes)
 
     # ------------------------------------------------------------------ other threads
@@ -498,6 +508,19 @@ class Transport:
             self.set_aside(oldest, f"the server closed the connection {count} times in a row "
                            f"while it was the oldest message in flight ({reason})")
 
+    def _shrink_batches(self, size: int, reason: str) -> None:
+        """A connection died with a batch of ``size`` bytes in flight: halve what a batch may
+        hold, or stop batches below MIN_BATCH_BYTES (for the rest of this run)."""
+        self.batch_bytes = min(self.batch_bytes, size) // 2
+        if self.batch_bytes < MIN_BATCH_BYTES:
+            self.batches_allowed = False
+            log.error("the connection ended with a telemetry.batch in flight (%s); batches are "
+                      "off for the rest of this run: single messages from now on", reason)
+        else:
+            log.warning("the connection ended with a telemetry.batch of %d bytes in flight "
+                        "(%s); batches hold at most %d bytes from now on", size, reason,
+                        self.batch_bytes)
+
     def _note_auth_refused(self, reason: str) -> None:
         if not self._auth_refused_logged:
             log.error("the server refused the token (%s); retrying about every %.0f s; check "
@@ -537,7 +560,12 @@ class Transport:
             log.error("%s", exc)
             raise
         except ConnectionLost as exc:
-            self._strike(connection.session.oldest_in_flight(), exc.code, str(exc))
+            batch = connection.session.batch_in_flight()
+            if batch is not None and (exc.code in REFUSING_CLOSE_CODES or
+                                      isinstance(exc, AckTimeout)):
+                self._shrink_batches(len(batch.text.encode("utf-8")), str(exc))
+            else:
+                self._strike(connection.session.oldest_in_flight(), exc.code, str(exc))
             raise
         finally:
             connection.close()
@@ -633,7 +661,7 @@ class _Connection:
         assert s.welcome is not None
         t = self.t
         self.plan = SendPlan(t.outbox, t.outbox.stats().last_seq, self.session.cfg.ack_window,
-                             s.batch_offer, t.config.device_id)
+                             s.batch_offer, t.config.device_id, t.batch_bytes)
         offset = s.welcome.server_time - time.time()
         t.health.update(connected=True, clock_offset_s=round(offset, 3))
         if t._auth_refused_logged:
