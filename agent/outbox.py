@@ -475,6 +475,7 @@ class OutboxStats:
     dropped: int
     last_seq: int
     set_aside: int = 0
+    last_set_aside: str = ""  # "<id>: <reason>" of the newest row set aside
 
 
 EPOCH_BYTES = 8  # 64 random bits per open: see "Identity" in the module docstring
@@ -557,6 +558,9 @@ class Outbox:
         self._depth, self._bytes = int(row[0]), _int(row[1])
         self._dropped = _int(self._meta("dropped"))
         self._set_aside = _int(self._meta("set_aside"))
+        last = self._db.execute("SELECT id, reason FROM set_aside ORDER BY seq DESC LIMIT 1"
+                                ).fetchone()
+        self._last_aside = f"{last[0]}: {last[1]}"[:300] if last else ""
         self._last_seq = max(int(row[2]), _int(self._meta("last_seq")))
         self._start_epoch()
         self._acked: Dict[int, int] = {}  # seq -> size: acknowledged, not deleted yet
@@ -828,6 +832,7 @@ class Outbox:
         db.execute("DELETE FROM set_aside WHERE seq NOT IN (SELECT seq FROM set_aside "
                    "ORDER BY seq DESC LIMIT ?)", (SET_ASIDE_KEEP,))
         self._set_aside += 1
+        self._last_aside = f"{self._id(seq)}: {reason}"[:300]
         db.execute("UPDATE meta SET value = ? WHERE key = 'set_aside'", (str(self._set_aside),))
         self._depth, self._bytes = self._depth - 1, self._bytes - _int(row[3])
         return True
@@ -913,14 +918,14 @@ class Outbox:
             if self._all_held():  # nothing queued, or all of it in memory
                 oldest_created = next(iter(self._held.values()))[2] if self._held else None
                 return OutboxStats(self._depth, self._bytes, oldest_created, self._dropped,
-                                   self._last_seq, self._set_aside)
+                                   self._last_seq, self._set_aside, self._last_aside)
             query = "SELECT created, ts FROM messages"
             if self._acked:
                 query += f" WHERE seq NOT IN ({','.join('?' * len(self._acked))})"
             oldest = self._db.execute(query + " ORDER BY seq LIMIT 1",
                                       list(self._acked)).fetchone()
             return OutboxStats(self._depth, self._bytes, _created(oldest) if oldest else None,
-                               self._dropped, self._last_seq, self._set_aside)
+                               self._dropped, self._last_seq, self._set_aside, self._last_aside)
 
     def close(self) -> None:
         """Stop the syncer, delete acked rows, checkpoint and close; safe to call twice."""

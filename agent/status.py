@@ -81,8 +81,10 @@ def render(report: Dict[str, Any], now: float) -> str:
         f"oldest queued:    {_ago(report.get('oldest_queued_at'), now)}",
         f"drain:            {_drain(report)}",
         f"dropped:          {report['dropped']}  (the queue was full)",
-        f"set aside:        {report.get('set_aside', 0)}  (refused by the server for good; "
-        "kept in the outbox's set_aside table)",
+        f"set aside:        {report.get('set_aside', 0)}  (unreadable, or refused by the server "
+        "for good; kept in the outbox's set_aside table)"
+        + (f"\n  the latest:     {report['last_set_aside']}" if report.get("last_set_aside")
+           else ""),
         f"not stored:       {report.get('unstored', 0)}"
         + ("" if report.get("storing", True) else "  (STORING FAILS NOW: disk full or failing?)"),
         f"reconnects:       {report['reconnects']}",

@@ -217,6 +217,7 @@ def test_a_row_flipped_on_the_card_is_set_aside_and_live_samples_flow(tmp_path):
                  what="the rest of the backlog")
         wait_for(lambda: agent.status().get("set_aside") == 2, timeout=10,
                  what="the two rows counted as set aside in the status")
+        assert "unreadable row: payload is an integer" in agent.status()["last_set_aside"]
     finally:
         agent.stop()
         srv.stop()
