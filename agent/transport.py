@@ -1,8 +1,9 @@
 """The only code that talks to the server: connect, send, read, reconnect.
 
 The rules of a connection (welcome, ack window, pace, pings, ack timeout,
-RATE_LIMITED, rejects, commands) live in ``session.py``, sans I/O. This module
-is the I/O around them:
+RATE_LIMITED, rejects, commands) live in ``session.py``, sans I/O: it returns
+typed events, which ``_Connection._apply`` carries out, the one place they are
+acted on. This module is the I/O around them:
 
 * One thread (the one running :meth:`Transport.run`) owns the socket and all
   per-connection state. Other threads reach it only through the outbox (new
@@ -11,10 +12,10 @@ is the I/O around them:
 * What is sent comes from the outbox, oldest first; a message leaves the
   outbox only on its ``ack``; whatever is in flight when a connection drops is
   sent again, with the same id, on the next one.
-* Backlog and live messages are interleaved (``SendPlan``): the messages that
-  were waiting at connect time (the backlog) are sent in order, alternating
-  with those sampled since, so a long backlog never starves live data. Each
-  stream is in order.
+* Live messages go first (``SendPlan``): those stored since the connect leave
+  as soon as the window and pace allow; the backlog (what was waiting at
+  connect time) takes what is left, as batches when the server offers them, so
+  a long backlog never starves live data. Each stream is in order.
 * Reconnects go on forever: full-jitter exponential backoff capped at
   ``max_delay_s``, reset only after a connection that worked (welcome received,
   at least one ack or pong) and stayed up for ``STABLE_S``: a server that acks
@@ -63,15 +64,19 @@ from .config import Config
 from .errors import AuthError, ProtocolError
 from .logsetup import redact
 from .outbox import Outbox, Record
-from .session import (  # noqa: F401 - TokenBucket: re-exported for callers and tests
-    AckTimeout,
-    AuthRefused,
-    BatchesRefused,
-    ConnectionLost,
+from .session import (
+    Acked,
+    CommandArrived,
+    End,
+    Ended,
+    Event,
+    Opened,
     Outgoing,
+    Refused,
+    Send,
     Session,
     SessionConfig,
-    TokenBucket,
+    Worked,
 )
 
 log = logging.getLogger("nexus.transport")
@@ -94,6 +99,26 @@ REFUSING_CLOSE_CODES = (1003, 1007, p.CLOSE_TOO_BIG, p.CLOSE_INTERNAL)
 STRIKES = 3  # refusing closes in a row with the same oldest message before it is set aside
 MIN_BATCH_BYTES = 8 * 1024  # halved below this, batches stop: singles go (see the docstring)
 STABLE_S = 10.0  # a connection must last this long (and get an ack) to reset the backoff
+
+
+class ConnectionLost(Exception):
+    """This connection is over; ``code`` is the close code when the server sent one, and
+    ``ended`` the session's account when the session's rules ended it."""
+
+    def __init__(self, reason: str, code: Optional[int] = None,
+                 ended: Optional[Ended] = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.ended = ended
+
+
+class AuthRefused(ConnectionLost):
+    """The server refused our token (close 4000, AUTH_FAILED, or 401/403 at the handshake)."""
+
+
+def _lost(ended: Ended) -> ConnectionLost:
+    kind = AuthRefused if ended.why is End.AUTH_REFUSED else ConnectionLost
+    return kind(ended.reason, ended.code, ended)
 
 
 def import_websocket(url: str) -> Any:
@@ -555,20 +580,24 @@ class Transport:
         connection = _Connection(self, ws)
         try:
             connection.serve(stop)
-        except BatchesRefused as exc:
-            self.batches_allowed = False
-            log.error("%s", exc)
-            raise
         except ConnectionLost as exc:
-            batch = connection.session.batch_in_flight()
-            if batch is not None and (exc.code in REFUSING_CLOSE_CODES or
-                                      isinstance(exc, AckTimeout)):
-                self._shrink_batches(len(batch.text.encode("utf-8")), str(exc))
-            else:
-                self._strike(connection.session.oldest_in_flight(), exc.code, str(exc))
+            if exc.ended is not None:
+                self._after_end(exc.ended)
             raise
         finally:
             connection.close()
+
+    def _after_end(self, ended: Ended) -> None:
+        """What the session's account of an ended connection changes for the next ones:
+        batches off, smaller batches, or a strike against the oldest message in flight."""
+        if ended.why is End.BATCHES_REFUSED:
+            self.batches_allowed = False
+            log.error("%s", ended.reason)
+        elif ended.batch_bytes is not None and (ended.code in REFUSING_CLOSE_CODES or
+                                                ended.why is End.ACK_TIMEOUT):
+            self._shrink_batches(ended.batch_bytes, ended.reason)
+        else:
+            self._strike(ended.oldest, ended.code, ended.reason)
 
 
 class _Connection:
@@ -594,8 +623,7 @@ class _Connection:
         while not stop.is_set():
             now = time.monotonic()
             self._fill(now)
-            self.session.tick(now, time.time())
-            self._apply()
+            self._apply(self.session.tick(now, time.time()))
             # Every wake-up comes by pipe (a put, a command result, stop, hurry) or is a
             # session deadline; SAFETY_WAKE_S is only a net under that, long enough not to
             # cost CPU when idle at a 5 s interval (it used to be 1 s).
@@ -606,20 +634,20 @@ class _Connection:
         """Send stored messages while the session allows (window, rate, pause)."""
         if self.plan is None:
             return
+        events: List[Event] = []
         while self.session.may_send(now):
             message = self.session.next_retry() or self._next_stored()
             if message is None:
-                return
-            self.session.send(message, now)
+                break
+            events += self.session.send(message, now)
             self.t.health.add("sent", sent_items=len(message.items) or 1)
-        self._apply()
+        self._apply(events)
 
     def _next_stored(self) -> Optional[Outgoing]:
         assert self.plan is not None
         # Only with a batch offer can a batch be in flight (singles skip the count: it ran
         # over the whole window for every message of a drain).
-        batches = 0 if self.plan.batch is None else \
-            sum(1 for message, _ in self.session.inflight.values() if message.items)
+        batches = 0 if self.plan.batch is None else self.session.batches_unacked
         while True:
             record = self.plan.next(batch_allowed=batches < BATCHES_IN_FLIGHT)
             if record is None:
@@ -634,40 +662,41 @@ class _Connection:
             except p.LocalProtocolError as exc:  # stored by an older version, or a bug
                 self.t.set_aside(record.id, f"over the protocol's size limit ({exc.message})")
 
-    def _apply(self) -> None:
-        """Carry out what the session decided: write, delete, set aside, hand over."""
-        s = self.session
-        if s.open and self.plan is None:
-            self._welcomed(s)
-        sends, s.sends = s.sends, []
-        for text in sends:
-            self.ws.send(text)
-        if s.acks:
-            # One transaction (one fsync) for a burst of acks instead of one each.
-            acked, s.acks = s.acks, []
-            self.t.outbox.ack(acked)
-            self.t.health.acked_now(len(acked), time.time())
-        aside, s.set_aside = s.set_aside, []
-        for msg_id, reason in aside:
-            self.t.set_aside(msg_id, reason)
-        commands, s.commands = s.commands, []
-        for request in commands:
-            assert self.t.on_command is not None
-            self.t.on_command(request)
-        if s.worked:
-            self.t.worked = True
+    def _apply(self, events: List[Event]) -> None:
+        """Carry out the session's events, in order: the one place they are acted on."""
+        acked: List[str] = []
+        try:
+            for event in events:
+                if isinstance(event, Send):
+                    self.ws.send(event.text)
+                elif isinstance(event, Acked):
+                    acked.extend(event.ids)
+                elif isinstance(event, Refused):
+                    self.t.set_aside(event.id, event.reason)
+                elif isinstance(event, CommandArrived):
+                    assert self.t.on_command is not None
+                    self.t.on_command(event.request)
+                elif isinstance(event, Opened):
+                    self._welcomed(event.welcome)
+                elif isinstance(event, Worked):
+                    self.t.worked = True
+                elif isinstance(event, Ended):
+                    raise _lost(event)
+        finally:
+            if acked:  # one transaction for a burst of acks, even when the connection ends
+                self.t.outbox.ack(acked)
+                self.t.health.acked_now(len(acked), time.time())
 
-    def _welcomed(self, s: Session) -> None:
-        assert s.welcome is not None
-        t = self.t
-        self.plan = SendPlan(t.outbox, t.outbox.stats().last_seq, self.session.cfg.ack_window,
+    def _welcomed(self, welcome: p.Welcome) -> None:
+        t, s = self.t, self.session
+        self.plan = SendPlan(t.outbox, t.outbox.stats().last_seq, s.cfg.ack_window,
                              s.batch_offer, t.config.device_id, t.batch_bytes)
-        offset = s.welcome.server_time - time.time()
+        offset = welcome.server_time - time.time()
         t.health.update(connected=True, clock_offset_s=round(offset, 3))
         if t._auth_refused_logged:
             log.warning("the server accepts the token again")
             t._auth_refused_logged = False
-        log.info("connected as %s (clock offset to the server %+.3f s%s)", s.welcome.client_id,
+        log.info("connected as %s (clock offset to the server %+.3f s%s)", welcome.client_id,
                  offset, "; telemetry.batch offered" if s.batch_offer else "")
 
     def _wait_and_read(self, timeout: float) -> None:
@@ -682,22 +711,25 @@ class _Connection:
                     self.plan.new_rows()
             if sock not in readable:
                 return
-        # Read every frame already waiting, then apply them together. Each read may wait
-        # only until the next timer: a peer that trickles a frame must not hold this thread.
+        # Read every frame already waiting, then apply their events together. Each read may
+        # wait only until the next timer: a peer that trickles a frame must not hold this
+        # thread.
         now = time.monotonic()
         sock.settimeout(max(0.05, min(self.session.deadline(now), now + 1.0) - now))
+        events: List[Event] = []
         try:
             for _ in range(MAX_FRAMES_PER_READ):
-                self._read_frame()
-                if not _has_unread(sock, self.ws) and not select.select([sock], [], [], 0)[0]:
+                events += self._read_frame()
+                if self.session.ended is not None or (
+                        not _has_unread(sock, self.ws) and not select.select([sock], [], [], 0)[0]):
                     break
         except self.t._ws_module.WebSocketTimeoutException:
             pass  # part of a frame came; websocket-client keeps it and goes on next time
         finally:
             sock.settimeout(self.read_timeout)
-            self._apply()  # even when the connection drops mid-burst
+            self._apply(events)  # even when the connection drops mid-burst
 
-    def _read_frame(self) -> None:
+    def _read_frame(self) -> List[Event]:
         """Read one frame (not one message: fragments are put together here, bounded)."""
         abnf = self.t._ws_module.ABNF
         frame = self.ws.recv_frame()
@@ -706,18 +738,21 @@ class _Connection:
         if opcode == abnf.OPCODE_PING:
             self.ws.pong(frame.data)  # websocket-client checked it is a valid control frame
         elif opcode == abnf.OPCODE_CLOSE:
-            _closed_by_server(frame.data)
+            data = frame.data
+            code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
+            return self.session.closed(code, data[2:].decode("utf-8", "replace"))
         elif opcode in (abnf.OPCODE_TEXT, abnf.OPCODE_BINARY, abnf.OPCODE_CONT):
             data = self.message.add(opcode == abnf.OPCODE_CONT, frame.fin, frame.data)
             if data is not None:
-                self.session.receive(data, time.monotonic(), time.time())
+                return self.session.receive(data, time.monotonic(), time.time())
+        return []
 
     # ------------------------------------------------------------------ closing
 
     def _drain(self) -> None:
         """Stopping: wait briefly for the acks of what is in flight, then close with 1000."""
         deadline = time.monotonic() + DRAIN_S
-        while self.session.inflight and time.monotonic() < deadline and \
+        while self.session.unacked and time.monotonic() < deadline and \
                 not self.t._hurry.is_set():
             self._wait_and_read(deadline - time.monotonic())
 
@@ -726,17 +761,9 @@ class _Connection:
             self.ws.close(status=p.CLOSE_NORMAL, timeout=1.0)
         except Exception:  # noqa: BLE001 - closing a broken socket may fail in many ways
             pass
-        if self.session.inflight:
+        if self.session.unacked:
             log.info("%d messages were in flight; they stay queued and are sent again",
-                     len(self.session.inflight))
-
-
-def _closed_by_server(data: bytes) -> None:
-    code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
-    reason = data[2:].decode("utf-8", "replace")
-    if code == p.CLOSE_AUTH_FAILED:
-        raise AuthRefused(f"close {code} {reason}".strip(), code)
-    raise ConnectionLost(f"server closed the connection with {code} {reason}".strip(), code)
+                     self.session.unacked)
 
 
 def _has_unread(sock: Any, ws: Any) -> bool:

@@ -13,7 +13,8 @@ import pytest
 from helpers import REPO
 
 from agent.outbox import Outbox
-from agent.transport import SendPlan, TokenBucket, backoff_delays
+from agent.session import TokenBucket
+from agent.transport import SendPlan, backoff_delays
 
 
 def test_backoff_grows_stays_under_cap_and_is_spread():
