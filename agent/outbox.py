@@ -159,20 +159,16 @@ from __future__ import annotations
 
 import bisect
 import functools
-import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple,
-                    TypeVar, Union)
+from typing import (Any, Callable, Dict, Generic, Iterable, Iterator, List, Optional, Protocol,
+                    Tuple, TypeVar, Union)
 
-from . import protocol as p
 from . import store
 
 log = logging.getLogger("nexus.outbox")
@@ -209,219 +205,66 @@ SYNC_INTERVAL_S = 10.0
 ACK_FLUSH_AT = 64  # acked rows waiting for a put before they are deleted on their own
 HELD_ROWS = 32  # the queue's rows are also held in memory while there are no more than this
 INSERT = "INSERT INTO messages (seq, type, ts, payload, size, created) VALUES (?, ?, ?, ?, ?, ?)"
+EPOCH_BYTES = 8  # 64 random bits per open: see "Identity" in the module docstring
+ID_MAX_CHARS = 2 * EPOCH_BYTES + 1 + 19  # <epoch>-<seq>: the longest id this queue gives
 
-# --------------------------------------------------------------------------- how a row is stored
-# Never change a dictionary or a code once released: rows written with it must still read.
-# A new dictionary gets a new leading byte (and an entry in _ZDICTS); a new type, a new code.
+# --------------------------------------------------------------------------- rows and the codec
+# The queue stores rows of opaque cells; a codec (agent/codec.py for the agent's messages)
+# makes them and reads them back. The queue never looks inside a cell but ``size``.
 
-# Preset dictionary of the deflate codec 1: a command result, then a telemetry sample with
-# the metrics in the order metrics.py and service.py write them (deflate finds the text at
-# the end of the dictionary at the shortest distances, so the most common goes last).
-ZDICT_1 = (
-    b'{"command_id":"","device_id":"","status":"succeeded","exit_code":0,"stdout":"",'
-    b'"stderr":"","duration_ms":0}'
-    b'{"device_id":"","metrics":{"cpu_usage":0.0,"memory_usage":0.0,'
-    b'"memory_available_bytes":0,"swap_usage":0.0,"uptime_s":0,"disk_root_usage":0,'
-    b'"disk_state_usage":0,"net_bytes_sent":0,"net_bytes_recv":0,"load_1m":0,"load_5m":0,'
-    b'"load_15m":0,"cpu_temp_c":0,"agent_rss_bytes":0,"agent_queue_depth":0,'
-    b'"agent_queue_bytes":0,"agent_oldest_queued_age_s":0,"agent_dropped":0,'
-    b'"agent_reconnects":0,"agent_clock_offset_s":0}}'
-)
-DEFLATE_1 = 1  # leading byte of a BLOB payload: raw deflate (RFC 1951) with ZDICT_1
-_ZDICTS = {DEFLATE_1: ZDICT_1}
-_LEVEL, _WBITS, _MEMLEVEL = 6, -12, 5  # 4 KiB window, small state: ~10 us a sample
-TYPE_CODES = {"telemetry": 1, "command.result": 2}  # stored as a small integer
-_TYPES = {code: name for name, code in TYPE_CODES.items()}
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 
-# A compressor with ZDICT_1 loaded, copied for each payload: loading the dictionary (hashing
-# it into the compressor's tables) was a fifth of a put's time.
-_DEFLATER_1 = zlib.compressobj(_LEVEL, zlib.DEFLATED, _WBITS, _MEMLEVEL,
-                               zlib.Z_DEFAULT_STRATEGY, ZDICT_1)
+@dataclass(frozen=True)
+class Row:
+    """A message as stored: the cells ``type``, ``ts``, ``payload`` and ``created``
+    (SQLite values), ``size`` (the bytes ``max_bytes`` counts), and ``plain``: whatever
+    the codec needs to give the stored item back without decoding the cells."""
 
-
-def pack_payload(data: bytes) -> Optional[bytes]:
-    """The stored form of a payload's UTF-8 ``data``: DEFLATE_1 and the deflated bytes,
-    or None when that is not smaller (the text is stored as it is)."""
-    c = _DEFLATER_1.copy()  # thread-safe: zlib locks the object it copies
-    packed = c.compress(data) + c.flush()
-    return b"\x01" + packed if len(packed) + 1 < len(data) else None
-
-
-def unpack_payload(value: Union[str, bytes]) -> str:
-    """The payload text of a stored value: TEXT as it is (every row before compression, and
-    rows compression did not shrink), a BLOB by its leading byte. ValueError when it cannot
-    be read (an unknown leading byte, from a newer version; damaged bytes)."""
-    if isinstance(value, str):
-        return value
-    zdict = _ZDICTS.get(value[0]) if value else None
-    if zdict is None:
-        raise ValueError(f"unknown payload encoding {value[:1]!r}")
-    try:
-        d = zlib.decompressobj(-15, zdict=zdict)  # the largest window reads any smaller one
-        data = d.decompress(value[1:]) + d.flush()
-    except zlib.error as exc:
-        raise ValueError(f"damaged payload: {exc}") from None
-    if not d.eof or d.unused_data:
-        raise ValueError("damaged payload: the deflate stream does not end where the row does")
-    return data.decode("utf-8")
-
-
-_EPOCH, _SECOND = datetime(1970, 1, 1), timedelta(seconds=1)
-
-
-@functools.lru_cache(maxsize=8)
-def _second_of(prefix: str) -> Optional[int]:
-    """Seconds since the epoch of ``YYYY-MM-DDTHH:MM:SS`` (UTC), only when formatting them
-    back gives ``prefix`` exactly; else None."""
-    try:
-        second = (datetime.fromisoformat(prefix) - _EPOCH) // _SECOND
-    except (ValueError, TypeError):  # not a date; a date with a zone
-        return None
-    return second if _format_second(second) == prefix else None
-
-
-@functools.lru_cache(maxsize=8)
-def _format_second(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-
-
-def pack_ts(ts: str) -> Union[int, str]:
-    """A timestamp as stored: milliseconds since the epoch (6 bytes instead of 24) when
-    :func:`unpack_ts` gives ``ts`` back exactly (protocol.format_timestamp's form), else
-    the text."""
-    if len(ts) == 24 and ts[19] == "." and ts[23] == "Z" and ts[20:23].isascii() and \
-            ts[20:23].isdigit():
-        second = _second_of(ts[:19])
-        if second is not None:
-            return second * 1000 + int(ts[20:23])
-    return ts
-
-
-def unpack_ts(value: Union[int, str]) -> str:
-    if isinstance(value, str):
-        return value
-    second, milli = divmod(value, 1000)
-    return f"{_format_second(second)}.{milli:03d}Z"
-
-
-def unpack_type(value: Union[int, str]) -> str:
-    if isinstance(value, str):
-        return value
-    try:
-        return _TYPES[value]
-    except KeyError:
-        raise ValueError(f"unknown type code {value}") from None
-
-
-# --------------------------------------------------------------------------- reading a row back
-# One step turns a stored row into a Record (wire-ready) or an Unreadable saying why; nothing
-# after it sees raw row values. A row's cells may hold anything a damaged card leaves: a
-# flipped serial-type bit turns a BLOB into TEXT that is not UTF-8 (which SQLite's default
-# text conversion raises on, for the whole query), an integer where the payload was, bytes
-# that inflate to text that is not JSON. quick_check and integrity_check see none of that.
-
-
-class BadText(bytes):
-    """A TEXT cell that is not UTF-8, as its bytes (see :func:`text_factory`)."""
-
-
-def text_factory(data: bytes) -> Union[str, BadText]:
-    """The connection's text conversion: a cell that is not UTF-8 comes back as BadText
-    instead of failing the whole query (sqlite3's default raises OperationalError)."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return BadText(data)
+    type: Any
+    ts: Any
+    payload: Any
+    size: int
+    created: Optional[float]
+    plain: Any = None
 
 
 @dataclass(frozen=True)
 class Unreadable:
     """A stored row that cannot become a message, and why (it is set aside, never sent)."""
 
-    seq: int
-    id: str
     reason: str
 
 
-_MAX_TS_MS = 253402300799999  # 9999-12-31T23:59:59.999Z
+class RowCodec(Protocol[R_co]):
+    """What the queue needs of a codec: rows in, items (what reads give back) out."""
 
+    def encode(self, *message: Any) -> Row: ...
 
-def _kind(value: Any) -> str:
-    return "text that is not UTF-8" if isinstance(value, BadText) else \
-        {int: "an integer", float: "a real", str: "text", bytes: "a blob"}.get(
-            type(value), type(value).__name__)
+    def record(self, seq: int, msg_id: str, row: Row) -> R_co: ...
 
+    def decode(self, seq: int, msg_id: str, type_: Any, ts: Any,
+               payload: Any) -> Union[R_co, Unreadable]: ...
 
-def _stored_type(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value in _TYPES:
-        return _TYPES[value]
-    if type(value) is str and value in TYPE_CODES:  # rows of schemas before codes
-        return value
-    raise ValueError(f"type is {_kind(value)} naming no known message type")
+    def describe(self, type_: Any, ts: Any, payload: Any) -> Tuple[Any, Any, Any]: ...
 
+    def created(self, created: Any, ts: Any) -> Optional[float]: ...
 
-def _stored_ts(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_TS_MS:
-        return unpack_ts(value)
-    if type(value) is str:
-        try:
-            p.parse_timestamp(value)
-        except (ValueError, TypeError, OverflowError):
-            raise ValueError("ts is text that is not an ISO-8601 timestamp") from None
-        return value
-    raise ValueError(f"ts is {_kind(value)}, not a time")
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _stored_payload(value: Any) -> str:
-    if type(value) is str:
-        text = value
-    elif type(value) is bytes:
-        text = unpack_payload(value)
-    else:
-        raise ValueError(f"payload is {_kind(value)}")
-    try:
-        obj = json.loads(text, parse_constant=_no_constant)
-    except RecursionError:
-        raise ValueError("payload is JSON nested too deeply") from None
-    except ValueError as exc:
-        raise ValueError(f"payload is not JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise ValueError("payload is JSON but not an object")
-    if len(text) > p.MAX_MESSAGE_BYTES or len(text.encode("utf-8")) > p.MAX_MESSAGE_BYTES:
-        raise ValueError("payload is over the protocol's size limit")
-    return text
-
-
-def _decode(rows: List[Tuple[Any, ...]], id_of: Callable[[int], str]
-            ) -> Tuple[List[Record], List[Unreadable]]:
-    """Records of stored (seq, type, ts, payload) rows, and the rows that cannot be read."""
-    records: List[Record] = []
-    unreadable: List[Unreadable] = []
+def _decode(codec: RowCodec[R], rows: List[Tuple[Any, ...]], id_of: Callable[[int], str]
+            ) -> Tuple[List[Tuple[int, R]], List[Tuple[int, str, str]]]:
+    """(seq, item) of stored (seq, type, ts, payload) rows, and (seq, id, reason) of the
+    rows that cannot be read."""
+    items: List[Tuple[int, R]] = []
+    unreadable: List[Tuple[int, str, str]] = []
     for seq, type_, ts, payload in rows:
-        row = decode_row(seq, id_of(seq), type_, ts, payload)
-        if isinstance(row, Record):
-            records.append(row)
+        msg_id = id_of(seq)
+        item = codec.decode(seq, msg_id, type_, ts, payload)
+        if isinstance(item, Unreadable):
+            unreadable.append((seq, msg_id, item.reason))
         else:
-            unreadable.append(row)
-    return records, unreadable
-
-
-def decode_row(seq: int, msg_id: str, type_: Any, ts: Any, payload: Any
-               ) -> Union[Record, Unreadable]:
-    """A stored row as a Record, or Unreadable with the reason: never an exception, so one
-    row can never stop the send loop."""
-    try:
-        return Record(seq, msg_id, _stored_type(type_), _stored_ts(ts),
-                      _stored_payload(payload))
-    except ValueError as exc:
-        return Unreadable(seq, msg_id, f"unreadable row: {exc}")
-    except Exception as exc:  # noqa: BLE001 - whatever a damaged cell makes a decoder raise
-        return Unreadable(seq, msg_id, f"unreadable row: {type(exc).__name__}: {exc}")
+            items.append((seq, item))
+    return items, unreadable
 
 
 def _int(value: Any) -> int:
@@ -430,41 +273,6 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError, OverflowError):
         return 0
-
-
-def _created(row: Tuple[Any, Any]) -> Optional[float]:
-    """A row's creation time from (created, ts): created is NULL when the ts, stored as
-    milliseconds, is that time. None when neither gives one (a damaged cell)."""
-    created, ts = row
-    try:
-        if created is not None:
-            return float(created)
-        return ts / 1000 if isinstance(ts, int) else None
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def wire_size_ok(type_: str, msg_id: str, ts: str, size: int,
-                 limit: int = p.MAX_MESSAGE_BYTES) -> bool:
-    """True when the envelope of a ``size``-byte payload certainly fits ``limit``, without
-    building it: 39 bytes of keys and punctuation, and at most 2 + 6 bytes per character
-    for each JSON string (``\\uXXXX``). False means "build it and see" (near the limit)."""
-    return 45 + 6 * (len(type_) + len(msg_id) + len(ts)) + size <= limit
-
-
-@dataclass(frozen=True)
-class Record:
-    """One stored message; ``payload`` is its JSON text, exactly as it will be sent."""
-
-    seq: int
-    id: str
-    type: str
-    ts: str
-    payload: str
-
-    def envelope_text(self) -> str:
-        """The wire text, built without re-encoding the payload."""
-        return p.envelope_text(self.type, self.id, self.ts, self.payload)
 
 
 @dataclass(frozen=True)
@@ -476,9 +284,6 @@ class OutboxStats:
     last_seq: int
     set_aside: int = 0
     last_set_aside: str = ""  # "<id>: <reason>" of the newest row set aside
-
-
-EPOCH_BYTES = 8  # 64 random bits per open: see "Identity" in the module docstring
 
 
 def new_epoch() -> str:
@@ -513,14 +318,16 @@ def _on_corruption(retry: bool, default: Any = None) -> Callable[[F], F]:
     return wrap
 
 
-class Outbox:
-    def __init__(self, state_dir: str, max_bytes: int, filename: str = "outbox.db",
+class Outbox(Generic[R]):
+    def __init__(self, codec: RowCodec[R], state_dir: str, max_bytes: int,
+                 filename: str = "outbox.db",
                  lock_wait_s: float = store.LOCK_WAIT_S, durability: str = "normal",
                  sync_interval_s: float = SYNC_INTERVAL_S, lock: str = "exclusive") -> None:
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         if lock not in LOCKS:
             raise ValueError(f"lock must be one of {LOCKS}, not {lock!r}")
+        self.codec = codec
         self.lock = lock
         self.path = os.path.join(state_dir, filename)
         self.max_bytes = max_bytes
@@ -549,7 +356,7 @@ class Outbox:
         db = store.open_db(self.path, self._setup, self._lock_wait_s, "outbox",
                            synchronous="FULL" if self.durability == "full" else "NORMAL",
                            page_size=PAGE_SIZE, exclusive=self.lock == "exclusive")
-        db.text_factory = text_factory  # a damaged TEXT cell must not fail a whole query
+        db.text_factory = store.text_factory  # a damaged TEXT cell must not fail a query
         return db
 
     def _load(self) -> None:
@@ -565,7 +372,7 @@ class Outbox:
         self._start_epoch()
         self._acked: Dict[int, int] = {}  # seq -> size: acknowledged, not deleted yet
         # seq -> (record, size, created) of queued rows, in seq order; see "Held rows"
-        self._held: Dict[int, Tuple[Record, int, float]] = {}
+        self._held: Dict[int, Tuple[R, int, float]] = {}
 
     def _start_epoch(self) -> None:
         """Begin a new epoch at the next seq (see "Identity"): a fresh random value at every
@@ -595,6 +402,16 @@ class Outbox:
             return f"{self._epoch}-{seq}"
         return f"{self._epochs[max(0, bisect.bisect_right(self._firsts, seq) - 1)][1]}-{seq}"
 
+    def _count(self, depth: int = 0, size: int = 0, dropped: int = 0,
+               set_aside: int = 0) -> None:
+        """The one place the running counters change after a load; called once what they
+        count is committed (a rolled-back transaction leaves them as they were). Caller
+        holds the lock."""
+        self._depth += depth
+        self._bytes += size
+        self._dropped += dropped
+        self._set_aside += set_aside
+
     def _all_held(self) -> bool:
         """Every queued row is held (held rows are always queued ones), and the file is open
         (after ``close`` every call fails as before). Caller holds the lock."""
@@ -612,10 +429,10 @@ class Outbox:
             pass
         store.set_aside_corrupt(self.path, str(exc), "outbox")
         self._db = self._open()
-        self._load()
-        self._dropped = dropped + lost
+        self._load()  # a fresh file: every counter 0
         with self._transaction() as db:
-            db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (str(self._dropped),))
+            db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (str(dropped + lost),))
+        self._count(dropped=dropped + lost)
         self.generation += 1
         log.error("outbox %s failed a read after opening (%s): the %d messages queued in it "
                   "are lost (counted as dropped); going on with a fresh file", self.path, exc,
@@ -666,38 +483,31 @@ class Outbox:
 
     # ------------------------------------------------------------------ writing
 
-    @_on_corruption(retry=True)
-    def put(self, type_: str, payload: Mapping[str, Any], ts: str,
-            now: Optional[float] = None) -> Record:
-        """Store a message (see Durability in the module docstring) and return it with its
-        permanent id. ``now`` is its creation time (default: now), for ``stats``.
+    def put(self, *message: Any) -> R:
+        """Encode a message with this queue's codec (``codec.encode(*message)``: for the
+        agent's, type, payload, ts and optionally the creation time) and store it: see
+        :meth:`put_row`. The codec's errors (a message too big for the wire) go through
+        before anything is stored. Encoded before the lock: the sampler's compression
+        never holds up the transport."""
+        return self.put_row(self.codec.encode(*message))
 
-        LocalProtocolError (nothing stored) when its wire text would be over the protocol's
-        size limit: the server could never accept it, and it would block the queue.
-        """
-        text = p.dumps(payload)
-        data = text.encode("utf-8")
-        size = len(data)
-        # Encoded before the lock: the sampler's compression never holds up the transport.
-        stored: Union[str, bytes] = pack_payload(data) or text
-        ts_value = pack_ts(ts)
-        created = time.time() if now is None else now
-        created_value = None if isinstance(ts_value, int) and \
-            abs(created * 1000 - ts_value) < 1 else created  # NULL: the ts says it
-        row = (TYPE_CODES.get(type_, type_), ts_value, stored, size, created_value)
+    @_on_corruption(retry=True)
+    def put_row(self, row: Row) -> R:
+        """Store a row (see Durability in the module docstring); the stored item, with its
+        permanent id, as the codec gives it back."""
+        size = row.size
+        cells = (row.type, row.ts, row.payload, size, row.created)
         with self._lock:
             seq = self._last_seq + 1
             msg_id = f"{self._epoch}-{seq}"  # seq is past every older epoch's range
-            if not wire_size_ok(type_, msg_id, ts, size):
-                p.envelope_text(type_, msg_id, ts, text)  # near the limit: exact; raises over it
-            record = Record(seq, msg_id, type_, ts, text)
+            item = self.codec.record(seq, msg_id, row)
             if self._acked or self._bytes + size > self.max_bytes:
                 with self._transaction() as db:
                     # Acked rows go in this same commit (one WAL frame for the insert and the
                     # deletes); the new row is the newest, so meta.last_seq needs no update.
                     self._delete_acked(db, newest_stays=True)
                     dropped = self._make_room(db, size)
-                    db.execute(INSERT, (seq, *row))
+                    db.execute(INSERT, (seq, *cells))
                 # Only once committed: a rollback keeps the acked rows for later, and the
                 # counters and held rows as they were.
                 self._acked.clear()
@@ -706,16 +516,18 @@ class Outbox:
             else:
                 # Nothing to delete: one INSERT in autocommit mode is a transaction of its
                 # own, with the same durability, for one statement instead of three.
-                self._db.execute(INSERT, (seq, *row))
+                self._db.execute(INSERT, (seq, *cells))
                 self._unsynced = True
             if self._all_held() and self._depth < HELD_ROWS:
                 # The creation time as the file gives it back (stats agree to the bit).
-                self._held[seq] = (record, size, _created((created_value, ts_value)) or created)
+                created = self.codec.created(row.created, row.ts)
+                self._held[seq] = (item, size, time.time() if created is None else created)
             else:
                 self._held.clear()  # a backlog: read from the file until the queue empties
-            self._last_seq, self._depth, self._bytes = seq, self._depth + 1, self._bytes + size
+            self._last_seq = seq
+            self._count(depth=1, size=size)
             self._put_since_sync = True
-        return record
+        return item
 
     def _make_room(self, db: sqlite3.Connection, size: int) -> Tuple[int, int, int]:
         """Delete the oldest rows until ``size`` more bytes fit under max_bytes; (rows, their
@@ -742,8 +554,7 @@ class Outbox:
         """Account for rows :meth:`_make_room` deleted, now that they are gone for good."""
         for seq in [seq for seq in self._held if seq <= last]:
             del self._held[seq]
-        self._depth, self._bytes, self._dropped = self._depth - count, self._bytes - freed, \
-            self._dropped + count
+        self._count(depth=-count, size=-freed, dropped=count)
         log.warning("outbox full (%d bytes max): dropped the %d oldest messages "
                     "(%d dropped in all)", self.max_bytes, count, self._dropped)
 
@@ -791,7 +602,7 @@ class Outbox:
             for seq, size in found:
                 if seq not in self._acked:
                     self._acked[seq] = size
-                    self._depth, self._bytes = self._depth - 1, self._bytes - _int(size)
+                    self._count(depth=-1, size=-_int(size))
                     taken += 1
             if len(self._acked) >= ACK_FLUSH_AT:
                 self._flush_acked()
@@ -805,25 +616,37 @@ class Outbox:
         with self._lock:
             if seq is None or seq in self._acked:
                 return False
-            with self._transaction() as db:
-                return self._move_aside(db, seq, reason)
+            return bool(self._set_rows_aside([(seq, reason)]))
 
-    def _move_aside(self, db: sqlite3.Connection, seq: int, reason: str) -> bool:
-        """Move one queued row to ``set_aside``, readable (decoded) when it can be. Caller
-        holds self._lock, in a transaction. False when it is no longer queued: gone, or
-        acked (its row stays until the next delete, and ``read_after`` decodes outside the
-        lock, so an ack can come between its read and this)."""
+    def _set_rows_aside(self, rows: Iterable[Tuple[int, str]]) -> List[int]:
+        """Move queued rows (seq, reason) to ``set_aside`` in one transaction and count them
+        once it commits; the seqs moved. Caller holds self._lock."""
+        moved: List[Tuple[int, int, str]] = []  # (seq, size, reason)
+        with self._transaction() as db:
+            for seq, reason in rows:
+                size = self._move_aside(db, seq, reason, len(moved))
+                if size is not None:
+                    moved.append((seq, size, reason))
+        for seq, size, reason in moved:
+            self._held.pop(seq, None)
+            self._count(depth=-1, size=-size, set_aside=1)
+            self._last_aside = f"{self._id(seq)}: {reason}"[:300]
+        return [seq for seq, _, _ in moved]
+
+    def _move_aside(self, db: sqlite3.Connection, seq: int, reason: str,
+                    before: int) -> Optional[int]:
+        """Move one queued row to ``set_aside``, readable (decoded) when it can be, in the
+        caller's transaction (``before``: rows it moved already); the row's size, or None
+        when it is no longer queued: gone, or acked (its row stays until the next delete,
+        and ``read_after`` decodes outside the lock, so an ack can come between its read
+        and this)."""
         if seq in self._acked:
-            return False
+            return None
         row = db.execute("SELECT type, ts, payload, size FROM messages WHERE seq = ?",
                          (seq,)).fetchone()
         if row is None:
-            return False
-        self._held.pop(seq, None)
-        try:
-            kept = (unpack_type(row[0]), unpack_ts(row[1]), unpack_payload(row[2]))
-        except Exception:  # noqa: BLE001 - a damaged row: kept as stored, for inspection
-            kept = (str(row[0]), str(row[1]), row[2])
+            return None
+        kept = self.codec.describe(row[0], row[1], row[2])  # kept for inspection
         db.execute("INSERT OR REPLACE INTO set_aside VALUES (?, ?, ?, ?, ?, ?, ?)",
                    (seq, self._id(seq), *kept, reason[:500], time.time()))
         db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
@@ -831,11 +654,9 @@ class Outbox:
             db.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(seq),))
         db.execute("DELETE FROM set_aside WHERE seq NOT IN (SELECT seq FROM set_aside "
                    "ORDER BY seq DESC LIMIT ?)", (SET_ASIDE_KEEP,))
-        self._set_aside += 1
-        self._last_aside = f"{self._id(seq)}: {reason}"[:300]
-        db.execute("UPDATE meta SET value = ? WHERE key = 'set_aside'", (str(self._set_aside),))
-        self._depth, self._bytes = self._depth - 1, self._bytes - _int(row[3])
-        return True
+        db.execute("UPDATE meta SET value = ? WHERE key = 'set_aside'",
+                   (str(self._set_aside + before + 1),))
+        return _int(row[3])
 
     # ------------------------------------------------------------------ syncing
 
@@ -881,10 +702,15 @@ class Outbox:
 
     # ------------------------------------------------------------------ reading
 
+    def read_after(self, seq: int, limit: int, upto: Optional[int] = None) -> List[R]:
+        """Up to ``limit`` queued items with ``seq`` above ``seq`` (and at most ``upto``),
+        in order. A row the codec cannot read is set aside with its reason here (and
+        counted), never returned, never raised: the rows behind it come at once."""
+        return [item for _, item in self._read(seq, limit, upto)]
+
     @_on_corruption(retry=False, default=[])
-    def read_after(self, seq: int, limit: int, upto: Optional[int] = None) -> List[Record]:
-        """Up to ``limit`` queued messages with ``seq`` above ``seq`` (and at most ``upto``),
-        in order."""
+    def _read(self, seq: int, limit: int, upto: Optional[int]) -> List[Tuple[int, R]]:
+        """(seq, item) pairs for :meth:`read_after` and :class:`Cursor`."""
         query = "SELECT seq, type, ts, payload FROM messages WHERE seq > ?"
         args: List[Any] = [seq]
         if upto is not None:
@@ -892,7 +718,7 @@ class Outbox:
             args.append(upto)
         with self._lock:
             if self._all_held():  # nothing queued, or all of it in memory
-                return [record for s, (record, _, _) in self._held.items()
+                return [(s, item) for s, (item, _, _) in self._held.items()
                         if s > seq and (upto is None or s <= upto)][:limit]
             if self._acked:  # at most ACK_FLUSH_AT
                 query += f" AND seq NOT IN ({','.join('?' * len(self._acked))})"
@@ -900,17 +726,21 @@ class Outbox:
             rows = self._db.execute(query + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
             generation = self.generation
         # Decoded outside the lock: a long batch's decompression never holds up a put.
-        records, unreadable = _decode(rows, self._id)
+        items, unreadable = _decode(self.codec, rows, self._id)
         if unreadable:
             with self._lock:
                 if self.generation != generation:
                     return []  # the file was replaced meanwhile: the caller restarts
-                with self._transaction() as db:
-                    for bad in unreadable:
-                        if self._move_aside(db, bad.seq, bad.reason):
-                            log.error("outbox %s: message %s cannot be read (%s); set aside",
-                                      self.path, bad.id, bad.reason)
-        return records
+                moved = set(self._set_rows_aside((bad, reason) for bad, _, reason in unreadable))
+            for bad, msg_id, reason in unreadable:
+                if bad in moved:
+                    log.error("outbox %s: message %s cannot be read (%s); set aside",
+                              self.path, msg_id, reason)
+        return items
+
+    def cursor(self, after: int = 0, upto: Optional[int] = None) -> Cursor[R]:
+        """A reader's position in this queue (see :class:`Cursor`)."""
+        return Cursor(self, after, upto)
 
     @_on_corruption(retry=True)
     def stats(self) -> OutboxStats:
@@ -924,7 +754,8 @@ class Outbox:
                 query += f" WHERE seq NOT IN ({','.join('?' * len(self._acked))})"
             oldest = self._db.execute(query + " ORDER BY seq LIMIT 1",
                                       list(self._acked)).fetchone()
-            return OutboxStats(self._depth, self._bytes, _created(oldest) if oldest else None,
+            return OutboxStats(self._depth, self._bytes,
+                               self.codec.created(*oldest) if oldest else None,
                                self._dropped, self._last_seq, self._set_aside, self._last_aside)
 
     def close(self) -> None:
@@ -943,6 +774,52 @@ class Outbox:
                 # is replayed on open
             self._db.close()
             self._db = None  # type: ignore[assignment]
+
+
+class Cursor(Generic[R]):
+    """A reader's position in the queue: items above ``after`` (and up to ``upto``, when
+    bounded), in order, each once. The queue owns what a position means: when it replaced
+    a corrupt file (its seqs start again), the cursor starts again too, an open one from
+    the new file's start and a bounded one (a backlog of the old file) with nothing left
+    (:meth:`replaced` says so, once). ``unread`` is False once a read came back short:
+    rows above an open cursor come only with new puts (call :meth:`more`), and a bounded
+    one never grows."""
+
+    def __init__(self, queue: Outbox[R], after: int = 0, upto: Optional[int] = None) -> None:
+        self._queue = queue
+        self.after = after
+        self.upto = upto
+        self._generation = queue.generation
+        self.unread = True
+
+    def more(self) -> None:
+        """Something may have been put since the last read."""
+        if self.upto is None:
+            self.unread = True
+
+    def replaced(self) -> bool:
+        """True (once) when the queue replaced its file since this cursor last looked: the
+        cursor has started again, and whatever the reader holds of the old file is gone."""
+        if self._queue.generation == self._generation:
+            return False
+        self._generation = self._queue.generation
+        self.after = 0
+        if self.upto is None:
+            self.unread = True
+        else:
+            self.upto, self.unread = 0, False
+        return True
+
+    def read(self, limit: int) -> List[R]:
+        self.replaced()
+        if not self.unread:
+            return []
+        # Cleared before the read: a put after it comes with a call to more() of its own.
+        got = self._queue._read(self.after, limit, self.upto)
+        self.unread = len(got) == limit
+        if got:
+            self.after = got[-1][0]
+        return [item for _, item in got]
 
 
 # --------------------------------------------------------------------------- older schemas

@@ -47,6 +47,7 @@ from .auth import read_token
 from .config import Config
 from .errors import ConfigError, NexusError
 from .metrics import Sampler, TemperatureSource
+from .codec import CODEC, Record
 from .outbox import Outbox
 from .sdnotify import Notifier, watchdog_interval
 from .signals import DAEMON_SIGNALS, SignalInbox
@@ -84,10 +85,10 @@ class Agent:
         # One agent per state_dir, whatever queue.lock says (store.DirLock); held until close.
         self.dir_lock = store.DirLock(config.state_dir)
         try:
-            self.outbox = Outbox(config.state_dir, config.queue.max_bytes,
-                                 durability=config.queue.durability,
-                                 sync_interval_s=config.queue.sync_interval_s,
-                                 lock=config.queue.lock)
+            self.outbox: Outbox[Record] = Outbox(
+                CODEC, config.state_dir, config.queue.max_bytes,
+                durability=config.queue.durability,
+                sync_interval_s=config.queue.sync_interval_s, lock=config.queue.lock)
         except BaseException:
             self.dir_lock.close()
             raise

@@ -35,7 +35,7 @@ import logging
 import os
 import sqlite3
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from .errors import NexusError
 
@@ -148,6 +148,21 @@ def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
             set_aside_corrupt(path, str(exc), what)
             set_aside += 1
             # Loop: the fresh file opens like any other (and may itself be locked or fail).
+
+
+class BadText(bytes):
+    """A TEXT cell that is not UTF-8, as its bytes (see :func:`text_factory`)."""
+
+
+def text_factory(data: bytes) -> Union[str, BadText]:
+    """A connection's text conversion that never fails a query: a cell that is not UTF-8
+    (a flipped serial-type bit turns a BLOB into such TEXT; quick_check does not see it)
+    comes back as BadText. sqlite3's default raises OperationalError for the whole query,
+    which would stop every read of a queue at the damaged row."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return BadText(data)
 
 
 class DirLock:

@@ -44,8 +44,6 @@ acted on. This module is the I/O around them:
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import os
 import select
@@ -55,7 +53,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import quote
 
 from . import auth
@@ -63,7 +61,8 @@ from . import protocol as p
 from .config import Config
 from .errors import AuthError, ProtocolError
 from .logsetup import redact
-from .outbox import Outbox, Record
+from .outbox import Outbox
+from .sendplan import MAX_BATCH_BYTES, SendPlan
 from .session import (
     Acked,
     CommandArrived,
@@ -82,15 +81,9 @@ from .session import (
 log = logging.getLogger("nexus.transport")
 
 MAX_INCOMING_MESSAGE = 1 << 20  # a frame, or a fragmented message all together
-# What we send in one telemetry.batch, whatever is offered: each batch is built, encoded
-# and masked in memory (a few copies of it at once), and a Pi's RAM is not ours. 256 KiB
-# still moves a day at 1 s (86,400 samples) in under 4 minutes at 30 spare messages a minute.
-MAX_BATCH_BYTES = 256 * 1024
-BATCH_ENVELOPE_BYTES = 512  # type, id, timestamp, device id and punctuation
 # One batch in flight at a time: each is up to hundreds of KB held until its ack, and on
 # a link where acks take longer than the pace's interval more would not go faster anyway.
 BATCHES_IN_FLIGHT = 1
-BATCH_READ_ROWS = 100  # rows read from the outbox at a time while a batch is put together
 DRAIN_S = 2.0
 SAFETY_WAKE_S = 10.0  # the longest the loop sleeps with nothing due (wake-ups come by pipe)
 MAX_FRAMES_PER_READ = 64
@@ -310,123 +303,6 @@ def open_welcomed(url: str, token: str, ca_file: Optional[str] = None,
         ws.close()
         raise ConnectionLost(f"no welcome from {url}: {exc}") from None
     return ws
-
-
-# --------------------------------------------------------------------------- what to send next
-
-
-class SendPlan:
-    """Which stored messages go next on this connection.
-
-    Two cursors over the outbox: ``backlog`` (seq up to ``boundary``, what was
-    waiting at connect) and ``live`` (above it). Both read a few rows at a time
-    (never the whole backlog). Live goes first, so a sample taken now leaves
-    within one interval however long the backlog; the backlog takes what the
-    pace leaves. With a ``batch`` offer the backlog's telemetry goes out as
-    lists of records (one ``telemetry.batch``) within both of its limits.
-    """
-
-    def __init__(self, outbox: Outbox, boundary: int, rows: int,
-                 batch: Optional[p.BatchOffer] = None, device_id: str = "",
-                 max_batch_bytes: int = MAX_BATCH_BYTES) -> None:
-        self.outbox = outbox
-        self.max_batch_bytes = max_batch_bytes
-        self.boundary = boundary
-        self.rows = rows
-        self.batch = batch
-        self.device_id = device_id
-        self.backlog_seq = 0
-        self.live_seq = boundary
-        self.buffers: Dict[str, Deque[Record]] = {"backlog": collections.deque(),
-                                                  "live": collections.deque()}
-        self.generation = outbox.generation
-        # The outbox is read only when it may hold something unread: live rows after a
-        # wake-up (every put is followed by one, see ``new_rows``), backlog rows until a
-        # read comes back short (nothing is ever added at or below the boundary). An idle
-        # or steady connection used to run two empty queries on every pass of the loop.
-        self.live_unread = True
-        self.backlog_unread = True
-
-    def new_rows(self) -> None:
-        """Something may have been put since the last read (the transport was woken)."""
-        self.live_unread = True
-
-    def _restart_if_replaced(self) -> None:
-        """The outbox replaced a corrupt file: its seqs start again, so do the cursors."""
-        if self.outbox.generation != self.generation:
-            self.generation = self.outbox.generation
-            self.boundary = self.backlog_seq = self.live_seq = 0
-            self.live_unread, self.backlog_unread = True, False
-            for buf in self.buffers.values():
-                buf.clear()
-
-    def _refill(self, stream: str, rows: int) -> bool:
-        """True when the stream's buffer holds something."""
-        buf = self.buffers[stream]
-        if not buf:
-            if stream == "backlog":
-                if not self.backlog_unread:
-                    return False
-                got = self.outbox.read_after(self.backlog_seq, rows, upto=self.boundary)
-                self.backlog_seq = got[-1].seq if got else self.backlog_seq
-                self.backlog_unread = len(got) == rows
-            else:
-                if not self.live_unread:
-                    return False
-                # Cleared before the read: a put after it comes with a wake-up of its own.
-                got = self.outbox.read_after(self.live_seq, rows)
-                self.live_seq = got[-1].seq if got else self.live_seq
-                self.live_unread = len(got) == rows
-            buf.extend(got)
-        return bool(buf)
-
-    def next(self, batch_allowed: bool = True
-             ) -> Union[Record, List[Tuple[str, str]], None]:
-        """A record to send alone, or a batch as (id, item text) pairs, or None.
-        ``batch_allowed`` False (a batch is still in flight): live records only."""
-        self._restart_if_replaced()
-        if self._refill("live", self.rows):
-            return self.buffers["live"].popleft()
-        if self.batch is not None and not batch_allowed:
-            return None
-        if self.batch is None:
-            return self.buffers["backlog"].popleft() if self._refill("backlog", self.rows) \
-                else None
-        items = self._next_batch(self.batch)
-        if items:
-            return items
-        return self.buffers["backlog"].popleft() if self._refill("backlog", self.rows) else None
-
-    def _next_batch(self, offer: p.BatchOffer) -> List[Tuple[str, str]]:
-        """Backlog telemetry from the front of the backlog, up to both limits (may be []).
-        Only ids and item texts are kept: the records go as soon as they are read."""
-        room = min(offer.max_bytes, self.max_batch_bytes) - BATCH_ENVELOPE_BYTES
-        items: List[Tuple[str, str]] = []
-        buf = self.buffers["backlog"]
-        while len(items) < offer.max_items and self._refill("backlog", BATCH_READ_ROWS):
-            text = _item_text(buf[0], self.device_id)
-            if text is None:
-                break  # not telemetry of this device: it goes alone, after this batch
-            size = len(text.encode("utf-8")) + 1
-            if size > room:
-                break
-            room -= size
-            items.append((buf.popleft().id, text))
-        return items
-
-
-def _item_text(record: Record, device_id: str) -> Optional[str]:
-    """The batch item for a stored telemetry message of ``device_id``, else None."""
-    if record.type != "telemetry":
-        return None
-    try:
-        payload = json.loads(record.payload)
-    except ValueError:
-        return None
-    if not isinstance(payload, dict) or payload.get("device_id") != device_id or \
-            set(payload) != {"device_id", "metrics"}:
-        return None
-    return p.batch_item_text(record.id, record.ts, payload["metrics"])
 
 
 # --------------------------------------------------------------------------- the transport

@@ -43,6 +43,7 @@ from helpers import (  # noqa: E402
 
 from agent import protocol as p  # noqa: E402
 from agent.outbox import Outbox  # noqa: E402
+from agent.codec import CODEC  # noqa: E402
 
 
 def rss_kb(pid: int) -> int:
@@ -53,7 +54,7 @@ def rss_kb(pid: int) -> int:
 
 def prefill(state_dir: Path, n: int, now: float) -> None:
     """n samples, one a second, ending now (a day offline at 1 s when n = 86,400)."""
-    box = Outbox(str(state_dir), 10**10)
+    box = Outbox(CODEC, str(state_dir), 10**10)
     box._db.execute("PRAGMA synchronous=OFF")  # set-up only
     payload = {"cpu_usage": 12.5, "memory_usage": 41.0, "load_1m": 0.3, "disk_usage": 55.0,
                "net_rx_bytes": 123456789, "net_tx_bytes": 98765432, "temperature_c": 48.2,

@@ -73,6 +73,7 @@ def enqueue_rates(tmp: Path, n: int = 1000, rounds: int = 5) -> Dict[str, float]
     """
     import disk  # bench/disk.py: the agent's own sample
 
+    from agent import codec as codec_mod
     from agent import outbox as outbox_mod
     from agent import protocol as p
 
@@ -81,17 +82,17 @@ def enqueue_rates(tmp: Path, n: int = 1000, rounds: int = 5) -> Dict[str, float]
     text = p.dumps(payload)
 
     def put(folder: Path, compress: bool) -> float:
-        box = outbox_mod.Outbox(str(folder), 10**9)
-        pack = outbox_mod.pack_payload
+        box = outbox_mod.Outbox(codec_mod.CODEC, str(folder), 10**9)
+        pack = codec_mod.pack_payload
         if not compress:
-            outbox_mod.pack_payload = lambda data: None  # type: ignore[assignment]
+            codec_mod.pack_payload = lambda data: None  # type: ignore[assignment]
         try:
             start = time.perf_counter()
             for _ in range(n):
                 box.put("telemetry", payload, ts)
             return n / (time.perf_counter() - start)
         finally:
-            outbox_mod.pack_payload = pack  # type: ignore[assignment]
+            codec_mod.pack_payload = pack  # type: ignore[assignment]
             box.close()
 
     def bare(folder: Path, encode: bool) -> float:
@@ -156,13 +157,14 @@ def _arrivals(db: Path) -> tuple:
 
 def drain_rate(tmp: Path) -> float:
     from agent.outbox import Outbox
+    from agent.codec import CODEC
     from agent.protocol import format_timestamp
 
     config = write_config(tmp, "ws://127.0.0.1:1/v1/ws", telemetry={"interval_s": 3600},
                           log_level="warning",
                           server={"ack_window": WINDOW,
                                   "max_messages_per_minute": DRAIN_PACE_PER_MINUTE})
-    box = Outbox(str(tmp / "state"), 50_000_000)
+    box = Outbox(CODEC, str(tmp / "state"), 50_000_000)
     for i in range(BACKLOG):
         box.put("telemetry", {"device_id": "device-001", "metrics": {"cpu_usage": i % 100}},
                 format_timestamp(time.time()))

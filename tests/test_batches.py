@@ -23,13 +23,14 @@ from helpers import (
 
 from agent import protocol as p
 from agent.outbox import Outbox
+from agent.codec import CODEC
 
 TS = "2025-11-03T01:53:54.518Z"
 
 
 def prefill(state_dir, n, device="device-001"):
     """n stored samples, as an agent offline for a while would have them."""
-    box = Outbox(str(state_dir), 10**9)
+    box = Outbox(CODEC, str(state_dir), 10**9)
     box._db.execute("PRAGMA synchronous=OFF")  # test set-up only: 10,000 fsyncs take a while
     ids = [box.put("telemetry", {"device_id": device, "metrics": {"cpu_usage": i % 100,
                                                                   "memory_usage": 40.0}},

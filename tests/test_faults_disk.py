@@ -13,10 +13,11 @@ from faults import record, times
 from helpers import AgentProcess, ServerProcess, free_port, stored, wait_for, write_config
 
 from agent.outbox import PAGE_SIZE, Outbox
+from agent.codec import CODEC
 
 
 def prefill(state, n):
-    box = Outbox(str(state), 10**9)
+    box = Outbox(CODEC, str(state), 10**9)
     box._db.execute("PRAGMA synchronous=OFF")  # set-up only
     ids = [box.put("telemetry", {"device_id": "device-001", "metrics": {"n": i, "pad": i * 7}},
                    "2025-01-01T00:00:00.000Z").id for i in range(n)]

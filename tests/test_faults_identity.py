@@ -35,6 +35,7 @@ from helpers import (
 
 from agent import protocol as p
 from agent.outbox import EPOCH_BYTES, Outbox, new_epoch
+from agent.codec import CODEC
 from agent.store import DirLock, StoreError
 
 WAL_HEADER, FRAME_HEADER = 32, 24
@@ -141,7 +142,7 @@ def _drain(box, limit=10_000):
 def template(tmp_path_factory):
     """A stopped agent's queue: 300 samples (a few pages), stored as the agent stores them."""
     folder = tmp_path_factory.mktemp("template")
-    box = Outbox(str(folder), 10**8)
+    box = Outbox(CODEC, str(folder), 10**8)
     for i in range(300):
         box.put("telemetry", {"device_id": "device-001", "metrics": {
             "cpu_usage": i % 100 + 0.5, "memory_usage": 41.2, "load_1m": i / 7}},
@@ -170,7 +171,7 @@ def test_random_bit_flips_never_stop_the_queue(tmp_path, template):
         target.write_bytes(bytes(data))
         record("bit_flips")
         try:
-            box = Outbox(str(state), 10**8, lock_wait_s=0.5)
+            box = Outbox(CODEC, str(state), 10**8, lock_wait_s=0.5)
         except StoreError as exc:  # refused to start, naming the file
             assert "outbox.db" in str(exc)
             outcomes["refused"] += 1
@@ -202,7 +203,7 @@ def test_a_row_flipped_on_the_card_is_set_aside_and_live_samples_flow(tmp_path):
     srv = ServerProcess(free_port(), db=str(db))
     config = write_config(tmp_path, srv.url, telemetry={"interval_s": 0.2})
     state = config.parent / "state"
-    box = Outbox(str(state), 10**8)
+    box = Outbox(CODEC, str(state), 10**8)
     backlog = [box.put("telemetry", {"device_id": "device-001", "metrics": {"n": i}},
                        p.format_timestamp(1_750_000_000 + i)).id for i in range(100)]
     box._db.execute("UPDATE messages SET payload = CAST(payload AS TEXT) WHERE seq = 5")
@@ -265,7 +266,7 @@ def test_a_server_that_refuses_big_frames_gets_the_backlog_and_live_samples(tmp_
     fake = FakeServer(_lying_server(big, got, batches, how))
     config = write_config(tmp_path, fake.url, telemetry={"interval_s": 0.2})
     state = config.parent / "state"
-    box = Outbox(str(state), 10**8)
+    box = Outbox(CODEC, str(state), 10**8)
     box._db.execute("PRAGMA synchronous=OFF")  # test set-up only
     backlog = [box.put("telemetry", {"device_id": "device-001", "metrics": {
         "cpu_usage": 12.5, "memory_usage": 40.1, "n": i}},
@@ -295,7 +296,7 @@ def test_ids_never_repeat_across_100000_device_starts(tmp_path):
     record("device_starts_simulated", 100_000)
     seen = set()
     for _ in range(times(50, 500)):
-        box = Outbox(str(tmp_path), 10**6)
+        box = Outbox(CODEC, str(tmp_path), 10**6)
         record_ = box.put("telemetry", {"device_id": "d", "metrics": {"n": 1}},
                           "2025-01-01T00:00:00.000Z")
         assert record_.id not in seen and box._epoch not in epochs

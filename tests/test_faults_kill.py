@@ -23,11 +23,13 @@ from faults import record, times
 from helpers import REPO
 
 from agent.outbox import Outbox
+from agent.codec import CODEC
 
 WRITER = textwrap.dedent("""
     import random, sys
     from agent.outbox import Outbox
-    box = Outbox(sys.argv[1], 10**9, durability=sys.argv[2], sync_interval_s=0.01)
+    from agent.codec import CODEC
+    box = Outbox(CODEC, sys.argv[1], 10**9, durability=sys.argv[2], sync_interval_s=0.01)
     rng = random.Random(int(sys.argv[3]))
     print("R", flush=True)
     queued = []
@@ -93,7 +95,7 @@ def test_sigkill_at_random_moments_loses_nothing_committed(tmp_path, durability)
         if not (state / "outbox.db").exists():
             continue
         start = time.monotonic()
-        box = Outbox(str(state), 10**9, durability=durability)
+        box = Outbox(CODEC, str(state), 10**9, durability=durability)
         opened = time.monotonic() - start
         slowest = max(slowest, opened)
         queued = [r.id for r in box.read_after(0, 10**6)]

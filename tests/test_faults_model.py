@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from agent import outbox as outbox_mod
 from agent.outbox import Outbox
+from agent.codec import CODEC
 
 TS = "2025-01-01T00:00:00.000Z"
 
@@ -29,7 +30,7 @@ class QueueModel(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="nexus-model-")
         self.cap = 10**6
-        self.box = Outbox(self.dir, self.cap)
+        self.box = Outbox(CODEC, self.dir, self.cap)
         self.queued: dict = {}  # id -> size, in put order (dicts keep it)
         self.maybe: dict = {}  # acked but perhaps not deleted yet: may come back on a crash
         self.ever: set = set()
@@ -81,7 +82,7 @@ class QueueModel(RuleBasedStateMachine):
     @rule()
     def restart(self):
         self.box.close()
-        self.box = Outbox(self.dir, self.cap)
+        self.box = Outbox(CODEC, self.dir, self.cap)
         self.maybe.clear()  # close deletes what was acked
 
     @rule()
@@ -98,7 +99,7 @@ class QueueModel(RuleBasedStateMachine):
         self.box.close()  # in the old folder: nothing of it reaches the copy
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = left
-        self.box = Outbox(self.dir, self.cap)
+        self.box = Outbox(CODEC, self.dir, self.cap)
         back = {r.id for r in self.box.read_after(0, 10**6)} & set(self.maybe)
         for i in back:  # acked, its delete not yet committed: it is sent again, that is all
             self.queued[i] = self.maybe[i]
@@ -109,7 +110,7 @@ class QueueModel(RuleBasedStateMachine):
     def change_cap(self, cap):
         self.box.close()
         self.cap = cap
-        self.box = Outbox(self.dir, cap)
+        self.box = Outbox(CODEC, self.dir, cap)
         self.maybe.clear()
 
     @invariant()

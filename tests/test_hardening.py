@@ -40,6 +40,7 @@ from helpers import (
 from agent import protocol as p
 from agent.errors import LocalProtocolError
 from agent.outbox import Outbox
+from agent.codec import CODEC
 from agent.runner import fit_result
 from agent.store import StoreError
 
@@ -96,7 +97,7 @@ def test_fit_result_keeps_every_result_within_one_message():
 
 
 def test_outbox_refuses_what_the_protocol_cannot_carry(tmp_path):
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     with pytest.raises(LocalProtocolError):
         box.put("telemetry", {"device_id": "d", "metrics": {}, "blob": "x" * 70_000},
                 "2025-01-01T00:00:00.000Z")
@@ -123,7 +124,7 @@ def _poison_server(poison_id, mode):
 @pytest.mark.parametrize("mode", ["close", "reject"])
 def test_a_message_the_server_keeps_refusing_is_set_aside(tmp_path, mode):
     state = tmp_path / "state"
-    box = Outbox(str(state), 10**7)
+    box = Outbox(CODEC, str(state), 10**7)
     poison = box.put("telemetry", {"device_id": "device-001", "metrics": {"x": 1}},
                      "2025-01-01T00:00:00.000Z")
     box.close()
@@ -168,24 +169,24 @@ def _unlock(proc):
 
 
 def test_locked_outbox_is_waited_for_never_moved_aside(tmp_path):
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     ids = [box.put("telemetry", {"n": i}, "2025-01-01T00:00:00.000Z").id for i in range(5)]
     box.close()
     locker = _lock(tmp_path / "outbox.db")
     try:
         with pytest.raises(StoreError) as info:
-            Outbox(str(tmp_path), 10**7, lock_wait_s=1.0)
+            Outbox(CODEC, str(tmp_path), 10**7, lock_wait_s=1.0)
         assert info.value.temporary and "locked" in info.value.reason
         assert not list(tmp_path.glob("*.corrupt*"))
     finally:
         _unlock(locker)
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     assert [r.id for r in box.read_after(0, 10)] == ids
 
 
 def test_agent_started_on_a_locked_queue_waits_and_keeps_its_data(tmp_path):
     state = tmp_path / "state"
-    box = Outbox(str(state), 10**7)
+    box = Outbox(CODEC, str(state), 10**7)
     ids = [box.put("telemetry", {"device_id": "device-001", "metrics": {"n": i}},
                    "2025-01-01T00:00:00.000Z").id for i in range(5)]
     box.close()
@@ -210,7 +211,7 @@ def test_garbage_command_ledger_is_moved_aside_not_a_crash(tmp_path):
     from agent.runner import CommandRunner
 
     (tmp_path / "commands.db").write_bytes(b"this is not a database" * 100)
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     runner = CommandRunner(CommandsConfig(), "d", str(tmp_path), box, lambda: None)
     runner.close()
     assert list(tmp_path.glob("commands.db.corrupt-*"))
@@ -332,7 +333,7 @@ def _with_mounts(mounts, *argv):
 
 def test_read_only_state_dir_is_a_clear_config_error(tmp_path):
     state = tmp_path / "state"
-    box = Outbox(str(state), 10**7)
+    box = Outbox(CODEC, str(state), 10**7)
     box.put("telemetry", {"n": 1}, "2025-01-01T00:00:00.000Z")
     box.close()
     config = write_config(tmp_path, "ws://127.0.0.1:9/v1/ws")

@@ -55,8 +55,9 @@ def test_guide_server_gets_only_single_telemetry_from_an_agent_with_a_backlog(tm
     """The guide's server offers no capabilities: a backlog must arrive as plain telemetry
     messages (a telemetry.batch would be answered UNKNOWN_MESSAGE_TYPE and logged)."""
     from agent.outbox import Outbox
+    from agent.codec import CODEC
 
-    box = Outbox(str(tmp_path / "state"), 10**7)
+    box = Outbox(CODEC, str(tmp_path / "state"), 10**7)
     for i in range(40):
         box.put("telemetry", {"device_id": "device-001", "metrics": {"cpu_usage": 1.0,
                                                                      "memory_usage": 2.0,

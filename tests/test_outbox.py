@@ -14,9 +14,11 @@ import time
 import pytest
 from helpers import REPO, outbox_snapshot
 
+from agent import codec as codec_mod
 from agent import outbox as outbox_mod
 from agent import protocol as p
 from agent.outbox import Outbox
+from agent.codec import CODEC
 
 
 def fill(box, n, start=0):
@@ -31,7 +33,7 @@ def in_file(folder, sql):
 
 
 def test_put_read_ack_in_order(tmp_path):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     records = fill(box, 5)
     assert [r.seq for r in box.read_after(0, 10)] == [1, 2, 3, 4, 5]
     assert [r.seq for r in box.read_after(2, 2)] == [3, 4]
@@ -46,7 +48,7 @@ def test_put_read_ack_in_order(tmp_path):
 def test_envelope_text_is_the_wire_message(tmp_path):
     import json
 
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     record = fill(box, 1)[0]
     assert json.loads(record.envelope_text()) == {
         "type": "telemetry", "id": record.id, "timestamp": "2025-01-01T00:00:00.000Z",
@@ -54,12 +56,12 @@ def test_envelope_text_is_the_wire_message(tmp_path):
 
 
 def test_ids_are_stable_and_never_reused_across_reopen(tmp_path):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     first = fill(box, 3)
     box.ack([r.id for r in first])
     box.close()
     box.close()  # idempotent
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     second = fill(box, 2)
     assert {r.id for r in first}.isdisjoint({r.id for r in second})
     assert second[0].seq == 4  # never reused, even after deletes
@@ -70,7 +72,7 @@ def test_ids_are_stable_and_never_reused_across_reopen(tmp_path):
 
 
 def test_cap_drops_oldest_and_counts(tmp_path):
-    box = Outbox(str(tmp_path), 65536)
+    box = Outbox(CODEC, str(tmp_path), 65536)
     records = [box.put("telemetry", {"blob": "x" * 1000, "i": i}, "2025-01-01T00:00:00.000Z")
                for i in range(100)]
     stats = box.stats()
@@ -79,12 +81,12 @@ def test_cap_drops_oldest_and_counts(tmp_path):
     kept = box.read_after(0, 1000)
     assert kept[-1].id == records[-1].id and kept[0].seq == stats.dropped + 1
     box.close()
-    assert Outbox(str(tmp_path), 65536).stats().dropped == stats.dropped  # persisted
+    assert Outbox(CODEC, str(tmp_path), 65536).stats().dropped == stats.dropped  # persisted
 
 
 def test_corrupt_file_is_moved_aside(tmp_path, caplog):
     (tmp_path / "outbox.db").write_bytes(b"garbage" * 1000)
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     assert box.stats().depth == 0
     fill(box, 1)
     assert len(list(tmp_path.glob("outbox.db.corrupt-*"))) == 1
@@ -92,14 +94,14 @@ def test_corrupt_file_is_moved_aside(tmp_path, caplog):
 
 
 def test_fresh_file_after_corruption_gets_new_id_space(tmp_path):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     old = fill(box, 1)[0]
     box.close()
     (tmp_path / "outbox.db").write_bytes(b"garbage" * 1000)
     for suffix in ("-wal", "-shm"):
         if os.path.exists(tmp_path / f"outbox.db{suffix}"):
             os.remove(tmp_path / f"outbox.db{suffix}")
-    new = fill(Outbox(str(tmp_path), 10**6), 1)[0]
+    new = fill(Outbox(CODEC, str(tmp_path), 10**6), 1)[0]
     assert new.seq == old.seq == 1 and new.id != old.id
 
 
@@ -109,18 +111,18 @@ def test_ids_are_never_reused_when_the_newest_row_goes_without_a_close(tmp_path)
     """Acked rows deleted by the syncer (no put to carry them), then a kill (no close):
     the next seq still follows the highest ever used. Shared: a second outbox in this
     process opens the file while the first, never closed, still holds it."""
-    box = Outbox(str(tmp_path), 10**6, lock="shared")
+    box = Outbox(CODEC, str(tmp_path), 10**6, lock="shared")
     first = fill(box, 3)
     box.ack([r.id for r in first])
     box.sync()  # a put came since the last sync: the next put may yet carry the deletes
     box.sync()  # none came: the syncer deletes them itself, meta.last_seq with them
     assert in_file(tmp_path, "SELECT COUNT(*) FROM messages") == [(0,)]
-    again = Outbox(str(tmp_path), 10**6, lock="shared")  # as after SIGKILL: never closed
+    again = Outbox(CODEC, str(tmp_path), 10**6, lock="shared")  # as after SIGKILL: never closed
     assert fill(again, 1)[0].seq == 4
 
 
 def test_acked_rows_leave_the_queue_at_once_and_the_file_with_the_next_put(tmp_path):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     records = fill(box, 3)
     assert box.ack([records[0].id, records[0].id, "other-1", "garbage", records[1].id]) == 2
     assert box.ack([records[0].id]) == 0  # already acked
@@ -138,14 +140,14 @@ def test_acked_rows_leave_the_queue_at_once_and_the_file_with_the_next_put(tmp_p
 
 
 def test_many_acks_are_deleted_without_waiting_for_a_put(tmp_path):
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     records = fill(box, outbox_mod.ACK_FLUSH_AT)
     box.ack([r.id for r in records])
     assert in_file(tmp_path, "SELECT COUNT(*) FROM messages") == [(0,)]
 
 
 def test_cap_counts_only_queued_rows_with_acks_waiting(tmp_path):
-    box = Outbox(str(tmp_path), 65536)
+    box = Outbox(CODEC, str(tmp_path), 65536)
     early = [box.put("telemetry", {"blob": "x" * 1000, "i": i}, "2025-01-01T00:00:00.000Z")
              for i in range(10)]
     box.ack([r.id for r in early])  # acked, not dropped
@@ -157,7 +159,7 @@ def test_cap_counts_only_queued_rows_with_acks_waiting(tmp_path):
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
 def test_durability_is_the_sqlite_setting(tmp_path, durability):
-    box = Outbox(str(tmp_path), 10**6, durability=durability)
+    box = Outbox(CODEC, str(tmp_path), 10**6, durability=durability)
     level = box._db.execute("PRAGMA synchronous").fetchone()[0]
     assert level == {"normal": 1, "full": 2}[durability]
     assert box._db.execute("PRAGMA page_size").fetchone()[0] == outbox_mod.PAGE_SIZE
@@ -183,7 +185,7 @@ def test_a_file_of_the_first_schema_keeps_its_messages_and_ids(tmp_path):
                    " ?, 9, 1.0)", (seq, f"c0ffee00-{seq}", f'{{"n":{seq}}}'))
     db.execute("DELETE FROM messages WHERE seq IN (1, 2, 7)")  # acked; 7 was the newest
     db.close()
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     assert [r.id for r in box.read_after(0, 10)] == [f"c0ffee00-{n}" for n in (3, 4, 5, 6)]
     assert box.read_after(0, 1)[0].payload == '{"n":3}'
     stats = box.stats()
@@ -193,7 +195,7 @@ def test_a_file_of_the_first_schema_keeps_its_messages_and_ids(tmp_path):
     assert box.ack(["c0ffee00-3"]) == 1
     assert box._db.execute("PRAGMA page_size").fetchone()[0] == outbox_mod.PAGE_SIZE
     box.close()
-    box = Outbox(str(tmp_path), 10**6)  # opens as the current schema from now on
+    box = Outbox(CODEC, str(tmp_path), 10**6)  # opens as the current schema from now on
     assert [r.seq for r in box.read_after(0, 10)] == [4, 5, 6, 8]
 
 
@@ -203,7 +205,8 @@ PUTTER = """
 import sys
 sys.path.insert(0, {repo!r})
 from agent.outbox import Outbox
-box = Outbox({state!r}, 10**8, durability={durability!r}, sync_interval_s={interval!r})
+from agent.codec import CODEC
+box = Outbox(CODEC, {state!r}, 10**8, durability={durability!r}, sync_interval_s={interval!r})
 i = 0
 while True:
     r = box.put("telemetry", {{"i": i}}, "2025-01-01T00:00:00.000Z")
@@ -230,7 +233,7 @@ def _put_then_kill(state, durability, interval, count):
 def test_sigkill_after_put_loses_nothing(tmp_path, durability):
     """Killed at a random moment: every put that returned (and was not acked) is on disk."""
     reported = _put_then_kill(tmp_path, durability, 10.0, random.randint(50, 400))
-    box = Outbox(str(tmp_path), 10**8, durability=durability)
+    box = Outbox(CODEC, str(tmp_path), 10**8, durability=durability)
     stored = {r.id for r in box.read_after(0, 10**6)}
     unacked = {i for n, i in enumerate(reported) if n % 3}
     assert unacked <= stored
@@ -243,7 +246,7 @@ def test_kill_during_timed_syncs_then_reopen(tmp_path):
     seen = set()
     for _ in range(3):
         reported = _put_then_kill(tmp_path, "normal", 0.001, random.randint(20, 200))
-        box = Outbox(str(tmp_path), 10**8, durability="normal", sync_interval_s=0.001)
+        box = Outbox(CODEC, str(tmp_path), 10**8, durability="normal", sync_interval_s=0.001)
         assert box._db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
         stored = {r.id for r in box.read_after(0, 10**6)}
         assert {i for n, i in enumerate(reported) if n % 3} <= stored
@@ -271,7 +274,7 @@ def stored_rows(box):
 def test_rows_are_stored_compressed_and_read_back_byte_identical(tmp_path):
     from agent import protocol as p
 
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     payloads = [SAMPLE, {"device_id": "d", "metrics": {"é": 1.5, "snow": "\u2603" * 50}},
                 {"lone": "\ud800 and a pair \U0001F600", "text": "x" * 20000},
                 {"command_id": "c-1", "device_id": "d", "status": "succeeded", "exit_code": 0,
@@ -282,12 +285,12 @@ def test_rows_are_stored_compressed_and_read_back_byte_identical(tmp_path):
         assert record.payload == p.dumps(payload)
     rows = stored_rows(box)
     for (_, type_, ts, payload, size, created), record in zip(rows, put):
-        assert isinstance(payload, bytes) and payload[0] == outbox_mod.DEFLATE_1
+        assert isinstance(payload, bytes) and payload[0] == codec_mod.DEFLATE_1
         assert len(payload) < size == len(record.payload.encode())
-        assert type_ == outbox_mod.TYPE_CODES[record.type] and ts == 1762134834518
+        assert type_ == codec_mod.TYPE_CODES[record.type] and ts == 1762134834518
         assert isinstance(created, float)  # put at time.time(), not at the ts
     box.close()
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     got = box.read_after(0, 10)
     assert [(r.id, r.type, r.ts, r.payload) for r in got] == \
         [(r.id, r.type, r.ts, r.payload) for r in put]
@@ -296,7 +299,7 @@ def test_rows_are_stored_compressed_and_read_back_byte_identical(tmp_path):
 
 
 def test_a_row_compression_does_not_shrink_is_stored_as_text(tmp_path):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     record = box.put("ping", {}, "not a timestamp")  # 2 bytes: deflate cannot beat that
     (_, type_, ts, payload, _, created), = stored_rows(box)
     assert (type_, ts, payload) == ("ping", "not a timestamp", record.payload)
@@ -310,7 +313,7 @@ def test_a_row_compression_does_not_shrink_is_stored_as_text(tmp_path):
                                 "2025-01-01T00:00:00.\u0661\u0662\u0663Z",
                                 "0999-01-01T00:00:00.000Z"])
 def test_a_timestamp_reads_back_exactly_as_given(tmp_path, ts):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     box.put("telemetry", {"n": 1}, ts)
     assert box.read_after(0, 1)[0].ts == ts
     stored_ts = stored_rows(box)[0][2]
@@ -321,7 +324,7 @@ def test_a_timestamp_reads_back_exactly_as_given(tmp_path, ts):
 def test_the_oldest_age_comes_from_the_ts_or_the_creation_time(tmp_path):
     from agent import protocol as p
 
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     now = 1762134834.518
     box.put("telemetry", {"n": 1}, p.format_timestamp(now), now)  # as the sampler does
     assert stored_rows(box)[0][5] is None
@@ -335,7 +338,7 @@ def test_a_sample_takes_a_third_of_a_small_page(tmp_path):
     """Offline the table grows: each new page costs two more WAL frames (its parent and
     the header page), so the rows a page holds decide the flash writes (docs/performance.md,
     "Flash writes"). Schema 2 held two samples per 1 KiB page."""
-    box = Outbox(str(tmp_path), 10**8)
+    box = Outbox(CODEC, str(tmp_path), 10**8)
     for _ in range(300):
         box.put("telemetry", SAMPLE, "2025-11-03T01:53:54.518Z", 1762134834.518)
     pages = box._db.execute("PRAGMA page_count").fetchone()[0]
@@ -343,10 +346,10 @@ def test_a_sample_takes_a_third_of_a_small_page(tmp_path):
 
 
 def test_an_unreadable_row_is_set_aside_and_the_rest_read_on(tmp_path, caplog):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     records = fill(box, 4)
     box.close()  # rows of an earlier run: read from the file, not held in memory
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     box._db.execute("UPDATE messages SET payload = X'07AABB' WHERE seq = 2")  # a newer codec
     box._db.execute("UPDATE messages SET payload = X'01FFFF' WHERE seq = 3")  # damaged
     assert [r.id for r in box.read_after(0, 10)] == [records[0].id, records[3].id]
@@ -363,7 +366,7 @@ def test_the_size_check_is_exact_at_the_limit(tmp_path):
     from agent import protocol as p
     from agent.errors import LocalProtocolError
 
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     ts = "2025-01-01T00:00:00.000Z"
     probe = p.envelope_text("telemetry", f"{box._epoch}-1", ts, p.dumps({"pad": ""}))
     room = p.MAX_MESSAGE_BYTES - len(probe.encode())
@@ -399,7 +402,7 @@ def test_a_file_of_the_second_schema_keeps_its_rows_ids_and_bytes(tmp_path):
         db.execute("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
                    (seq, type_, ts, text, len(text.encode()), 1000.0 + seq))
     db.close()  # seq 11 and 12 were acked and deleted: last_seq stays 12
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     got = box.read_after(0, 100)
     assert [(r.id, r.type, r.ts, r.payload) for r in got] == \
         [(f"beef0001-{seq}", type_, ts, text) for seq, type_, ts, text in old]
@@ -415,7 +418,7 @@ def test_a_file_of_the_second_schema_keeps_its_rows_ids_and_bytes(tmp_path):
     assert kinds == [str] * 8 + [bytes]  # old rows as they were, the new one compressed
     assert box.ack(["beef0001-3"]) == 1
     box.close()
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     assert [r.payload for r in box.read_after(0, 100)] == [o[3] for o in old[1:]] + \
         [new.payload]
     assert box.read_after(0, 1)[0].envelope_text() == \
@@ -430,7 +433,7 @@ def test_a_rebuild_cut_short_is_done_at_the_next_open(tmp_path):
     db.executescript(outbox_mod.SCHEMA)  # migrated to schema 3, killed before the VACUUM
     db.execute(f"PRAGMA user_version={outbox_mod.SCHEMA_VERSION}")
     db.close()
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     assert box._db.execute("PRAGMA page_size").fetchone()[0] == outbox_mod.PAGE_SIZE
 
 
@@ -438,8 +441,9 @@ MIGRATOR = """
 import sys
 sys.path.insert(0, {repo!r})
 from agent.outbox import Outbox
+from agent.codec import CODEC
 print("opening", flush=True)
-Outbox({state!r}, 10**9).close()
+Outbox(CODEC, {state!r}, 10**9).close()
 print("done", flush=True)
 """
 
@@ -474,7 +478,7 @@ def test_sigkill_while_migrating_loses_nothing(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         proc.stdout.close()
-        box = Outbox(str(state), 10**9)
+        box = Outbox(CODEC, str(state), 10**9)
         got = box.read_after(0, 10**6)
         assert [r.payload for r in got] == texts
         assert got[-1].id == "beef0001-20000" and box.stats().last_seq == 20000
@@ -487,7 +491,7 @@ def test_the_file_is_the_outboxs_alone_unless_shared(tmp_path, lock):
     """queue.lock exclusive (the default): no -shm file (its pages cost about 700 bytes a
     sample offline) and no other process can open the file while the outbox has it;
     shared: the WAL index in -shm, and another process reads the file live."""
-    box = Outbox(str(tmp_path), 10**6, lock=lock)
+    box = Outbox(CODEC, str(tmp_path), 10**6, lock=lock)
     fill(box, 3)
     peek = subprocess.run(
         [sys.executable, "-c", "import sqlite3, sys; db = sqlite3.connect(sys.argv[1], "
@@ -498,14 +502,14 @@ def test_the_file_is_the_outboxs_alone_unless_shared(tmp_path, lock):
             assert not (tmp_path / "outbox.db-shm").exists()
             assert peek.returncode != 0 and "database is locked" in peek.stderr
             with pytest.raises(outbox_mod.store.StoreError, match="locked"):
-                Outbox(str(tmp_path), 10**6, lock_wait_s=0.3)  # a second agent: exit 75
+                Outbox(CODEC, str(tmp_path), 10**6, lock_wait_s=0.3)  # a second agent: exit 75
         else:
             assert (tmp_path / "outbox.db-shm").exists()
             assert peek.stdout.strip() == "3"
         assert in_file(tmp_path, "SELECT COUNT(*) FROM messages") == [(3,)]
     finally:
         box.close()
-    again = Outbox(str(tmp_path), 10**6)  # closed: the next one has it
+    again = Outbox(CODEC, str(tmp_path), 10**6)  # closed: the next one has it
     assert [r.seq for r in again.read_after(0, 10)] == [1, 2, 3]
     again.close()
 
@@ -513,7 +517,7 @@ def test_the_file_is_the_outboxs_alone_unless_shared(tmp_path, lock):
 def test_a_short_queue_is_answered_from_memory(tmp_path):
     """Online a sample is acked before the next is put: read_after, ack and stats answer
     from the rows held in memory, and the file sees only the puts' writes."""
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     statements = []
     box._db.set_trace_callback(statements.append)
     sent = []
@@ -529,7 +533,7 @@ def test_a_short_queue_is_answered_from_memory(tmp_path):
     assert not [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     assert box.read_after(0, 10) == []
     box.close()
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     assert box.stats().depth == 0  # the acks reached the file
 
 
@@ -545,11 +549,11 @@ def test_held_rows_follow_every_way_out_of_the_queue(tmp_path):
     def check(box, max_bytes=10**6):
         mine = answers(box)
         box.close()
-        box = Outbox(str(tmp_path), max_bytes)
+        box = Outbox(CODEC, str(tmp_path), max_bytes)
         assert answers(box) == mine
         return box
 
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     records = fill(box, 5)
     box.ack([records[1].id])
     box = check(box)
@@ -575,7 +579,7 @@ def test_a_put_that_fails_after_making_room_changes_no_count(tmp_path):
     then fails (here a trigger makes SQLite refuse it, as a full disk would), the rollback
     brings the rows back, and the counts and held rows must still say so: a depth counted
     too low would make the outbox answer reads from memory and skip rows of the file."""
-    box = Outbox(str(tmp_path), 350)
+    box = Outbox(CODEC, str(tmp_path), 350)
     records = fill(box, 10)
     before = box.stats()
     assert before.bytes + 30 > 350  # the next put must make room
@@ -591,7 +595,7 @@ def test_a_put_that_fails_after_making_room_changes_no_count(tmp_path):
     after = box.stats()
     assert after.dropped >= 1 and after.depth == before.depth + 1 - after.dropped
     box.close()
-    reopened = Outbox(str(tmp_path), 350).stats()
+    reopened = Outbox(CODEC, str(tmp_path), 350).stats()
     assert (reopened.depth, reopened.bytes, reopened.dropped) == \
         (after.depth, after.bytes, after.dropped)
 
@@ -602,16 +606,16 @@ def test_a_row_acked_while_read_after_decodes_it_is_not_set_aside(tmp_path, monk
     queue twice, depth would fall below the rows of the file, and with held rows the reads
     would then come from memory and skip a queued row until a restart. The ack is made at
     that exact point through the decoder (a deterministic stand-in for the other thread)."""
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     x, y = fill(box, 2)
     box.close()
-    box = Outbox(str(tmp_path), 10**6)  # rows of the file, nothing held
+    box = Outbox(CODEC, str(tmp_path), 10**6)  # rows of the file, nothing held
     box._db.execute("UPDATE messages SET payload = X'07AABB' WHERE seq = ?", (x.seq,))
     decode = outbox_mod._decode
 
-    def decode_while_acked(rows, epoch):
+    def decode_while_acked(*args):
         box.ack([x.id])
-        return decode(rows, epoch)
+        return decode(*args)
 
     monkeypatch.setattr(outbox_mod, "_decode", decode_while_acked)
     assert [r.id for r in box.read_after(0, 10)] == [y.id]
@@ -622,11 +626,11 @@ def test_a_row_acked_while_read_after_decodes_it_is_not_set_aside(tmp_path, monk
     stats = box.stats()
     assert (stats.depth, stats.set_aside) == (2, 0)
     box.close()
-    assert Outbox(str(tmp_path), 10**6).stats().depth == 2
+    assert Outbox(CODEC, str(tmp_path), 10**6).stats().depth == 2
 
 
 def test_a_closed_outbox_answers_nothing_from_memory(tmp_path):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     fill(box, 2)
     box.close()
     with pytest.raises(AttributeError):  # as before rows were held: the file is closed
@@ -642,16 +646,16 @@ def test_ids_after_a_power_cut_are_never_ones_the_server_may_have_seen(tmp_path)
     after that must not repeat the lost ones, which the server may already have stored (it
     would ack the new samples as duplicates and drop them)."""
     state = tmp_path / "state"
-    box = Outbox(str(state), 10**6)
+    box = Outbox(CODEC, str(state), 10**6)
     seen = {r.id for r in fill(box, 2)}
     box.close()
     shutil.copytree(state, tmp_path / "before")  # the file as the power cut will leave it
-    box = Outbox(str(state), 10**6)
+    box = Outbox(CODEC, str(state), 10**6)
     seen |= {r.id for r in fill(box, 10)}  # sent and stored by the server, then lost
     box.close()
     shutil.rmtree(state)
     shutil.copytree(tmp_path / "before", state)
-    box = Outbox(str(state), 10**6)
+    box = Outbox(CODEC, str(state), 10**6)
     after = fill(box, 10)
     assert after[0].seq == 3  # the file lost seqs 3-12 ...
     assert not seen & {r.id for r in after}  # ... but not one id is used twice
@@ -661,19 +665,19 @@ def test_ids_after_a_power_cut_are_never_ones_the_server_may_have_seen(tmp_path)
 
 
 def test_old_epochs_stay_while_their_rows_are_queued_and_go_after(tmp_path):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     first = fill(box, 2)
     box.close()
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     second = fill(box, 2)
     assert box.ack([first[0].id, second[1].id]) == 2  # ids of both epochs are known
     assert box.ack([first[1].id.split("-")[0] + "-3"]) == 0  # seq 3 is not the old epoch's
     box.close()
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     assert [r.id for r in box.read_after(0, 10)] == [first[1].id, second[0].id]
     box.ack([first[1].id, second[0].id])
     box.close()
-    box = Outbox(str(tmp_path), 10**6)  # nothing queued: only the new epoch is kept
+    box = Outbox(CODEC, str(tmp_path), 10**6)  # nothing queued: only the new epoch is kept
     assert [row[0] for row in box._db.execute("SELECT first_seq FROM epochs")] == [5]
     box.close()
 
@@ -698,10 +702,10 @@ DAMAGED = [
 @pytest.mark.parametrize("what,value,words", DAMAGED, ids=[d[0] for d in DAMAGED])
 def test_a_damaged_payload_is_set_aside_with_its_reason_and_the_rest_flows(
         tmp_path, what, value, words):
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     rows = fill(box, 3)
     box.close()
-    box = Outbox(str(tmp_path), 10**7)  # rows of the file, nothing held
+    box = Outbox(CODEC, str(tmp_path), 10**7)  # rows of the file, nothing held
     box._db.execute(f"UPDATE messages SET payload = {value} WHERE seq = 2")
     got = box.read_after(0, 10)  # must not raise
     assert [r.id for r in got] == [rows[0].id, rows[2].id]
@@ -719,10 +723,10 @@ def test_a_damaged_payload_is_set_aside_with_its_reason_and_the_rest_flows(
     ("ts", "9223372036854775807", "ts"),
 ])
 def test_a_damaged_type_or_time_is_set_aside_too(tmp_path, column, value, words):
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     rows = fill(box, 2)
     box.close()
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     box._db.execute(f"UPDATE messages SET {column} = {value} WHERE seq = 1")
     assert [r.id for r in box.read_after(0, 10)] == [rows[1].id]
     reason = box._db.execute("SELECT reason FROM set_aside WHERE seq = 1").fetchone()[0]
@@ -733,16 +737,16 @@ def test_a_damaged_type_or_time_is_set_aside_too(tmp_path, column, value, words)
 def test_damaged_sizes_times_and_counters_do_not_stop_the_queue(tmp_path):
     """Cells the queue itself reads (size, created, the meta counters) damaged: it opens,
     counts, makes room and acks without an exception."""
-    box = Outbox(str(tmp_path), 3000)
+    box = Outbox(CODEC, str(tmp_path), 3000)
     rows = fill(box, 4)
     box.close()
-    box = Outbox(str(tmp_path), 3000)
+    box = Outbox(CODEC, str(tmp_path), 3000)
     db = box._db
     db.execute("UPDATE messages SET size = CAST(X'FF00' AS TEXT), created = 'x' WHERE seq = 1")
     db.execute("UPDATE meta SET value = CAST(X'C3' AS TEXT) WHERE key = 'dropped'")
     db.execute("UPDATE meta SET value = 'many' WHERE key = 'set_aside'")
     box.close()
-    box = Outbox(str(tmp_path), 3000)
+    box = Outbox(CODEC, str(tmp_path), 3000)
     assert box.stats().depth == 4
     assert box.ack([rows[0].id]) == 1
     fill(box, 200, start=10)  # makes room over damaged sizes

@@ -10,6 +10,7 @@ from agent import protocol as p
 from agent.commands import parse_allow_list
 from agent.config import CommandsConfig
 from agent.outbox import Outbox
+from agent.codec import CODEC
 from agent.runner import CommandRunner
 
 
@@ -27,7 +28,7 @@ def make_runner(tmp_path, box, **limits):
 
 
 def test_over_the_limits_is_rejected_busy(tmp_path):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     runner = make_runner(tmp_path, box, max_concurrent=1, max_queued=1)
     for i in range(3):
         runner.submit(p.CommandRequest(f"c{i}", "device-001", "slow", {}))
@@ -38,7 +39,7 @@ def test_over_the_limits_is_rejected_busy(tmp_path):
 
 
 def test_interrupted_command_is_reported_not_rerun(tmp_path):
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     runner = make_runner(tmp_path, box)
     runner.submit(p.CommandRequest("c-int", "device-001", "slow", {}))
     runner.close()  # the agent stops while the command runs: the ledger says "accepted"

@@ -13,8 +13,10 @@ import pytest
 from helpers import REPO
 
 from agent.outbox import Outbox
+from agent.codec import CODEC
 from agent.session import TokenBucket
-from agent.transport import SendPlan, backoff_delays
+from agent.sendplan import SendPlan
+from agent.transport import backoff_delays
 
 
 def test_backoff_grows_stays_under_cap_and_is_spread():
@@ -47,7 +49,7 @@ def test_token_bucket_paces_to_the_rate():
 def test_send_plan_puts_live_first_and_the_backlog_in_order(tmp_path):
     """Live first: a sample taken now leaves within one interval whatever the backlog (the
     backlog takes the pace's spare room, so a long one never starves live data)."""
-    box = Outbox(str(tmp_path), 10**6)
+    box = Outbox(CODEC, str(tmp_path), 10**6)
     for i in range(6):
         box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
     plan = SendPlan(box, boundary=box.stats().last_seq, rows=2)
@@ -67,15 +69,15 @@ def test_send_plan_puts_live_first_and_the_backlog_in_order(tmp_path):
 class CountingOutbox(Outbox):
     reads = 0
 
-    def read_after(self, *args, **kwargs):
+    def _read(self, *args, **kwargs):  # what the send plan's cursors call
         self.reads += 1
-        return super().read_after(*args, **kwargs)
+        return super()._read(*args, **kwargs)
 
 
 def test_send_plan_reads_the_outbox_only_when_something_may_be_new(tmp_path):
     """A steady connection asked the outbox for live and backlog rows (two queries) on every
     pass of its loop; now live rows are read after a wake-up, the backlog until it runs out."""
-    box = CountingOutbox(str(tmp_path), 10**6)
+    box = CountingOutbox(CODEC, str(tmp_path), 10**6)
     for i in range(3):
         box.put("telemetry", {"i": i}, "2025-01-01T00:00:00.000Z")
     plan = SendPlan(box, boundary=box.stats().last_seq, rows=2)
@@ -95,7 +97,7 @@ def test_send_plan_reads_the_outbox_only_when_something_may_be_new(tmp_path):
 def test_send_plan_batches_the_backlog_within_both_limits(tmp_path):
     from agent import protocol as p
 
-    box = Outbox(str(tmp_path), 10**7)
+    box = Outbox(CODEC, str(tmp_path), 10**7)
     for i in range(25):
         box.put("telemetry", {"device_id": "d", "metrics": {"cpu_usage": i}},
                 "2025-01-01T00:00:00.000Z")
