@@ -30,17 +30,20 @@ def parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
 def load_config(path: str, check_files: bool = False) -> Optional[Config]:
     """The checked config, or None after printing the one-line error naming the key or file.
 
-    ``check_files`` (the daemon and ``--check-config``): also the token, and that
+    ``check_files`` (the daemon and ``--check-config``): also the token (its file; what
+    it claims is ``auth.token_problem``), the proxy credentials file, and that
     ``state_dir`` can be written by this user.
     """
     from . import config as config_mod
-    from .auth import read_token
+    from .auth import read_proxy_auth, read_token
     from .errors import AuthError, ConfigError
 
     try:
         cfg = config_mod.load(path)
         if check_files:
             read_token(cfg.server.token_file)
+            if cfg.server.proxy_auth_file:
+                read_proxy_auth(cfg.server.proxy_auth_file)
             config_mod.check_state_dir(cfg.state_dir)
     except (ConfigError, AuthError) as exc:
         print(f"nexus-agent: config error: {exc}", file=sys.stderr)
