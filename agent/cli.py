@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import TYPE_CHECKING, Optional
 
@@ -14,14 +15,20 @@ DEFAULT_CONFIG = "/etc/nexus/agent.yaml"
 EXIT_CONFIG = 78  # EX_CONFIG; the unit's RestartPreventExitStatus=78 stops a crash loop
 
 
+def plain(doc: Optional[str]) -> Optional[str]:
+    """A module docstring as a person reads it in ``--help``: without RST's double backticks
+    around names (``--config`` prints as --config)."""
+    return None if doc is None else re.sub(r"``([^`]+)``", r"\1", doc)
+
+
 def parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
-    """A subcommand parser with ``--config`` and the module docstring as its help.
+    """A subcommand parser with ``--config`` and the module docstring (``plain``) as its help.
 
     argparse is imported here, not at the top: with its help formatter it pulls in shutil,
     bz2, lzma and zlib, about 1 MB of RSS the daemon would carry for its whole run."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog=prog, description=doc,
+    ap = argparse.ArgumentParser(prog=prog, description=plain(doc),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file ({DEFAULT_CONFIG})")
     return ap

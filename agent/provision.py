@@ -212,7 +212,9 @@ def provision(args: argparse.Namespace) -> str:
 
 
 def main(argv: List[str]) -> int:
-    ap = argparse.ArgumentParser(prog="nexus-agent provision", description=__doc__,
+    from .cli import plain
+
+    ap = argparse.ArgumentParser(prog="nexus-agent provision", description=plain(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device-id", required=True)
     ap.add_argument("--server", required=True, help="ws:// or wss:// URL of /v1/ws")
