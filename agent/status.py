@@ -92,6 +92,8 @@ def render(report: Dict[str, Any], now: float) -> str:
         "clock offset:     " + ("unknown" if offset is None else f"{offset:+.3f} s to the server"),
         f"status file:      {_ago(report.get('updated'), now)}",
     ]
+    lines += [f"RESTART NEEDED:   {what} (reloaded, not yet in effect: systemctl restart "
+              "nexus-agent)" for what in report.get("restart_needed") or []]
     return "\n".join(lines)
 
 
