@@ -184,3 +184,13 @@ def test_proxy_and_its_auth_file(tmp_path):
     auth.write_text("no colon here\n")
     out = run_check(path)
     assert out.returncode == 78 and "user:password" in out.stderr
+
+
+@pytest.mark.parametrize("argv", [["status", "-h"], ["provision", "-h"], ["privileges", "-h"],
+                                  ["-h"]])
+def test_help_texts_read_as_text(argv):
+    """No RST double backticks, no internal module names (statusfile.py) in --help."""
+    out = subprocess.run([sys.executable, "-m", "agent", *argv], env=child_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("usage:")
+    assert "``" not in out.stdout and ".py" not in out.stdout, out.stdout

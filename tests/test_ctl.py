@@ -105,3 +105,10 @@ def test_watch_into_head_ends_quietly_with_0():
         assert "Traceback" not in err and "BrokenPipe" not in err
     finally:
         srv.stop()
+
+
+def test_help_says_nexus_token_holds_the_token_itself():
+    out = ctl("-h")
+    text = " ".join(out.stdout.split())
+    assert "without it the token itself is read from $NEXUS_TOKEN" in text
+    assert "(default $NEXUS_TOKEN)" not in text
