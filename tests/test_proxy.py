@@ -15,7 +15,9 @@ mid-connection); ``revive()`` listens on the same port again.
 from __future__ import annotations
 
 import base64
+import shutil
 import socket
+import subprocess
 import threading
 from typing import List, Optional, Tuple
 
@@ -40,6 +42,7 @@ class ConnectProxy:
         self.mode = "pass"
         self.requests: List[str] = []  # request line and Proxy-Authorization of each CONNECT
         self.tunnels = 0
+        self.upstream_bytes = bytearray()  # the first 64 KiB the agent sent through tunnels
         self._socks: List[socket.socket] = []
         self._lock = threading.Lock()
         self.port = 0
@@ -93,8 +96,8 @@ class ConnectProxy:
             self._socks += [client, upstream]
             self.tunnels += 1
         client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+        for a, b, seen in ((client, upstream, self.upstream_bytes), (upstream, client, None)):
+            threading.Thread(target=_pump, args=(a, b, seen), daemon=True).start()
 
     def die(self) -> None:
         """The proxy is gone: no listener, every tunnel reset in the middle of whatever."""
@@ -112,12 +115,14 @@ class ConnectProxy:
         self._listen()
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def _pump(src: socket.socket, dst: socket.socket, seen: Optional[bytearray]) -> None:
     try:
         while True:
             data = src.recv(65536)
             if not data:
                 break
+            if seen is not None and len(seen) < 65536:
+                seen += data
             dst.sendall(data)
     except OSError:
         pass
@@ -177,6 +182,7 @@ def test_delivery_through_the_proxy_with_credentials_from_a_file(tmp_path, serve
         assert proxy.requests[0].startswith(f"CONNECT {server_hostport} HTTP/1.1 | Basic ")
         assert agent.stop() == 0
         assert "pr0xy-s3cret" not in agent.log()  # debug level: nothing logs the credentials
+        assert b"Authorization: Bearer " in proxy.upstream_bytes  # ws://: the proxy sees it
         assert _lost(agent, db) == 0
     finally:
         agent.kill()
@@ -274,3 +280,31 @@ def test_the_agent_uses_http_proxy_from_its_environment(tmp_path, server):
     finally:
         agent.kill()
         proxy.die()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+def test_wss_through_the_proxy_is_tls_end_to_end(tmp_path):
+    """The proxy carries a wss:// connection it cannot read: no token, no header in clear."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    srv = ServerProcess(0, "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key",
+                        str(tmp_path / "key.pem"), db=str(tmp_path / "server.db"))
+    proxy = ConnectProxy()
+    agent = AgentProcess(write_config(tmp_path, srv.url, telemetry={"interval_s": 0.2},
+                                      server={"proxy": proxy.url,
+                                              "ca_file": str(tmp_path / "cert.pem")}),
+                         env=_no_env_proxy())
+    try:
+        assert srv.url.startswith("wss://")
+        wait_for(lambda: len(stored(tmp_path / "server.db")) >= 3, timeout=20,
+                 what="telemetry over TLS through the proxy")
+        assert proxy.tunnels >= 1 and proxy.upstream_bytes
+        assert b"Bearer" not in proxy.upstream_bytes and b"device-001" not in \
+            proxy.upstream_bytes
+        assert agent.stop() == 0
+    finally:
+        agent.kill()
+        proxy.die()
+        srv.stop()
