@@ -2,7 +2,8 @@
 
     nexus-agent provision --device-id ID --server URL --token-file PATH
                           [--config /etc/nexus/agent.yaml] [--state-dir DIR]
-                          [--ca-file PEM] [--commands FILE] [--force] [--no-check]
+                          [--ca-file PEM] [--commands FILE] [--proxy URL]
+                          [--proxy-auth-file FILE] [--force] [--no-check]
 
 Order: check the input (as the agent would), check that the server accepts
 the token (unless ``--no-check``), then write the token (``token`` beside the
@@ -13,6 +14,12 @@ Modes: 0600 for both, owned by whoever runs this; run as root where the
 ``nexus-agent`` user exists (a package or ``make install`` and sysusers), the
 token goes to that user (0600) and the config to root, group ``nexus-agent``
 (0640), so the service can read both and nobody else can.
+
+``--proxy`` and ``--proxy-auth-file``: the HTTP proxy (``server.proxy``) and a
+file with its credentials, copied like the token to ``proxy-auth`` beside the
+config (``server.proxy_auth_file``); both are used for the check. Without
+``--proxy`` the check uses ``https_proxy``/``http_proxy`` from the environment,
+as the agent would.
 
 ``--commands FILE``: a YAML mapping in the form of the config's ``commands:``
 section (``allow:`` and its limits), copied into the config; without it the
@@ -36,12 +43,12 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
 from . import config as config_mod
-from .auth import read_token
+from .auth import read_proxy_auth, read_token
 from .errors import AuthError, ConfigError
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFLICT, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_FS = 0, 2, 3, 4, 5, 6
@@ -61,7 +68,8 @@ class ProvisionError(Exception):
 
 
 def render_config(device_id: str, server: str, token_path: str, state_dir: str,
-                  ca_file: Optional[str] = None, commands: Optional[Any] = None) -> str:
+                  ca_file: Optional[str] = None, commands: Optional[Any] = None,
+                  proxy: Optional[str] = None, proxy_auth_file: Optional[str] = None) -> str:
     """The config text: deterministic, so re-running with the same input changes nothing."""
     q = json.dumps  # a JSON string is a YAML double-quoted scalar: nothing can break out
     text = (
@@ -72,6 +80,9 @@ def render_config(device_id: str, server: str, token_path: str, state_dir: str,
         f"  url: {q(server)}\n"
         f"  token_file: {q(token_path)}\n"
         + (f"  ca_file: {q(os.path.abspath(ca_file))}\n" if ca_file else "")
+        + (f"  proxy: {q(proxy)}\n" if proxy else "")
+        + (f"  proxy_auth_file: {q(os.path.abspath(proxy_auth_file))}\n"
+           if proxy_auth_file else "")
     )
     if commands is not None:
         text += yaml.safe_dump({"commands": commands}, sort_keys=True,
@@ -153,12 +164,13 @@ def write_atomic(path: str, data: str, owner: Optional[Tuple[int, int]] = None,
 
 
 def check_server(url: str, token: str, ca_file: Optional[str] = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, proxy: Optional[str] = None,
+                 proxy_auth_file: Optional[str] = None) -> None:
     """ProvisionError unless the server at ``url`` welcomes ``token``."""
     from .transport import AuthRefused, open_welcomed
 
     try:
-        open_welcomed(url, token, ca_file, timeout).close()
+        open_welcomed(url, token, ca_file, timeout, proxy, proxy_auth_file).close()
     except AuthRefused as exc:
         raise ProvisionError(EXIT_AUTH, str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - DNS, TCP, TLS and timeouts all mean "unreachable"
@@ -167,21 +179,24 @@ def check_server(url: str, token: str, ca_file: Optional[str] = None,
 
 def provision(args: argparse.Namespace) -> str:
     config_path = os.path.abspath(args.config)
-    token_path = os.path.join(os.path.dirname(config_path), "token")
+    folder = os.path.dirname(config_path)
+    token_path = os.path.join(folder, "token")
+    proxy_auth_path = os.path.join(folder, "proxy-auth") if args.proxy_auth_file else None
     text = render_config(args.device_id, args.server, token_path, args.state_dir, args.ca_file,
-                         read_commands(args.commands))
+                         read_commands(args.commands), args.proxy, proxy_auth_path)
     try:
         config_mod.build(yaml.safe_load(text), config_path)
     except ConfigError as exc:
         option = {"device_id": "--device-id", "server.url": "--server",
-                  "state_dir": "--state-dir", "server.ca_file": "--ca-file"}.get(exc.key, exc.key)
+                  "state_dir": "--state-dir", "server.ca_file": "--ca-file",
+                  "server.proxy": "--proxy"}.get(exc.key, exc.key)
         if exc.key.startswith("commands"):
             option = f"--commands: {exc.key}"
         raise ProvisionError(EXIT_INPUT, f"{option}: {exc.reason}") from None
-    try:
-        token = read_token(args.token_file)
-    except AuthError as exc:
-        raise ProvisionError(EXIT_INPUT, f"--token-file: {exc}") from None
+    secrets = {token_path: _read_secret(read_token, args.token_file, "--token-file")}
+    if proxy_auth_path:
+        creds = _read_secret(read_proxy_auth, args.proxy_auth_file, "--proxy-auth-file")
+        secrets[proxy_auth_path] = ":".join(creds)
     try:
         with open(config_path, encoding="utf-8") as f:
             existing: Optional[str] = f.read()
@@ -194,11 +209,27 @@ def provision(args: argparse.Namespace) -> str:
         raise ProvisionError(EXIT_CONFLICT, f"{config_path} exists with other settings; "
                              "re-run with --force to replace it")
     if not args.no_check:
-        check_server(args.server, token, args.ca_file)
-    token_owner, config_owner = owners()
+        check_server(args.server, secrets[token_path], args.ca_file, proxy=args.proxy,
+                     proxy_auth_file=args.proxy_auth_file)
+    _write_files(config_path, text, existing, secrets)
+    return config_path
+
+
+def _read_secret(read: Callable[[str], Any], path: str, option: str) -> Any:
+    try:
+        return read(path)
+    except AuthError as exc:
+        raise ProvisionError(EXIT_INPUT, f"{option}: {exc}") from None
+
+
+def _write_files(config_path: str, text: str, existing: Optional[str],
+                 secrets: Dict[str, str]) -> None:
+    """The secrets (token, proxy credentials) for the agent's user, then the config."""
+    secret_owner, config_owner = owners()
     config_mode = 0o600 if config_owner is None else 0o640
     try:
-        write_atomic(token_path, token + "\n", token_owner)
+        for path, secret in secrets.items():
+            write_atomic(path, secret + "\n", secret_owner)
         if existing != text:
             write_atomic(config_path, text, config_owner, config_mode)
         else:
@@ -208,7 +239,6 @@ def provision(args: argparse.Namespace) -> str:
     except OSError as exc:
         raise ProvisionError(EXIT_FS, f"cannot write {exc.filename or config_path}: "
                              f"{exc.strerror}") from None
-    return config_path
 
 
 def main(argv: List[str]) -> int:
@@ -223,6 +253,11 @@ def main(argv: List[str]) -> int:
     ap.add_argument("--config", default="/etc/nexus/agent.yaml")
     ap.add_argument("--state-dir", default="/var/lib/nexus-agent")
     ap.add_argument("--ca-file", help="PEM CA file for a wss:// server with a private CA")
+    ap.add_argument("--proxy", metavar="URL", help="HTTP proxy, http://host:port (written "
+                    "as server.proxy; default: https_proxy/http_proxy from the environment)")
+    ap.add_argument("--proxy-auth-file", metavar="FILE", help="file holding the proxy's "
+                    "user:password (mode 0600); copied to 'proxy-auth' beside the config, "
+                    "like the token")
     ap.add_argument("--commands", metavar="FILE", help="YAML file with the allow-list (the "
                     "config's commands: section) to write into the config; without it the "
                     "device takes no remote commands")

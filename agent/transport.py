@@ -293,13 +293,17 @@ def dial(ws_mod: Any, url: str, header: List[str], timeout: float,
 
 
 def open_welcomed(url: str, token: str, ca_file: Optional[str] = None,
-                  timeout: float = 10.0) -> Any:
-    """A header-authenticated connection that got its ``connected`` (nexus-ctl, provision).
+                  timeout: float = 10.0, proxy: Optional[str] = None,
+                  proxy_auth_file: Optional[str] = None) -> Any:
+    """A header-authenticated connection that got its ``connected`` (nexus-ctl, provision),
+    through ``proxy`` or the environment's as the agent would (``proxy_options``).
 
     AuthRefused when the server refuses the token; ConnectionLost, OSError or a
     websocket-client error when it cannot be reached or answers something else.
     """
-    ws = dial(import_websocket(url), url, [f"Authorization: Bearer {token}"], timeout, ca_file)
+    ws_mod = import_websocket(url)
+    ws = dial(ws_mod, url, [f"Authorization: Bearer {token}"], timeout, ca_file,
+              proxy_options(ws_mod, url, proxy, proxy_auth_file))
     try:
         env = p.decode(ws.recv())
         if env.type == "error":

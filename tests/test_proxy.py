@@ -308,3 +308,47 @@ def test_wss_through_the_proxy_is_tls_end_to_end(tmp_path):
         agent.kill()
         proxy.die()
         srv.stop()
+
+
+def test_provision_checks_the_server_through_the_proxy_and_writes_it(tmp_path, server):
+    import stat
+    import sys
+
+    from helpers import REPO, mint
+
+    from agent import config
+
+    srv, _ = server
+    proxy = ConnectProxy(credentials=("edge", "pr0xy-s3cret"))
+    incoming = tmp_path / "in"
+    incoming.mkdir()
+    (incoming / "token").write_text(mint("gw-5") + "\n")
+    (incoming / "proxy").write_text("edge:pr0xy-s3cret\n")
+    for name in ("token", "proxy"):
+        (incoming / name).chmod(0o600)
+
+    def provision(*extra):
+        return subprocess.run([sys.executable, "-m", "agent", "provision", "--device-id", "gw-5",
+                               "--server", srv.url, "--token-file", str(incoming / "token"),
+                               "--config", str(tmp_path / "etc" / "agent.yaml"),
+                               "--proxy", proxy.url, *extra], env=_no_env_proxy(), cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        out = provision()  # no credentials: the proxy says 407
+        assert out.returncode == 4 and "the proxy wants credentials (HTTP 407)" in out.stderr
+        assert not (tmp_path / "etc").exists()
+        out = provision("--proxy-auth-file", str(incoming / "proxy"))
+        assert out.returncode == 0, out.stderr
+        assert proxy.tunnels == 1  # the check went through the proxy
+        cfg = config.load(str(tmp_path / "etc" / "agent.yaml"))
+        copied = tmp_path / "etc" / "proxy-auth"
+        assert (cfg.server.proxy, cfg.server.proxy_auth_file) == (proxy.url, str(copied))
+        assert copied.read_text() == "edge:pr0xy-s3cret\n"
+        assert stat.S_IMODE(copied.stat().st_mode) == 0o600
+        assert "pr0xy-s3cret" not in out.stdout + out.stderr
+        proxy.mode = "refuse"
+        out = provision("--proxy-auth-file", str(incoming / "proxy"), "--force")
+        assert out.returncode == 4 and f"through the proxy 127.0.0.1:{proxy.port}" in out.stderr
+    finally:
+        proxy.die()
