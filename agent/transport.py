@@ -21,6 +21,9 @@ is the I/O around them:
   once and closes sees the delays grow like any other failure. A refused token
   (close 4000, HTTP 401/403) backs off at the cap and is logged once until it
   changes.
+* Through an HTTP proxy (``server.proxy``, else the environment's): only the
+  connect options differ (``proxy_options``: websocket-client's CONNECT
+  tunnel); a failure names the proxy and backs off like any other.
 * What the server sends is bounded: a frame over ``MAX_INCOMING_MESSAGE`` is
   refused before its payload is read, and so is a fragmented message whose
   parts add up to more. Frames are read one at a time with a timeout that ends
