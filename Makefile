@@ -51,11 +51,12 @@ SHAREDIR   := $(PREFIX)/share/nexus-agent
 DOCDIR     := $(PREFIX)/share/doc/nexus-agent
 SYSTEM_PYTHON ?= /usr/bin/python3
 SCRIPTS    := nexus-agent nexus-ctl
+MAN1DIR    := $(PREFIX)/share/man/man1
 
 install:
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) \
 		$(DESTDIR)$(SHAREDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d \
-		$(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(SYSCONFDIR)/nexus
+		$(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(SYSCONFDIR)/nexus $(DESTDIR)$(MAN1DIR)
 	find agent -name '*.py' | while read f; do \
 		install -D -m 0644 "$$f" "$(DESTDIR)$(LIBDIR)/$$f"; done
 	# Bytecode now: the daemon's user cannot write __pycache__ here, and compiling every
@@ -77,6 +78,7 @@ install:
 	PYTHONPATH=. $(PYTHON) -m agent privileges --config config/agent.example.yaml \
 		> $(DESTDIR)$(SHAREDIR)/50-nexus-agent.rules.example
 	install -m 0644 docs/deploy.md docs/protocol.md docs/fleet-provision.sh $(DESTDIR)$(DOCDIR)/
+	install -m 0644 $(addprefix man/,$(addsuffix .1,$(SCRIPTS))) $(DESTDIR)$(MAN1DIR)/
 	@echo "installed under $(DESTDIR)$(PREFIX); next steps: docs/deploy.md"
 
 uninstall:
@@ -85,6 +87,7 @@ uninstall:
 		$(DESTDIR)$(UNITDIR)/nexus-agent.service \
 		$(DESTDIR)$(PREFIX)/lib/sysusers.d/nexus-agent.conf \
 		$(DESTDIR)$(PREFIX)/lib/tmpfiles.d/nexus-agent.conf \
+		$(addprefix $(DESTDIR)$(MAN1DIR)/,$(addsuffix .1,$(SCRIPTS))) \
 		$(DESTDIR)$(SYSCONFDIR)/nexus/agent.example.yaml
 
 # ---------------------------------------------------------------- deb

@@ -29,7 +29,8 @@ def test_layout(installed):
                 "usr/lib/sysusers.d/nexus-agent.conf", "usr/lib/tmpfiles.d/nexus-agent.conf",
                 "etc/nexus/agent.example.yaml", "usr/share/nexus-agent/agent.example.yaml",
                 "usr/share/nexus-agent/50-nexus-agent.rules.example",
-                "usr/share/doc/nexus-agent/deploy.md", "usr/share/doc/nexus-agent/protocol.md"]
+                "usr/share/doc/nexus-agent/deploy.md", "usr/share/doc/nexus-agent/protocol.md",
+                "usr/share/man/man1/nexus-agent.1", "usr/share/man/man1/nexus-ctl.1"]
     for rel in expected:
         assert (installed / rel).is_file(), rel
     wrapper = installed / "usr/bin/nexus-agent"
