@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench faults clean install uninstall
+.PHONY: run test lint bench faults clean install uninstall deb
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,11 +51,12 @@ SHAREDIR   := $(PREFIX)/share/nexus-agent
 DOCDIR     := $(PREFIX)/share/doc/nexus-agent
 SYSTEM_PYTHON ?= /usr/bin/python3
 SCRIPTS    := nexus-agent nexus-ctl
+MAN1DIR    := $(PREFIX)/share/man/man1
 
 install:
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) \
 		$(DESTDIR)$(SHAREDIR) $(DESTDIR)$(DOCDIR) $(DESTDIR)$(PREFIX)/lib/sysusers.d \
-		$(DESTDIR)$(SYSCONFDIR)/nexus
+		$(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(SYSCONFDIR)/nexus $(DESTDIR)$(MAN1DIR)
 	find agent -name '*.py' | while read f; do \
 		install -D -m 0644 "$$f" "$(DESTDIR)$(LIBDIR)/$$f"; done
 	# Bytecode now: the daemon's user cannot write __pycache__ here, and compiling every
@@ -70,10 +71,14 @@ install:
 		systemd/nexus-agent.service > $(DESTDIR)$(UNITDIR)/nexus-agent.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/nexus-agent.service
 	install -m 0644 systemd/nexus-agent.sysusers $(DESTDIR)$(PREFIX)/lib/sysusers.d/nexus-agent.conf
+	install -m 0644 systemd/nexus-agent.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/nexus-agent.conf
 	install -m 0640 config/agent.example.yaml $(DESTDIR)$(SYSCONFDIR)/nexus/agent.example.yaml
+	# provision replaces a config that is still this example without --force
+	install -m 0644 config/agent.example.yaml $(DESTDIR)$(SHAREDIR)/agent.example.yaml
 	PYTHONPATH=. $(PYTHON) -m agent privileges --config config/agent.example.yaml \
 		> $(DESTDIR)$(SHAREDIR)/50-nexus-agent.rules.example
 	install -m 0644 docs/deploy.md docs/protocol.md docs/fleet-provision.sh $(DESTDIR)$(DOCDIR)/
+	install -m 0644 $(addprefix man/,$(addsuffix .1,$(SCRIPTS))) $(DESTDIR)$(MAN1DIR)/
 	@echo "installed under $(DESTDIR)$(PREFIX); next steps: docs/deploy.md"
 
 uninstall:
@@ -81,7 +86,20 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(PREFIX)/bin/,$(SCRIPTS)) \
 		$(DESTDIR)$(UNITDIR)/nexus-agent.service \
 		$(DESTDIR)$(PREFIX)/lib/sysusers.d/nexus-agent.conf \
+		$(DESTDIR)$(PREFIX)/lib/tmpfiles.d/nexus-agent.conf \
+		$(addprefix $(DESTDIR)$(MAN1DIR)/,$(addsuffix .1,$(SCRIPTS))) \
 		$(DESTDIR)$(SYSCONFDIR)/nexus/agent.example.yaml
 
+# ---------------------------------------------------------------- deb
+# `make deb`: dist/nexus-agent_VERSION_all.deb from the `make install` layout (PREFIX=/usr),
+# with dpkg-deb alone; the maintainer scripts and control file are in packaging/deb/.
+DEB_VERSION ?= $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' agent/__init__.py)
+DEB_ROOT    := build/deb/root
+
+deb:
+	rm -rf $(DEB_ROOT)
+	$(MAKE) -s install DESTDIR=$(CURDIR)/$(DEB_ROOT) PREFIX=/usr SYSCONFDIR=/etc
+	packaging/deb/build $(DEB_ROOT) $(DEB_VERSION) dist
+
 clean:
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist

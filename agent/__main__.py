@@ -22,6 +22,7 @@ from typing import List, NamedTuple, Optional
 
 from . import cli
 from .cli import EXIT_CONFIG
+from .config import Config
 
 EXIT_TEMPFAIL = 75  # EX_TEMPFAIL: the queue is locked or the disk fails; systemd retries
 
@@ -58,6 +59,19 @@ def _parsed_daemon_args(argv: List[str]) -> DaemonArgs:
     return DaemonArgs(args.config, args.check_config)
 
 
+def _token_problem(cfg: Config) -> Optional[str]:
+    """What the token's claims say is wrong for this device (``auth.token_problem``)."""
+    import time
+
+    from .auth import read_token, token_problem
+
+    problem = token_problem(read_token(cfg.server.token_file), cfg.device_id, time.time())
+    if problem is None:
+        return None
+    source = f"token file {cfg.server.token_file}" if cfg.server.token_file else "NEXUS_TOKEN"
+    return f"{source}: {problem}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     inbox = None
@@ -87,11 +101,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import pace_warning
 
     warning = pace_warning(cfg)
+    problem = _token_problem(cfg)
     if args.check_config:
+        if problem:  # --check-config promises a usable token
+            print(f"nexus-agent: config error: {problem}", file=sys.stderr)
+            return EXIT_CONFIG
         if warning:
             print(f"nexus-agent: warning: {warning}", file=sys.stderr)
         print(f"nexus-agent: {args.config} is valid")
         return 0
+    if problem:  # the daemon starts anyway: provisioning may replace the token while it runs
+        print(f"nexus-agent: warning: {problem}; the server will refuse it until the token "
+              "is replaced", file=sys.stderr)
     from .logsetup import setup_logging
     from .service import Agent
     from .store import StoreError

@@ -7,6 +7,8 @@ Rules:
   it without restarting the agent.
 * A token file must be a regular file that group and others cannot read or
   write (``chmod 600``); anything else is refused, like ssh does with keys.
+* ``server.proxy_auth_file`` holds the HTTP proxy's ``user:password``, under
+  the same file rules, also re-read on every connect and never logged.
 * The token is never logged. The agent does not verify its signature (the
   server does); it only reads ``exp`` to report expiry, without PyJWT, which
   would drag in ``ssl`` and ``urllib`` for nothing.
@@ -18,26 +20,43 @@ import base64
 import json
 import os
 import stat
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import AuthError
 
 MAX_TOKEN_BYTES = 8192
 
 
-def check_token_file(path: str) -> None:
+def check_token_file(path: str, what: str = "token file") -> None:
     """AuthError unless ``path`` is a regular file only its owner can read."""
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise AuthError(f"token file {path}: {exc.strerror}") from None
+        raise AuthError(f"{what} {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise AuthError(f"token file {path}: not a regular file")
+        raise AuthError(f"{what} {path}: not a regular file")
     if st.st_mode & 0o077:
-        raise AuthError(f"token file {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or "
+        raise AuthError(f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or "
                         f"others read it; run: chmod 600 {path}")
     if not os.access(path, os.R_OK):
-        raise AuthError(f"token file {path}: not readable by this user (uid {os.geteuid()})")
+        raise AuthError(f"{what} {path}: not readable by this user (uid {os.geteuid()})")
+
+
+def read_proxy_auth(path: str) -> Tuple[str, str]:
+    """``(user, password)`` from a proxy credentials file holding ``user:password``."""
+    what = "proxy auth file"
+    check_token_file(path, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise AuthError(f"{what} {path}: {exc.strerror}") from None
+    line = data.decode("utf-8", "replace").strip()
+    user, colon, password = line.partition(":")
+    if len(data) > MAX_TOKEN_BYTES or "\n" in line or not colon or not user:
+        raise AuthError(f"{what} {path}: must hold one line, user:password")
+    return user, password
 
 
 def read_token(token_file: Optional[str]) -> str:
@@ -78,3 +97,19 @@ def unverified_claims(token: str) -> Dict[str, Any]:
 def expiry(token: str) -> Optional[float]:
     exp = unverified_claims(token).get("exp")
     return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+def token_problem(token: str, device_id: str, now: float) -> Optional[str]:
+    """What is wrong with the token for this device, from its claims alone (the secret is
+    the server's), or None: not a JWT, expired, or issued to another ``sub``."""
+    claims = unverified_claims(token)
+    if not claims:
+        return "the token is not a JWT (three base64url parts, the middle one JSON claims)"
+    exp = expiry(token)
+    if exp is not None and exp <= now:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(exp))
+        return f"the token expired at {when}"
+    if claims.get("sub") != device_id:
+        return (f"the token is for sub {claims.get('sub')!r}, not device_id {device_id!r} "
+                "(the server refuses telemetry for another device)")
+    return None

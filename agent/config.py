@@ -38,6 +38,8 @@ class ServerConfig:
     token_file: Optional[str] = None
     auth: str = "header"
     ca_file: Optional[str] = None
+    proxy: Optional[str] = None  # http://host:port; absent: https_proxy/http_proxy/no_proxy
+    proxy_auth_file: Optional[str] = None  # "user:password", mode 0600; read at each connect
     connect_timeout_s: float = 10.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 10.0
@@ -147,6 +149,28 @@ def _url(value: Any, key: str) -> str:
     return str(value)
 
 
+def _proxy(value: Any, key: str) -> str:
+    """An HTTP proxy for CONNECT: http://host:port, nothing else (credentials go in a file:
+    a URL is logged, on reload for one)."""
+    value = _kind(str)(value, key)
+    parts = urlsplit(value)
+    if parts.scheme != "http":
+        raise ConfigError(key, "must be an http:// URL (an HTTP proxy that allows CONNECT), "
+                          f"not {parts.scheme + '://' if parts.scheme else repr(value)}")
+    if parts.username or parts.password:
+        raise ConfigError(key, "must not carry credentials: put user:password in "
+                          "server.proxy_auth_file")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(key, "has a port that is not a number from 1 to 65535") from None
+    if not parts.hostname or not port:
+        raise ConfigError(key, "must name a host and a port, e.g. http://proxy.example:3128")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(key, "must be only http://host:port")
+    return str(value)
+
+
 _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
     # section -> key -> (check, required)
     "": {"device_id": (_device_id, True), "state_dir": (_kind(str), True),
@@ -154,6 +178,7 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
     "server": {
         "url": (_url, True), "token_file": (_kind(str), False), "ca_file": (_kind(str), False),
         "auth": (_choice("header", "query"), False),
+        "proxy": (_proxy, False), "proxy_auth_file": (_kind(str), False),
         "connect_timeout_s": (_number(0.1, 300), False),
         "ping_interval_s": (_number(0.1, 3600), False),
         "ping_timeout_s": (_number(0.1, 600), False),
@@ -229,7 +254,7 @@ def build(raw: Any, source: str = "") -> Config:
     server = _section(raw.get("server"), "server") if "server" in raw else None
     if server is None:
         raise ConfigError("server", "is required")
-    for key in ("token_file", "ca_file"):
+    for key in ("token_file", "ca_file", "proxy_auth_file"):
         if key in server:
             server[key] = _resolve(server[key], base_dir)
     if "ca_file" in server:

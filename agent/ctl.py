@@ -65,7 +65,9 @@ def format_update(payload: Dict[str, Any]) -> str:
 
 
 def watch(ws: Any, device: Optional[str], count: Optional[int], out: TextIO,
-          as_json: bool = False) -> int:
+          as_json: bool = False, say_closed: bool = True) -> int:
+    """Print telemetry updates until ``count`` or the connection ends (said on stderr
+    unless ``say_closed`` is False: ``make run`` stops its own server under it)."""
     filters = {"device_id": device} if device else {}
     ws.send(p.encode(p.make("subscribe", time.time(), {"channel": "telemetry",
                                                        "filters": filters})))
@@ -77,7 +79,8 @@ def watch(ws: Any, device: Optional[str], count: Optional[int], out: TextIO,
         except Exception:  # noqa: BLE001 - websocket-client's closed/broken connection errors
             text = ""
         if not text:
-            print("nexus-ctl: the server closed the connection", file=sys.stderr)
+            if say_closed:
+                print("nexus-ctl: the server closed the connection", file=sys.stderr)
             return 0 if count is None else EXIT["no_result"]
         env = p.decode(text)
         if env.type == "telemetry.update" and env.payload is not None:
@@ -85,6 +88,8 @@ def watch(ws: Any, device: Optional[str], count: Optional[int], out: TextIO,
                 print(json.dumps(env.payload) if as_json else format_update(dict(env.payload)),
                       file=out, flush=True)
             except BrokenPipeError:  # `nexus-ctl watch | head`: the reader is done
+                if out is sys.stdout:
+                    _quiet_stdout()
                 return 0
             seen += 1
         elif env.type == "error":
@@ -119,23 +124,45 @@ def command(ws: Any, device: str, name: str, pairs: List[str], wait_s: float,
         if env.type == "error":
             error = p.parse_error(env)
             print(f"nexus-ctl: {error.code}: {error.message}", file=sys.stderr)
+            if error.code == p.DEVICE_OFFLINE and ttl_s is None and \
+                    "takes no commands" not in error.message:
+                print("nexus-ctl: --ttl SECONDS keeps the command for the device until it "
+                      "connects", file=sys.stderr)
             return EXIT["server_error"]
         if env.type == "command.result":
             result = p.parse_command_result(env)
             out.write(result.stdout)
             sys.stderr.write(result.stderr)
-            print(f"nexus-ctl: {result.status} (exit code {result.exit_code}, "
-                  f"{result.duration_ms} ms)", file=sys.stderr)
+            if result.stderr and not result.stderr.endswith("\n"):
+                sys.stderr.write("\n")  # a rejection's reason has none: the status line is apart
+            print(f"nexus-ctl: {describe_result(result)}", file=sys.stderr)
             return EXIT[result.status]
     print(f"nexus-ctl: no result within {wait_s:g} s", file=sys.stderr)
     return EXIT["no_result"]
+
+
+def describe_result(result: p.CommandResult) -> str:
+    """``succeeded (exit code 0, 12 ms)``; a command that never ran has no exit code."""
+    if result.exit_code is None:
+        return f"{result.status} ({result.duration_ms} ms)"
+    return f"{result.status} (exit code {result.exit_code}, {result.duration_ms} ms)"
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout is gone (``| head``): point stdout at /dev/null, so the flush at
+    exit does not fail again with a traceback and exit 120 (the Python docs' recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="nexus-ctl", description="Nexus operator tool.")
     ap.add_argument("--url", default=os.environ.get("NEXUS_URL", DEFAULT_URL),
                     help=f"server endpoint (default $NEXUS_URL or {DEFAULT_URL})")
-    ap.add_argument("--token-file", help="operator token file (default $NEXUS_TOKEN)")
+    ap.add_argument("--token-file", help="file holding the operator token (mode 0600); "
+                    "without it the token itself is read from $NEXUS_TOKEN, or minted from "
+                    "$NEXUS_JWT_SECRET for a local companion server")
     sub = ap.add_subparsers(dest="action", required=True)
     w = sub.add_parser("watch", help="print live telemetry as it arrives")
     w.add_argument("--device", help="only this device")

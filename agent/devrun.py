@@ -7,10 +7,12 @@ stderr), and print each ``telemetry.update`` as one line until Ctrl-C (or
 ``--duration`` seconds), with the fleet page's URL (an operator token in its
 fragment) on stderr before the stream. Then the agent gets SIGTERM and the server stops.
 
-Ctrl-C reaches the whole foreground process group: the agent gets SIGINT from
-the terminal and SIGTERM from here, which it takes as "stop, do not wait for
-acks". If it has not exited within ``AGENT_GRACE_S`` it is killed, and this
-says so; nothing is left running either way.
+The agent runs in a session of its own, so a Ctrl-C in the terminal reaches
+only this process, and the agent gets exactly one stop signal (SIGTERM, from
+here): a normal stop, acks awaited while the server is still up, nothing that
+reads like a fault. If it has not exited within ``AGENT_GRACE_S`` it is
+killed, and this says so; nothing is left running either way. The live view
+ends without a word when the server stops under it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import config as config_mod
+from .cli import plain
 from .signals import STOP_SIGNALS, SignalInbox, leave
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +46,11 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agent.devrun", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m agent.devrun", description=plain(__doc__))
     ap.add_argument("--config", default=str(CONFIG), help="agent config (default: %(default)s)")
     ap.add_argument("--duration", type=float, help="stop after this many seconds")
-    inbox = SignalInbox(STOP_SIGNALS)  # before anything slow: handlers only record
+    # before anything slow: handlers only record. SIGHUP: the terminal closed.
+    inbox = SignalInbox((*STOP_SIGNALS, signal.SIGHUP))
     args = ap.parse_args(argv)
 
     from . import ctl
@@ -72,12 +76,14 @@ def main(argv: Optional[List[str]] = None) -> int:
           file=sys.stderr)
     page_token = mint(secret, PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
     print(f"fleet page: {page_url(server.url, page_token)}", file=sys.stderr, flush=True)
+    # A session of its own: the terminal's Ctrl-C would be a second stop signal on top of
+    # ours ("stop signal again: not waiting for acks"), a warning for a plain stop.
     agent = subprocess.Popen([sys.executable, "-m", "agent", "--config", args.config],
-                             cwd=ROOT)
+                             cwd=ROOT, start_new_session=True)
     try:
         ws = ctl.connect(server.url, mint(secret, "devrun", "operator", 86400))
-        watcher = threading.Thread(target=ctl.watch, args=(ws, cfg.device_id, None, sys.stdout),
-                                   daemon=True)
+        watcher = threading.Thread(target=ctl.watch, daemon=True,
+                                   args=(ws, cfg.device_id, None, sys.stdout, False, False))
         watcher.start()
         deadline = time.monotonic() + args.duration if args.duration else None
         while not inbox.wait(0.2):

@@ -2,16 +2,33 @@
 
     nexus-agent provision --device-id ID --server URL --token-file PATH
                           [--config /etc/nexus/agent.yaml] [--state-dir DIR]
-                          [--ca-file PEM] [--force] [--no-check]
+                          [--ca-file PEM] [--commands FILE] [--proxy URL]
+                          [--proxy-auth-file FILE] [--force] [--no-check]
 
 Order: check the input (as the agent would), check that the server accepts
 the token (unless ``--no-check``), then write the token (``token`` beside the
 config) and the config, each atomically (temporary file, fsync, rename, fsync
-of the directory) with mode 0600. Nothing is written when a check fails.
+of the directory). Nothing is written when a check fails.
+
+Modes: 0600 for both, owned by whoever runs this; run as root where the
+``nexus-agent`` user exists (a package or ``make install`` and sysusers), the
+token goes to that user (0600) and the config to root, group ``nexus-agent``
+(0640), so the service can read both and nobody else can.
+
+``--proxy`` and ``--proxy-auth-file``: the HTTP proxy (``server.proxy``) and a
+file with its credentials, copied like the token to ``proxy-auth`` beside the
+config (``server.proxy_auth_file``); both are used for the check. Without
+``--proxy`` the check uses ``https_proxy``/``http_proxy`` from the environment,
+as the agent would.
+
+``--commands FILE``: a YAML mapping in the form of the config's ``commands:``
+section (``allow:`` and its limits), copied into the config; without it the
+device takes no remote commands.
 
 Idempotent: the same input gives byte-identical files and exit 0. An existing
-config with other content is refused unless ``--force``; the token file is
-simply replaced (that is how tokens are rotated).
+config with other content is refused unless ``--force``, except the example
+config a package installs (still unedited), which is simply replaced; the token
+file is always replaced (that is how tokens are rotated).
 
 Exit codes: 0 done; 2 bad input; 3 an existing config differs (use --force);
 4 the server cannot be reached; 5 the server refused the token; 6 a file
@@ -26,15 +43,22 @@ import os
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
 from . import config as config_mod
-from .auth import read_token
+from .auth import read_proxy_auth, read_token
 from .errors import AuthError, ConfigError
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFLICT, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_FS = 0, 2, 3, 4, 5, 6
+SERVICE_USER = "nexus-agent"  # systemd/nexus-agent.sysusers
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The example config as installed (PREFIX/share/nexus-agent, beside PREFIX/lib/nexus-agent)
+# or in a checkout: a config still equal to it was never provisioned.
+EXAMPLES = (os.path.join(_PACKAGE_DIR, "..", "..", "..", "share", "nexus-agent",
+                         "agent.example.yaml"),
+            os.path.join(_PACKAGE_DIR, "..", "config", "agent.example.yaml"))
 
 
 class ProvisionError(Exception):
@@ -44,10 +68,11 @@ class ProvisionError(Exception):
 
 
 def render_config(device_id: str, server: str, token_path: str, state_dir: str,
-                  ca_file: Optional[str] = None) -> str:
+                  ca_file: Optional[str] = None, commands: Optional[Any] = None,
+                  proxy: Optional[str] = None, proxy_auth_file: Optional[str] = None) -> str:
     """The config text: deterministic, so re-running with the same input changes nothing."""
     q = json.dumps  # a JSON string is a YAML double-quoted scalar: nothing can break out
-    return (
+    text = (
         "# Written by 'nexus-agent provision'. Every key: agent.example.yaml.\n"
         f"device_id: {q(device_id)}\n"
         f"state_dir: {q(state_dir)}\n"
@@ -55,16 +80,73 @@ def render_config(device_id: str, server: str, token_path: str, state_dir: str,
         f"  url: {q(server)}\n"
         f"  token_file: {q(token_path)}\n"
         + (f"  ca_file: {q(os.path.abspath(ca_file))}\n" if ca_file else "")
+        + (f"  proxy: {q(proxy)}\n" if proxy else "")
+        + (f"  proxy_auth_file: {q(os.path.abspath(proxy_auth_file))}\n"
+           if proxy_auth_file else "")
     )
+    if commands is not None:
+        text += yaml.safe_dump({"commands": commands}, sort_keys=True,
+                               default_flow_style=False)
+    return text
 
 
-def write_atomic(path: str, data: str) -> None:
-    """Replace ``path`` with ``data`` (mode 0600) so readers see the old or the new file."""
+def read_commands(path: Optional[str]) -> Optional[Any]:
+    """The ``--commands`` file's mapping (checked later with the whole config), or None."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise ProvisionError(EXIT_INPUT, f"--commands: cannot read {path}: {exc.strerror}"
+                             ) from None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ProvisionError(EXIT_INPUT, f"--commands: {path} is not valid YAML") from None
+    if isinstance(raw, dict) and set(raw) == {"commands"}:
+        raw = raw["commands"]  # a config's whole section, pasted as it is
+    if not isinstance(raw, dict):
+        raise ProvisionError(EXIT_INPUT, f"--commands: {path} must hold a mapping with "
+                             "allow: (the config's commands: section)")
+    return raw
+
+
+def owners() -> Tuple[Optional[Tuple[int, int]], Optional[Tuple[int, int]]]:
+    """(token owner, config owner) as (uid, gid): the service user's when root runs this and
+    the user exists, else None (files stay with whoever runs this, mode 0600)."""
+    if os.geteuid() != 0:
+        return None, None
+    import pwd
+
+    try:
+        user = pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        return None, None
+    return (user.pw_uid, user.pw_gid), (0, user.pw_gid)
+
+
+def is_example(text: str) -> bool:
+    """True when ``text`` is the unedited example config a package installs."""
+    for path in EXAMPLES:
+        try:
+            with open(path, encoding="utf-8") as f:
+                if f.read() == text:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def write_atomic(path: str, data: str, owner: Optional[Tuple[int, int]] = None,
+                 mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file; ``owner``
+    (uid, gid) and ``mode`` are set before the rename, so it is never readable by others."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, mode=0o750, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".provision-")
     try:
-        os.fchmod(fd, 0o600)
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(data)
             f.flush()
@@ -82,12 +164,13 @@ def write_atomic(path: str, data: str) -> None:
 
 
 def check_server(url: str, token: str, ca_file: Optional[str] = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, proxy: Optional[str] = None,
+                 proxy_auth_file: Optional[str] = None) -> None:
     """ProvisionError unless the server at ``url`` welcomes ``token``."""
     from .transport import AuthRefused, open_welcomed
 
     try:
-        open_welcomed(url, token, ca_file, timeout).close()
+        open_welcomed(url, token, ca_file, timeout, proxy, proxy_auth_file).close()
     except AuthRefused as exc:
         raise ProvisionError(EXIT_AUTH, str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - DNS, TCP, TLS and timeouts all mean "unreachable"
@@ -96,18 +179,24 @@ def check_server(url: str, token: str, ca_file: Optional[str] = None,
 
 def provision(args: argparse.Namespace) -> str:
     config_path = os.path.abspath(args.config)
-    token_path = os.path.join(os.path.dirname(config_path), "token")
-    text = render_config(args.device_id, args.server, token_path, args.state_dir, args.ca_file)
+    folder = os.path.dirname(config_path)
+    token_path = os.path.join(folder, "token")
+    proxy_auth_path = os.path.join(folder, "proxy-auth") if args.proxy_auth_file else None
+    text = render_config(args.device_id, args.server, token_path, args.state_dir, args.ca_file,
+                         read_commands(args.commands), args.proxy, proxy_auth_path)
     try:
         config_mod.build(yaml.safe_load(text), config_path)
     except ConfigError as exc:
         option = {"device_id": "--device-id", "server.url": "--server",
-                  "state_dir": "--state-dir", "server.ca_file": "--ca-file"}.get(exc.key, exc.key)
+                  "state_dir": "--state-dir", "server.ca_file": "--ca-file",
+                  "server.proxy": "--proxy"}.get(exc.key, exc.key)
+        if exc.key.startswith("commands"):
+            option = f"--commands: {exc.key}"
         raise ProvisionError(EXIT_INPUT, f"{option}: {exc.reason}") from None
-    try:
-        token = read_token(args.token_file)
-    except AuthError as exc:
-        raise ProvisionError(EXIT_INPUT, f"--token-file: {exc}") from None
+    secrets = {token_path: _read_secret(read_token, args.token_file, "--token-file")}
+    if proxy_auth_path:
+        creds = _read_secret(read_proxy_auth, args.proxy_auth_file, "--proxy-auth-file")
+        secrets[proxy_auth_path] = ":".join(creds)
     try:
         with open(config_path, encoding="utf-8") as f:
             existing: Optional[str] = f.read()
@@ -115,25 +204,47 @@ def provision(args: argparse.Namespace) -> str:
         existing = None
     except OSError as exc:
         raise ProvisionError(EXIT_FS, f"{config_path}: {exc.strerror}") from None
-    if existing is not None and existing != text and not args.force:
+    if existing is not None and existing != text and not args.force and \
+            not is_example(existing):
         raise ProvisionError(EXIT_CONFLICT, f"{config_path} exists with other settings; "
                              "re-run with --force to replace it")
     if not args.no_check:
-        check_server(args.server, token, args.ca_file)
-    try:
-        write_atomic(token_path, token + "\n")
-        if existing != text:
-            write_atomic(config_path, text)
-        else:
-            os.chmod(config_path, 0o600)
-    except OSError as exc:
-        raise ProvisionError(EXIT_FS, f"cannot write {exc.filename or config_path}: "
-                             f"{exc.strerror}") from None
+        check_server(args.server, secrets[token_path], args.ca_file, proxy=args.proxy,
+                     proxy_auth_file=args.proxy_auth_file)
+    _write_files(config_path, text, existing, secrets)
     return config_path
 
 
+def _read_secret(read: Callable[[str], Any], path: str, option: str) -> Any:
+    try:
+        return read(path)
+    except AuthError as exc:
+        raise ProvisionError(EXIT_INPUT, f"{option}: {exc}") from None
+
+
+def _write_files(config_path: str, text: str, existing: Optional[str],
+                 secrets: Dict[str, str]) -> None:
+    """The secrets (token, proxy credentials) for the agent's user, then the config."""
+    secret_owner, config_owner = owners()
+    config_mode = 0o600 if config_owner is None else 0o640
+    try:
+        for path, secret in secrets.items():
+            write_atomic(path, secret + "\n", secret_owner)
+        if existing != text:
+            write_atomic(config_path, text, config_owner, config_mode)
+        else:
+            if config_owner is not None:
+                os.chown(config_path, *config_owner)
+            os.chmod(config_path, config_mode)
+    except OSError as exc:
+        raise ProvisionError(EXIT_FS, f"cannot write {exc.filename or config_path}: "
+                             f"{exc.strerror}") from None
+
+
 def main(argv: List[str]) -> int:
-    ap = argparse.ArgumentParser(prog="nexus-agent provision", description=__doc__,
+    from .cli import plain
+
+    ap = argparse.ArgumentParser(prog="nexus-agent provision", description=plain(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device-id", required=True)
     ap.add_argument("--server", required=True, help="ws:// or wss:// URL of /v1/ws")
@@ -142,6 +253,14 @@ def main(argv: List[str]) -> int:
     ap.add_argument("--config", default="/etc/nexus/agent.yaml")
     ap.add_argument("--state-dir", default="/var/lib/nexus-agent")
     ap.add_argument("--ca-file", help="PEM CA file for a wss:// server with a private CA")
+    ap.add_argument("--proxy", metavar="URL", help="HTTP proxy, http://host:port (written "
+                    "as server.proxy; default: https_proxy/http_proxy from the environment)")
+    ap.add_argument("--proxy-auth-file", metavar="FILE", help="file holding the proxy's "
+                    "user:password (mode 0600); copied to 'proxy-auth' beside the config, "
+                    "like the token")
+    ap.add_argument("--commands", metavar="FILE", help="YAML file with the allow-list (the "
+                    "config's commands: section) to write into the config; without it the "
+                    "device takes no remote commands")
     ap.add_argument("--force", action="store_true", help="replace a config with other settings")
     ap.add_argument("--no-check", action="store_true",
                     help="do not check the token against the server (offline provisioning)")

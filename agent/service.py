@@ -38,7 +38,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Deque, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
 
 from . import config as config_mod
 from . import protocol as p
@@ -120,6 +120,8 @@ class Agent:
         self._inbox: Optional[SignalInbox] = None  # read by shutdown for more stop signals
         self._threads: Dict[str, threading.Thread] = {}
         self.started = time.time()
+        self.started_with = config  # what a reload cannot change without a restart
+        self.restart_needed: List[str] = []  # what a reload asked for that needs one
 
     # ------------------------------------------------------------------ sampling
 
@@ -323,20 +325,26 @@ class Agent:
         except (ConfigError, NexusError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        for key in ("state_dir", "queue"):
-            if getattr(new, key) != getattr(self.config, key):
-                log.warning("reload: %s changed; that takes effect only after a restart", key)
+        # What the running agent cannot take over; `nexus-agent status` lists it until a restart.
+        pending = [f"{key} changed" for key in ("state_dir", "queue")
+                   if getattr(new, key) != getattr(self.started_with, key)]
         if bool(new.commands.allow) != (self.runner is not None):
-            log.warning("reload: commands were %s; that takes effect only after a restart",
-                        "enabled" if new.commands.allow else "disabled")
-        if new.server.url.split(":")[0] != self.config.server.url.split(":")[0]:
-            log.warning("reload: the URL scheme changed; restart the agent to use it")
+            pending.append("commands " + ("enabled (no command is taken until then)"
+                                          if new.commands.allow else "disabled (commands are "
+                                          "still taken until then)"))
+        if new.server.url.split(":")[0] != self.started_with.server.url.split(":")[0]:
+            pending.append("the URL scheme changed")
+        for what in pending:
+            log.warning("reload: %s; that takes effect only after a restart "
+                        "(systemctl restart nexus-agent)", what)
+        self.restart_needed = pending
         changed = config_mod.changes(self.config, new)
         self.config = new
         self.transport.set_config(new)
         if self.runner is not None:
             self.runner.config = new.commands
         log.info("reloaded %s: %s", new.source, "; ".join(changed) or "no changes")
+        self.write_status(counters=False)  # restart_needed is a fact: shown at once
 
     # ------------------------------------------------------------------ status
 
@@ -359,6 +367,7 @@ class Agent:
             "storing": self._failing == 0, "token_expires": h.token_expires,
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
+            "restart_needed": self.restart_needed,
         }
 
     def _drain(self, depth: int) -> Dict[str, Optional[float]]:

@@ -3,8 +3,8 @@
 The daemon rewrites that file atomically at once when a fact in it changes
 (connected, last error, set aside, storing, healthy), its counters every ten
 samples (2 to 30 s), and at least every 30 s (no network port, nothing to
-connect to); ``statusfile.py``
-says where it is (the runtime directory under systemd, else ``state_dir``).
+connect to). The file is ``status.json`` in the runtime directory under
+systemd (``/run/nexus-agent``), else in ``state_dir``.
 Exit status: 0 healthy (running, fresh, connected); 1 running but unhealthy
 (disconnected, a thread stuck, or samples cannot be stored); 3 not running (no
 file, a stopped agent, a process that is gone, or a file older than
@@ -94,6 +94,8 @@ def render(report: Dict[str, Any], now: float) -> str:
         "clock offset:     " + ("unknown" if offset is None else f"{offset:+.3f} s to the server"),
         f"status file:      {_ago(report.get('updated'), now)}",
     ]
+    lines += [f"RESTART NEEDED:   {what} (reloaded, not yet in effect: systemctl restart "
+              "nexus-agent)" for what in report.get("restart_needed") or []]
     return "\n".join(lines)
 
 

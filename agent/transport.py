@@ -22,6 +22,9 @@ acted on. This module is the I/O around them:
   once and closes sees the delays grow like any other failure. A refused token
   (close 4000, HTTP 401/403) backs off at the cap and is logged once until it
   changes.
+* Through an HTTP proxy (``server.proxy``, else the environment's): only the
+  connect options differ (``proxy_options``: websocket-client's CONNECT
+  tunnel); a failure names the proxy and backs off like any other.
 * What the server sends is bounded: a frame over ``MAX_INCOMING_MESSAGE`` is
   refused before its payload is read, and so is a fragmented message whose
   parts add up to more. Frames are read one at a time with a timeout that ends
@@ -54,7 +57,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from . import auth
 from . import protocol as p
@@ -264,18 +267,53 @@ def tcp_socket(ws_mod: Any, url: str, timeout: float) -> Optional[socket.socket]
     raise error or OSError(f"no address for {hostname}")
 
 
+def proxy_options(ws_mod: Any, url: str, proxy: Optional[str],
+                  auth_file: Optional[str]) -> Dict[str, Any]:
+    """websocket-client's proxy arguments for ``url``: ``server.proxy`` if set, else the
+    environment's ``https_proxy`` (``wss://``) or ``http_proxy`` (``ws://``) unless
+    ``no_proxy`` names the host (websocket-client's own reading of them, which also keeps
+    credentials written in that URL). ``auth_file`` (``user:password``) replaces those.
+    {} for a direct connection. Always HTTP CONNECT, for ``ws://`` as for ``wss://``.
+    AuthError for an unusable ``auth_file``; nothing here is logged."""
+    hostname, _, _, secure = ws_mod._url.parse_url(url)
+    if proxy:
+        parts = urlsplit(proxy)  # checked by config: http://host:port
+        host: Optional[str] = parts.hostname
+        port, creds = parts.port, None
+    else:
+        host, port, creds = ws_mod._url.get_proxy_info(hostname, secure)
+        if not host:
+            return {}
+    if auth_file:
+        creds = auth.read_proxy_auth(auth_file)
+    return {"http_proxy_host": host, "http_proxy_port": port or 80, "http_proxy_auth": creds,
+            "proxy_type": "http"}
+
+
 def dial(ws_mod: Any, url: str, header: List[str], timeout: float,
-         ca_file: Optional[str]) -> Any:
+         ca_file: Optional[str], proxy: Optional[Dict[str, Any]] = None) -> Any:
     """``create_connection``, a refused handshake sorted: 401/403 is AuthRefused, any other
-    HTTP status ConnectionLost; network errors come through as they are."""
-    sock = tcp_socket(ws_mod, url, timeout)
+    HTTP status ConnectionLost; through ``proxy`` (``proxy_options``), a failure says so;
+    network errors come through as they are."""
+    sock = None if proxy else tcp_socket(ws_mod, url, timeout)
     try:
         return ws_mod.create_connection(url, header=header, timeout=timeout,
-                                        sslopt=tls_options(url, ca_file), socket=sock)
+                                        sslopt=tls_options(url, ca_file), socket=sock,
+                                        **(proxy or {}))
     except ws_mod.WebSocketBadStatusException as exc:
         if exc.status_code in (401, 403):
             raise AuthRefused(f"HTTP {exc.status_code} at the handshake") from None
         raise ConnectionLost(f"HTTP {exc.status_code} at the handshake") from None
+    except (ws_mod.WebSocketProxyException, OSError, ws_mod.WebSocketException) as exc:
+        if sock is not None:
+            sock.close()
+        if not proxy:
+            raise
+        where = f"through the proxy {proxy['http_proxy_host']}:{proxy['http_proxy_port']}"
+        if "status: 407" in str(exc):
+            raise ConnectionLost(f"{where}: the proxy wants credentials (HTTP 407); check "
+                                 "server.proxy_auth_file") from None
+        raise ConnectionLost(f"{where}: {_describe(exc)}") from None
     except BaseException:
         if sock is not None:
             sock.close()
@@ -283,13 +321,17 @@ def dial(ws_mod: Any, url: str, header: List[str], timeout: float,
 
 
 def open_welcomed(url: str, token: str, ca_file: Optional[str] = None,
-                  timeout: float = 10.0) -> Any:
-    """A header-authenticated connection that got its ``connected`` (nexus-ctl, provision).
+                  timeout: float = 10.0, proxy: Optional[str] = None,
+                  proxy_auth_file: Optional[str] = None) -> Any:
+    """A header-authenticated connection that got its ``connected`` (nexus-ctl, provision),
+    through ``proxy`` or the environment's as the agent would (``proxy_options``).
 
     AuthRefused when the server refuses the token; ConnectionLost, OSError or a
     websocket-client error when it cannot be reached or answers something else.
     """
-    ws = dial(import_websocket(url), url, [f"Authorization: Bearer {token}"], timeout, ca_file)
+    ws_mod = import_websocket(url)
+    ws = dial(ws_mod, url, [f"Authorization: Bearer {token}"], timeout, ca_file,
+              proxy_options(ws_mod, url, proxy, proxy_auth_file))
     try:
         env = p.decode(ws.recv())
         if env.type == "error":
@@ -443,7 +485,8 @@ class Transport:
             url += ("&" if "?" in url else "?") + "token=" + quote(token, safe="")
         else:
             header.append(f"Authorization: Bearer {token}")
-        ws = dial(ws_mod, url, header, server.connect_timeout_s, server.ca_file)
+        proxy = proxy_options(ws_mod, server.url, server.proxy, server.proxy_auth_file)
+        ws = dial(ws_mod, url, header, server.connect_timeout_s, server.ca_file, proxy)
         _limit_frames(ws, MAX_INCOMING_MESSAGE)
         return ws
 
@@ -452,7 +495,7 @@ class Transport:
         try:
             ws = self._open()
         except AuthError as exc:
-            raise ConnectionLost(f"no usable token: {exc}") from None
+            raise ConnectionLost(f"no usable credentials: {exc}") from None
         connection = _Connection(self, ws)
         try:
             connection.serve(stop)

@@ -96,6 +96,32 @@ def test_offline_device_gets_device_offline(fleet):
     srv, *_ = fleet
     out = ctl(srv.url, "device-404", "echo", "text=hi")
     assert out.returncode == 5 and "DEVICE_OFFLINE" in out.stderr
+    assert "device device-404 is not connected" in out.stderr
+    assert "--ttl SECONDS" in out.stderr and "payload.ttl_s" not in out.stderr
+
+
+def test_rejection_reason_and_status_are_two_lines_without_exit_code_none(fleet):
+    srv, *_ = fleet
+    out = ctl(srv.url, "device-001", "rm-everything")
+    assert out.returncode == 3
+    lines = out.stderr.splitlines()
+    assert "not on this device's allow-list" in lines[0]
+    assert lines[1].startswith("nexus-ctl: rejected (") and lines[1].endswith(" ms)")
+    assert "None" not in out.stderr
+
+
+def test_a_connected_device_without_commands_is_not_called_offline(tmp_path):
+    srv = ServerProcess(free_port())
+    agent = AgentProcess(write_config(tmp_path, srv.url))  # no commands: section
+    try:
+        wait_for(lambda: agent.status().get("connected"), what="the agent to connect")
+        out = ctl(srv.url, "device-001", "echo", "text=hi", wait=5)
+        assert out.returncode == 5
+        assert "device device-001 is connected but takes no commands" in out.stderr
+        assert "commands.allow" in out.stderr and "--ttl" not in out.stderr
+    finally:
+        agent.stop()
+        srv.stop()
 
 
 def test_redelivered_id_is_not_run_twice_even_across_restart(fleet):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import REPO, child_env, write_config
+from helpers import REPO, child_env, mint, write_config
 
 from agent import config
 from agent.errors import ConfigError
@@ -124,4 +124,73 @@ def test_token_from_environment_when_no_file(tmp_path):
     env.pop("NEXUS_TOKEN", None)
     assert "NEXUS_TOKEN" in run_check(path, env).stderr
     env["NEXUS_TOKEN"] = "abc.def.ghi"
+    out = run_check(path, env)
+    assert out.returncode == 78 and "NEXUS_TOKEN: the token is not a JWT" in out.stderr
+    env["NEXUS_TOKEN"] = mint("device-001")
     assert run_check(path, env).returncode == 0
+
+
+@pytest.mark.parametrize("token, words", [
+    ("garbage", "is not a JWT"),
+    (None, "expired at"),
+    ("other", "is for sub 'gw-other', not device_id 'device-001'"),
+])
+def test_check_config_checks_what_the_token_claims(tmp_path, token, words):
+    """Not a JWT, expired, or another device's: each named, exit 78, the token not shown."""
+    text = {"garbage": "garbage", None: mint("device-001", ttl=-60),
+            "other": mint("gw-other")}[token]
+    path = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws", token=text)
+    out = run_check(path)
+    assert out.returncode == 78 and words in out.stderr, out.stderr
+    assert f"token file {tmp_path / 'token'}" in out.stderr
+    assert text not in out.stderr
+
+
+@pytest.mark.parametrize("proxy, words", [
+    ("https://proxy.example:3128", "must be an http:// URL"),
+    ("http://user:pw@proxy.example:3128", "must not carry credentials"),
+    ("http://proxy.example", "must name a host and a port"),
+    ("http://proxy.example:99999", "port that is not a number"),
+    ("http://proxy.example:3128/path", "must be only http://host:port"),
+    (3128, "must be a string"),
+])
+def test_bad_proxy_names_the_key(tmp_path, proxy, words):
+    path = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws", server={"proxy": proxy})
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path))
+    assert info.value.key == "server.proxy" and words in info.value.reason
+    assert "pw" not in str(info.value)
+
+
+def test_proxy_and_its_auth_file(tmp_path):
+    path = write_config(tmp_path, "wss://nexus.example/v1/ws",
+                        server={"proxy": "http://proxy.example:3128",
+                                "proxy_auth_file": "proxy-auth"})
+    cfg = config.load(str(path))
+    assert cfg.server.proxy == "http://proxy.example:3128"
+    assert cfg.server.proxy_auth_file == str(tmp_path / "proxy-auth")
+    out = run_check(path)  # the credentials file is checked like the token file
+    assert out.returncode == 78 and "proxy auth file" in out.stderr and "No such file" in \
+        out.stderr
+    auth = tmp_path / "proxy-auth"
+    auth.write_text("agent:s3cret-pw\n")
+    auth.chmod(0o644)
+    out = run_check(path)
+    assert out.returncode == 78 and "chmod 600" in out.stderr
+    auth.chmod(0o600)
+    out = run_check(path)
+    assert out.returncode == 0, out.stderr
+    assert "s3cret-pw" not in out.stdout + out.stderr
+    auth.write_text("no colon here\n")
+    out = run_check(path)
+    assert out.returncode == 78 and "user:password" in out.stderr
+
+
+@pytest.mark.parametrize("argv", [["status", "-h"], ["provision", "-h"], ["privileges", "-h"],
+                                  ["-h"]])
+def test_help_texts_read_as_text(argv):
+    """No RST double backticks, no internal module names (statusfile.py) in --help."""
+    out = subprocess.run([sys.executable, "-m", "agent", *argv], env=child_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.startswith("usage:")
+    assert "``" not in out.stdout and ".py" not in out.stdout, out.stdout

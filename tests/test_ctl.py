@@ -75,3 +75,40 @@ def test_unsafe_token_file_is_usage_error_not_a_server_refusal(tmp_path):
     token.chmod(0o644)
     out = ctl("--token-file", str(token), "watch")
     assert out.returncode == 2 and "chmod 600" in out.stderr
+
+
+def test_watch_into_head_ends_quietly_with_0():
+    """`nexus-ctl watch | head -1`: the reader goes away; no traceback, exit 0 (not 120)."""
+    srv = ServerProcess()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.ctl", "--url", srv.url, "watch"],
+                                env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        device = connected(srv.url, "device-001")
+        first = ""
+        for i in range(90):  # under the server's rate limit of 100 a minute
+            device.request({"type": "telemetry", "id": f"a{i}",
+                            "payload": {"device_id": "device-001", "metrics": {"cpu_usage": 1}}})
+            if i == 0 or not first:
+                import select
+
+                if select.select([proc.stdout], [], [], 0.05)[0]:
+                    first = proc.stdout.readline()
+                    proc.stdout.close()  # what head does after its line
+            if proc.poll() is not None:
+                break
+            proc_wait(proc, 0.05)
+        assert first.startswith("20") and "device-001" in first
+        err = proc.stderr.read()
+        proc.wait(10)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "BrokenPipe" not in err
+    finally:
+        srv.stop()
+
+
+def test_help_says_nexus_token_holds_the_token_itself():
+    out = ctl("-h")
+    text = " ".join(out.stdout.split())
+    assert "without it the token itself is read from $NEXUS_TOKEN" in text
+    assert "(default $NEXUS_TOKEN)" not in text

@@ -139,6 +139,28 @@ def test_sighup_with_broken_config_keeps_the_old_one(tmp_path):
         srv.stop()
 
 
+def test_commands_turned_on_by_sighup_show_as_restart_needed(tmp_path):
+    srv = ServerProcess(db=str(tmp_path / "server.db"))
+    config = write_config(tmp_path, srv.url)  # no commands: section
+    agent = AgentProcess(config)
+    try:
+        wait_for(lambda: agent.status().get("connected"), what="the agent to connect")
+        assert agent.status()["restart_needed"] == []
+        raw = yaml.safe_load(config.read_text())
+        raw["commands"] = {"allow": {"hi": {"argv": ["/bin/echo", "hi"]}}}
+        config.write_text(yaml.safe_dump(raw))
+        agent.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: agent.status().get("restart_needed"), what="restart_needed")
+        assert agent.status()["restart_needed"][0].startswith("commands enabled")
+        code, text = _status(config)
+        assert code == 0 and "RESTART NEEDED:   commands enabled (no command is taken until " \
+            "then)" in text, text
+        assert "takes effect only after a restart" in agent.log()
+    finally:
+        assert agent.stop() == 0
+        srv.stop()
+
+
 def _status(config, *extra, env=None):
     out = subprocess.run([sys.executable, "-m", "agent", "status", "--config", str(config),
                           *extra], env=env or child_env(), cwd=REPO, capture_output=True,

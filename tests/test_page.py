@@ -255,8 +255,34 @@ def test_page_without_a_token_asks_for_one(server, browser):
     wait_for(lambda: "refused" in browser.eval("document.getElementById('login-reason')"
                                                ".textContent"), timeout=15,
              what="the bad token to be refused")
+    # only the token form shows: not the empty table, chart and command form under it
+    assert browser.eval("getComputedStyle(document.getElementById('fleet')).display") == "none"
+    # no request for /favicon.ico (a 404 in the console): the page names its own icon
+    assert browser.eval("document.querySelector('link[rel=icon]')?.getAttribute('href')") \
+        == "data:,"
     good = mint("page", "operator")
     browser.eval(f"document.getElementById('token-input').value = {json.dumps(good)};"
                  "document.querySelector('#login-form button').click()")
     wait_for(lambda: browser.eval("document.getElementById('conn')?.dataset.state") == "open",
              timeout=15, what="the page to connect with the typed token")
+
+
+def test_command_arguments_are_split_as_a_shell_does(server, browser):
+    browser.navigate(http_base(server) + "/")
+    wait_for(lambda: browser.eval("typeof parseArgs") == "function", timeout=15,
+             what="the page's script")
+    cases = {
+        'text="hello world"': {"text": "hello world"},
+        "text='it''s' n=1": {"text": "its", "n": "1"},
+        r'a=one\ two b="say \"hi\"" c=\'x\'': {"a": "one two", "b": 'say "hi"', "c": "'x'"},
+        "  k=v   k2=  ": {"k": "v", "k2": ""},
+        "": {},
+    }
+    for text, expected in cases.items():
+        got = browser.eval(f"JSON.stringify(parseArgs({json.dumps(text)}))")
+        assert json.loads(got) == expected, text
+    for text, words in (('text="open', "quote is not closed"),
+                        ("world", 'argument "world" is not key=value')):
+        got = browser.eval(f"(() => {{ try {{ parseArgs({json.dumps(text)}); return 'ok'; }} "
+                           "catch (e) { return e.message; } })()")
+        assert words in got, got

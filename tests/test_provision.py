@@ -10,6 +10,7 @@ import pytest
 from helpers import REPO, ServerProcess, child_env, free_port, mint
 
 from agent import config
+from agent.provision import owners
 
 
 def provision(tmp_path, server, *extra, token=None, device="gw-0042"):
@@ -41,7 +42,9 @@ def test_provision_twice_gives_identical_0600_files(tmp_path, server):
     etc = tmp_path / "etc"
     first = {p.name: p.read_bytes() for p in etc.iterdir()}
     assert set(first) == {"agent.yaml", "token"}
-    assert mode(etc / "agent.yaml") == mode(etc / "token") == 0o600
+    # 0640 root:nexus-agent when root runs it where the service user exists (a package)
+    assert mode(etc / "agent.yaml") == (0o600 if owners()[1] is None else 0o640)
+    assert mode(etc / "token") == 0o600
     assert provision(tmp_path, server.url, token=token) == (0, "")
     assert {p.name: p.read_bytes() for p in etc.iterdir()} == first
     cfg = config.load(str(etc / "agent.yaml"))
@@ -87,3 +90,41 @@ def test_unwritable_destination_is_exit_6(tmp_path, server):
     code, err = provision(tmp_path, server.url)
     assert code == 6, err
     assert "Not a directory" in err or "cannot write" in err
+
+
+def test_the_packaged_example_is_replaced_without_force(tmp_path, server):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "agent.yaml").write_text((REPO / "config" / "agent.example.yaml").read_text())
+    code, err = provision(tmp_path, server.url, "--no-check")
+    assert (code, err) == (0, "")
+    assert config.load(str(etc / "agent.yaml")).device_id == "gw-0042"
+    # an edited example is someone's config: refused as before
+    (etc / "agent.yaml").write_text((REPO / "config" / "agent.example.yaml").read_text()
+                                    + "# edited\n")
+    code, err = provision(tmp_path, server.url, "--no-check")
+    assert code == 3 and "--force" in err
+
+
+def test_commands_file_writes_an_allow_list(tmp_path, server):
+    allow = tmp_path / "commands.yaml"
+    allow.write_text("allow:\n  uptime:\n    argv: [/usr/bin/uptime]\n    timeout_s: 5\n"
+                     "max_concurrent: 1\n")
+    code, err = provision(tmp_path, server.url, "--no-check", "--commands", str(allow))
+    assert (code, err) == (0, "")
+    cfg = config.load(str(tmp_path / "etc" / "agent.yaml"))
+    assert list(cfg.commands.allow) == ["uptime"]
+    assert cfg.commands.allow["uptime"].argv == ("/usr/bin/uptime",)
+    assert cfg.commands.max_concurrent == 1
+    # the same input again changes nothing (the YAML is written deterministically)
+    before = (tmp_path / "etc" / "agent.yaml").read_bytes()
+    assert provision(tmp_path, server.url, "--no-check", "--commands", str(allow)) == (0, "")
+    assert (tmp_path / "etc" / "agent.yaml").read_bytes() == before
+
+
+def test_bad_commands_file_is_exit_2_naming_the_key(tmp_path, server):
+    allow = tmp_path / "commands.yaml"
+    allow.write_text("allow:\n  uptime:\n    argv: uptime\n")
+    code, err = provision(tmp_path, server.url, "--no-check", "--commands", str(allow))
+    assert code == 2 and "--commands: commands.allow.uptime" in err, err
+    assert not (tmp_path / "etc" / "agent.yaml").exists()

@@ -459,8 +459,7 @@ class Hub:
             return []
         if request.ttl_s is None:
             self._routes.pop(request.command_id, None)
-            raise ProtocolError(p.DEVICE_OFFLINE, f"device {request.device_id} is not "
-                                "connected (set payload.ttl_s to wait for it)",
+            raise ProtocolError(p.DEVICE_OFFLINE, self._why_not_listening(request.device_id),
                                 "payload.device_id", env.id)
         if view is not None:  # waits in Redis for whichever node the device reaches first
             view.parked.append((_delivery(request), now + request.ttl_s))
@@ -512,6 +511,15 @@ class Hub:
         self._routes[command_id] = target
         while len(self._routes) > MAX_ROUTES:  # results that never came: forget the oldest
             del self._routes[next(iter(self._routes))]
+
+    def _why_not_listening(self, device_id: str) -> str:
+        """DEVICE_OFFLINE's message: a connected device that never subscribed to commands (an
+        agent without commands.allow) is not called offline."""
+        if self._devices.get(device_id):
+            return (f"device {device_id} is connected but takes no commands (it has not "
+                    "subscribed to channel commands; an agent does so only with "
+                    "commands.allow in its config)")
+        return f"device {device_id} is not connected (a command with ttl_s waits for it)"
 
     def _device_listening(self, device_id: str) -> bool:
         return any(any(s.channel == "commands" for s in c.subscriptions)

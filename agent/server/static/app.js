@@ -263,9 +263,39 @@ function drawChart() {
 
 // ------------------------------------------------------------------ commands
 
+// Words as a POSIX shell splits them (what nexus-ctl gets from the shell): blanks
+// separate; '...' keeps everything literally; "..." keeps all but \" \\ \$ \`; a
+// backslash outside quotes keeps the next character. text="hello world" is one word.
+function splitWords(text) {
+  const words = [];
+  let word = null;
+  let quote = null;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (quote === "'") {
+      if (c === "'") quote = null; else word += c;
+    } else if (quote === '"') {
+      if (c === '"') quote = null;
+      else if (c === "\\" && '"\\$`'.includes(text[i + 1] ?? "x")) word += text[++i];
+      else word += c;
+    } else if (/\s/.test(c)) {
+      if (word !== null) words.push(word);
+      word = null;
+    } else {
+      if (word === null) word = "";
+      if (c === "'" || c === '"') quote = c;
+      else if (c === "\\" && i + 1 < text.length) word += text[++i];
+      else word += c;
+    }
+  }
+  if (quote) throw new Error(`the ${quote} quote is not closed`);
+  if (word !== null) words.push(word);
+  return words;
+}
+
 function parseArgs(text) {
   const args = {};
-  for (const pair of text.split(/\s+/).filter(Boolean)) {
+  for (const pair of splitWords(text)) {
     const at = pair.indexOf("=");
     if (at < 1) throw new Error(`argument "${pair}" is not key=value`);
     args[pair.slice(0, at)] = pair.slice(at + 1);
