@@ -311,9 +311,9 @@ class Agent:
         if new.server.url.split(":")[0] != self.config.server.url.split(":")[0]:
             log.warning("reload: the URL scheme changed; restart the agent to use it")
         changed = config_mod.changes(self.config, new)
+        reconfigure(self.inputs, sections_of(self.config), sections_of(new))
         self.config = new
         self.transport.set_config(new)
-        reconfigure(self.inputs, sections_of(new))
         if self.runner is not None:
             self.runner.config = new.commands
         log.info("reloaded %s: %s", new.source, "; ".join(changed) or "no changes")

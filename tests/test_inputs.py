@@ -32,8 +32,23 @@ def test_the_registry_builds_the_system_input_from_the_telemetry_section(tmp_pat
     [system] = build(sections, env(tmp_path))
     assert isinstance(system, SystemInput)
     assert (system.source, system.section, system.interval_s) == ("system", "telemetry", 2.0)
-    reconfigure([system], {"telemetry": config_mod.TelemetryConfig(interval_s=0.5)})
+    reconfigure([system], sections, {"telemetry": config_mod.TelemetryConfig(interval_s=0.5)})
     assert system.interval_s == 0.5
+
+
+def test_a_reload_hands_an_input_its_section_only_when_it_changed(tmp_path, caplog):
+    class Fixed(PolledInput):
+        def gather(self, now):
+            return Sample("fixed", now, {})
+
+    fixed = Fixed("fixed", "fixed", 1.0, lambda: None)  # takes no new section: warns
+    same = {"fixed": config_mod.TelemetryConfig()}
+    reconfigure([fixed], same, dict(same))
+    assert "does not take" not in caplog.text
+    reconfigure([fixed], same, {"fixed": config_mod.TelemetryConfig(interval_s=1.0)})
+    assert "input fixed does not take a new fixed section before a restart" in caplog.text
+    reconfigure([fixed], same, {**same, "other": {}})
+    assert "section other was added; that takes effect only after a restart" in caplog.text
 
 
 def test_a_section_no_input_reads_is_a_config_error_naming_it(tmp_path):

@@ -91,7 +91,8 @@ class Input(ABC):
         """The input's health now (any thread)."""
 
     def configure(self, section: Any) -> None:
-        """A reloaded config section (main thread); by default it needs a restart."""
+        """Its config section, changed by a reload (main thread); by default that takes
+        effect only after a restart."""
         log.warning("reload: input %s does not take a new %s section before a restart",
                     self.source, self.section)
 
@@ -135,22 +136,23 @@ class PolledInput(Input):
         try:
             store(self.gather(time.time()))
         except NotStored as exc:
-            if not exc.waiting:
-                # A full or failing disk: a restart would not help, so this is not a stuck
-                # thread for the watchdog (a lock that never ends is).
-                self._progress = time.monotonic()
+            # A full or failing disk: a restart would not help, so this is not a stuck
+            # thread for the watchdog (a lock that never ends is).
             self._failed(f"cannot store samples (input {self.source}): {exc.reason}",
-                         traceback=False)
+                         traceback=False, progress=not exc.waiting)
         except Exception as exc:  # noqa: BLE001 - one failed sample must not stop sampling
-            self._failed(f"sampling failed (input {self.source}): {exc!r}", traceback=True)
+            self._failed(f"sampling failed (input {self.source}): {exc!r}", traceback=True,
+                         progress=False)
         else:
             self._stored()
 
-    def _failed(self, what: str, traceback: bool) -> None:
+    def _failed(self, what: str, traceback: bool, progress: bool) -> None:
         with self._lock:
             self._failures += 1
             self._failing += 1
             first = self._failing == 1
+            if progress:
+                self._progress = time.monotonic()
         if first:
             self._on_fact()  # storing: false, at once
             log.error("%s; samples not stored are counted (status: unstored) and this is "
@@ -213,8 +215,12 @@ def build(sections: Mapping[str, Any], env: InputEnv) -> List[Input]:
     return built
 
 
-def reconfigure(inputs: List[Input], sections: Mapping[str, Any]) -> None:
-    """Hand each input its reloaded section (main thread, on SIGHUP)."""
+def reconfigure(inputs: List[Input], old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Hand each input its section if a reload changed it (main thread, on SIGHUP). A
+    section that came or went takes effect only after a restart (logged)."""
     for item in inputs:
-        if item.section in sections:
-            item.configure(sections[item.section])
+        if item.section in new and new[item.section] != old.get(item.section):
+            item.configure(new[item.section])
+    for name in sorted(set(old) ^ set(new)):
+        log.warning("reload: section %s was %s; that takes effect only after a restart",
+                    name, "added" if name in new else "removed")
