@@ -8,7 +8,9 @@ Every error carries what a person needs to act on it::
     │   ├── LocalProtocolError     we were about to send something invalid (our bug)
     │   └── RemoteProtocolError    the peer sent something invalid (its fault)
     ├── AuthError              a token that cannot be used (missing, unreadable, too open)
-    └── CommandRejected        a command request refused by the allow-list, with the reason
+    ├── CommandRejected        a command request refused by the allow-list, with the reason
+    └── NotStored              a message the outbox could not store, and whether that is
+                               a lock being waited out
 
 The module imports nothing, so every other module may import it.
 """
@@ -65,3 +67,14 @@ class CommandRejected(NexusError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class NotStored(NexusError):
+    """The outbox could not store a message (a full or failing disk, a lock held by another
+    process). ``waiting`` is True for a lock: that is waited out, and one that never ends
+    means the agent is stuck; anything else is the disk's condition, not a stuck agent."""
+
+    def __init__(self, reason: str, waiting: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.waiting = waiting

@@ -2,8 +2,16 @@
 
 Rules and guarantees:
 
-* ``submit`` never blocks the transport thread: it checks, records and hands
-  the work to a worker thread through a ``queue.SimpleQueue``.
+* One way in, one way out. Requests come from the transport through
+  ``requests``, a ``queue.SimpleQueue`` the service gives both; the transport
+  only puts them there and never waits on this module. Results leave through
+  the mailbox (``Mailbox.post``: the outbox, then a wake-up of the transport).
+  Nothing here holds the transport, and the transport holds nothing of this.
+* Threads: the intake (``nexus-cmd-intake``) takes each request, looks it up
+  in the ledger, checks it against the allow-list, records it and hands it
+  to a worker (``nexus-cmd-N``) through a second ``SimpleQueue``. The
+  ledger's writes (``synchronous=FULL``) happen on these threads only. Each
+  stops at a ``None`` put on its queue by :meth:`CommandRunner.close`.
 * At most once: every command id is written to the ledger (``commands.db`` in
   ``state_dir``, SQLite WAL) *before* it runs. A redelivered id is never run
   again: its stored result is put in the outbox again; an id whose run was cut
@@ -32,13 +40,13 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import commands, executor, store
 from . import protocol as p
 from .config import CommandsConfig
 from .errors import CommandRejected
-from .outbox import Outbox
+from .mailbox import Mailbox
 
 log = logging.getLogger("nexus.commands")
 audit = logging.getLogger("nexus.audit")
@@ -55,11 +63,12 @@ CREATE TABLE IF NOT EXISTS ledger (
 LEDGER_MAX_ROWS = 10_000
 CUT_MARK = "\n[cut: {n} more characters, to fit the protocol's message size limit]"
 ENVELOPE_ROOM = 512  # type, id, timestamp and JSON punctuation around the payload
+INTAKE_STOP_S = 1.0  # close() waits this long for the intake to take what was handed over
 
 
 @dataclass(frozen=True)
 class Job:
-    """An accepted command, handed from the transport thread to a worker."""
+    """An accepted command, handed from the intake thread to a worker."""
 
     request: p.CommandRequest
     argv: List[str]
@@ -99,43 +108,63 @@ def _cut(text: str, room: int) -> str:
 
 
 class CommandRunner:
-    def __init__(self, config: CommandsConfig, device_id: str, state_dir: str, outbox: Outbox,
-                 wake: Callable[[], None]) -> None:
+    def __init__(self, config: CommandsConfig, device_id: str, state_dir: str,
+                 requests: queue.SimpleQueue[Optional[p.CommandRequest]],
+                 mailbox: Mailbox) -> None:
         self.config = config
         self.device_id = device_id
-        self.outbox = outbox
-        self.wake = wake
+        self.requests = requests
+        self.mailbox = mailbox
         self._lock = threading.Lock()
         self._db: Optional[sqlite3.Connection] = store.open_db(
             os.path.join(state_dir, "commands.db"), lambda db: db.executescript(LEDGER_SCHEMA),
             what="command ledger")
         self._work: queue.SimpleQueue[Optional[Job]] = queue.SimpleQueue()
         self._waiting = 0
-        self._workers: List[threading.Thread] = []
-        self._recover()
+        self._threads: List[threading.Thread] = []
 
     def _recover(self) -> None:
         """Commands that were accepted but never finished: the agent stopped mid-run."""
-        assert self._db is not None
-        rows = self._db.execute("SELECT command_id, name FROM ledger WHERE state = 'accepted'"
-                                ).fetchall()
+        with self._lock:
+            if self._db is None:  # closed before the intake began
+                return
+            rows = self._db.execute("SELECT command_id, name FROM ledger WHERE state = "
+                                    "'accepted'").fetchall()
         for command_id, name in rows:
             self._finish(command_id, name, {}, executor.Outcome(
                 "failed", None, "", "the agent restarted before this command finished; "
                 "it was not run again", 0))
 
     def start(self) -> None:
-        for i in range(self.config.max_concurrent):
-            worker = threading.Thread(target=self._work_loop, name=f"nexus-cmd-{i}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
+        """Start the intake (which first reports what a restart cut short) and the workers."""
+        targets = [("nexus-cmd-intake", self._intake_loop)] + [
+            (f"nexus-cmd-{i}", self._work_loop) for i in range(self.config.max_concurrent)]
+        for name, target in targets:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def alive(self) -> bool:
-        return all(w.is_alive() for w in self._workers)
+        return all(t.is_alive() for t in self._threads)
 
-    # ------------------------------------------------------------------ intake (transport thread)
+    # ------------------------------------------------------------------ intake (its own thread)
 
-    def submit(self, request: p.CommandRequest) -> None:
+    def _intake_loop(self) -> None:
+        try:
+            self._recover()
+        except Exception:  # noqa: BLE001 - the requests must still be taken
+            log.exception("cannot report the commands a restart cut short")
+        while True:
+            request = self.requests.get()
+            if request is None:
+                return
+            try:
+                self.take(request)
+            except Exception:  # noqa: BLE001 - one bad request must not stop the intake
+                log.exception("command %s could not be taken", request.command_id)
+
+    def take(self, request: p.CommandRequest) -> None:
+        """Look ``request`` up, check it, record it and queue it for a worker (intake)."""
         seen = self._lookup(request.command_id)
         if seen is not None:
             state, result = seen
@@ -193,8 +222,7 @@ class CommandRunner:
         self._put_result(payload)
 
     def _put_result(self, payload: Dict[str, Any]) -> None:
-        self.outbox.put("command.result", payload, p.format_timestamp(time.time()))
-        self.wake()
+        self.mailbox.post("command.result", payload, p.format_timestamp(time.time()))
 
     # ------------------------------------------------------------------ ledger
 
@@ -215,8 +243,17 @@ class CommandRunner:
                              " - ?", (LEDGER_MAX_ROWS,))
 
     def close(self) -> None:
-        """Stop the workers (a running command is waited for up to its timeout)."""
-        for _ in self._workers:
+        """Stop the intake, then the workers, then close the ledger; safe to call twice.
+
+        The transport must be stopped first. The intake takes every request put before
+        its ``None`` (each recorded as accepted or rejected, waited for up to
+        ``INTAKE_STOP_S``); a running command is not waited for: its result is not
+        recorded, and the next start reports it as cut short.
+        """
+        self.requests.put(None)
+        if self._threads:  # started: the intake is the first thread
+            self._threads[0].join(INTAKE_STOP_S)
+        for _ in range(self.config.max_concurrent):
             self._work.put(None)
         with self._lock:
             if self._db is not None:

@@ -5,15 +5,23 @@ Threads and what each owns:
 * main thread: signals (recorded by ``signals.SignalInbox``, acted on here),
   systemd notifications, the watchdog, the status file, reloads, and the
   shutdown sequence;
-* ``nexus-sampler``: takes a sample every ``telemetry.interval_s`` and puts it
-  in the outbox (timestamp = sample time);
-* ``nexus-transport``: the socket (see ``transport.py``);
-* ``nexus-cmd-N``: command workers (see ``runner.py``), only with an allow-list.
+* ``nexus-input-<source>``: one per input built from its config section by the
+  registry (``inputs/``; today ``nexus-input-system``, every
+  ``telemetry.interval_s``); each stores its samples through the mailbox
+  (outbox, then a wake-up of the transport), timestamp = sample time;
+* ``nexus-transport``: the socket (see ``transport.py``); command requests
+  leave it through a ``queue.SimpleQueue`` to the command runner;
+* ``nexus-cmd-intake`` and ``nexus-cmd-N``: the command runner's intake (ledger,
+  allow-list) and workers (see ``runner.py``), only with an allow-list; results
+  go through the mailbox like samples.
+
+The service builds these parts and hands each what it needs; no part calls
+another's methods back (docs/design.md, "Paths").
 
 Shutdown (SIGTERM/SIGINT), in this order, within about 5 s:
 
 * tell systemd STOPPING=1;
-* stop the sampler (no new messages);
+* stop the inputs (no new messages);
 * stop the transport: it waits up to 2 s for in-flight acks, then closes with 1000;
 * stop the command workers; close the ledger and the outbox (checkpointed).
 
@@ -34,33 +42,37 @@ import collections
 import logging
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from . import config as config_mod
-from . import protocol as p
 from . import statusfile, store
 from .auth import read_token
 from .config import Config
+from .connstate import ConnectionStats
 from .errors import ConfigError, NexusError
-from .metrics import Sampler, TemperatureSource
 from .codec import CODEC, Record
+from .inputs import Input, InputEnv, reconfigure, sections_of
+from .inputs import build as build_inputs
+from .mailbox import Mailbox
 from .outbox import Outbox
 from .sdnotify import Notifier, watchdog_interval
 from .signals import DAEMON_SIGNALS, SignalInbox
 from .signals import name as signal_name
-from .transport import Health, Transport
+from .transport import Transport
 
 if TYPE_CHECKING:  # imported only with an allow-list: queue, subprocess, the executor
+    import queue
+
+    from . import protocol as p
     from .runner import CommandRunner
 
 log = logging.getLogger("nexus.agent")
 
 # The status file and systemd's STATUS= line: facts (connected, last error, set aside,
-# storing, healthy...) are written as soon as they change (the transport and the sampler
+# storing, healthy...) are written as soon as they change (the transport and the inputs
 # wake the main loop); counters (sent, acked, queue depth...) at the main loop's tick,
 # every COUNTER_SAMPLES samples, between STATUS_MIN_S and statusfile.REFRESH_S (and at
 # half of WatchdogSec under a watchdog if that is shorter). At 1 s that is every 10 s
@@ -77,8 +89,9 @@ DRAIN_WINDOW_S = 60.0  # the drain rate in the status is over this long
 
 
 class Agent:
-    def __init__(self, config: Config, temperatures: Optional[TemperatureSource] = None,
-                 notifier: Optional[Notifier] = None) -> None:
+    def __init__(self, config: Config, notifier: Optional[Notifier] = None,
+                 inputs: Optional[Sequence[Input]] = None) -> None:
+        """``inputs`` replaces the ones the registry would build (tests pass fakes)."""
         self.config = config
         self.notifier = notifier or Notifier()
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
@@ -92,21 +105,25 @@ class Agent:
         except BaseException:
             self.dir_lock.close()
             raise
-        self.health = Health()
-        self.sampler = Sampler(config.state_dir, temperatures)
+        self.connection = ConnectionStats()
         self.runner: Optional[CommandRunner] = None
-        self.transport = Transport(config, self.outbox, self.health)
+        requests: Optional[queue.SimpleQueue[Optional[p.CommandRequest]]] = None
         if config.commands.allow:
+            import queue  # like the runner, loaded only with an allow-list
+
+            requests = queue.SimpleQueue()  # transport -> runner: command requests
+        self.transport = Transport(config, self.outbox, self.connection, requests)
+        self.mailbox = Mailbox(self.outbox, self.transport.wake, config.device_id)
+        if requests is not None:
             from .runner import CommandRunner
 
             self.runner = CommandRunner(config.commands, config.device_id, config.state_dir,
-                                        self.outbox, self.transport.wake)
-            self.transport.on_command = self.runner.submit
-        self._sampling_stop = threading.Event()
+                                        requests, self.mailbox)
+        env = InputEnv(config.state_dir, self._own_metrics, self.look)
+        self.inputs: List[Input] = list(inputs) if inputs is not None else \
+            build_inputs(sections_of(config), env)
+        self._inputs_stop = threading.Event()
         self._transport_stop = threading.Event()
-        self._last_sample = time.monotonic()
-        self.unstored = 0  # samples taken but not stored (a full or failing disk)
-        self._failing = 0  # of those, how many in a row until now
         self._status_failing = False
         self._acks_seen: Deque[Tuple[float, int]] = collections.deque()  # (when, acked so far)
         self._status_written: Optional[Dict[str, Any]] = None  # as last written, sans time
@@ -115,7 +132,7 @@ class Agent:
         self._look_r, self._look_w = os.pipe()
         os.set_blocking(self._look_r, False)
         os.set_blocking(self._look_w, False)
-        self.health.on_fact = self.look
+        self.connection.on_fact = self.look
         self._stops = 0  # stop signals counted during shutdown
         self._inbox: Optional[SignalInbox] = None  # read by shutdown for more stop signals
         self._threads: Dict[str, threading.Thread] = {}
@@ -123,81 +140,42 @@ class Agent:
         self.started_with = config  # what a reload cannot change without a restart
         self.restart_needed: List[str] = []  # what a reload asked for that needs one
 
-    # ------------------------------------------------------------------ sampling
+    # ------------------------------------------------------------------ inputs
 
-    def sample_once(self) -> None:
-        now = time.time()
-        metrics = self.sampler.sample(self._health_metrics(now))
-        payload = {"device_id": self.config.device_id, "metrics": metrics}
-        self.outbox.put("telemetry", payload, p.format_timestamp(now), now)
-        self.transport.wake()
-
-    def _health_metrics(self, now: float) -> Dict[str, float]:
+    def _own_metrics(self, now: float) -> Dict[str, float]:
+        """The agent's own health figures, for the system input's samples (its thread)."""
         stats = self.outbox.stats()
-        health = self.health.snapshot()
+        connection = self.connection.snapshot()
         oldest_age = round(now - stats.oldest_created, 1) if stats.oldest_created else 0.0
         metrics = {"agent_queue_depth": stats.depth, "agent_queue_bytes": stats.bytes,
                    "agent_oldest_queued_age_s": oldest_age, "agent_dropped": stats.dropped,
-                   "agent_reconnects": health.reconnects}
-        if health.clock_offset_s is not None:  # measured at the last welcome
-            metrics["agent_clock_offset_s"] = health.clock_offset_s
+                   "agent_reconnects": connection.reconnects}
+        if connection.clock_offset_s is not None:  # measured at the last welcome
+            metrics["agent_clock_offset_s"] = connection.clock_offset_s
         return metrics
-
-    def _sample_loop(self) -> None:
-        next_at = time.monotonic()
-        while not self._sampling_stop.wait(max(0.0, next_at - time.monotonic())):
-            try:
-                self.sample_once()
-                self._last_sample = time.monotonic()  # a stored sample is progress
-                self._sampling_works()
-            except sqlite3.OperationalError as exc:
-                if not store.is_locked(exc):
-                    # A full or failing disk: a restart would not help, so this is not a
-                    # stuck thread for the watchdog (a lock that never ends is).
-                    self._last_sample = time.monotonic()
-                self._sampling_failed(f"cannot store samples: {exc}", traceback=False)
-            except Exception as exc:  # noqa: BLE001 - one failed sample must not stop sampling
-                self._sampling_failed(f"sampling failed: {exc!r}", traceback=True)
-            interval = self.config.telemetry.interval_s
-            next_at += interval
-            if next_at < time.monotonic():  # fell behind (suspend, slow disk): skip, no burst
-                next_at = time.monotonic() + interval
-
-    def _sampling_failed(self, what: str, traceback: bool) -> None:
-        """Count a sample that was not stored; log the first of a run only (a full disk at
-        1 s would otherwise write a line a second to the journal)."""
-        self.unstored += 1
-        self._failing += 1
-        if self._failing == 1:
-            self.look()  # storing: false, at once
-            log.error("%s; samples not stored are counted (status: unstored) and this is "
-                      "logged again when it works", what, exc_info=traceback)
-
-    def _sampling_works(self) -> None:
-        if self._failing:
-            log.warning("storing samples again; %d in a row could not be stored (%d in all)",
-                        self._failing, self.unstored)
-            self._failing = 0
-            self.look()
 
     # ------------------------------------------------------------------ running
 
     def _start_threads(self) -> None:
-        targets = {"nexus-sampler": self._sample_loop,
-                   "nexus-transport": lambda: self.transport.run(self._transport_stop)}
-        for name, target in targets.items():
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads[name] = thread
+        # Inputs first, then the transport (thread order as bench/abcpu.py lists them).
+        for item in self.inputs:
+            self._start(f"nexus-input-{item.source}", item.run, self._inputs_stop,
+                        self.mailbox.sample)
+        self._start("nexus-transport", self.transport.run, self._transport_stop)
         if self.runner is not None:
             self.runner.start()
 
+    def _start(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads[name] = thread
+
     def healthy(self) -> bool:
-        """All threads alive and the sampler not stuck (for the watchdog)."""
+        """All threads alive and no input stuck (for the watchdog)."""
         threads_ok = all(t.is_alive() for t in self._threads.values())
         runner_ok = self.runner is None or self.runner.alive()
-        stuck_after = 3 * self.config.telemetry.interval_s + 5.0
-        return threads_ok and runner_ok and time.monotonic() - self._last_sample < stuck_after
+        inputs_ok = not any(item.health().stuck for item in self.inputs)
+        return threads_ok and runner_ok and inputs_ok
 
     def run(self, inbox: Optional[SignalInbox] = None) -> int:
         """Serve until SIGTERM/SIGINT; ``inbox`` is created early by ``__main__`` so a signal
@@ -228,7 +206,7 @@ class Agent:
                 self._report(counters=False)  # woken by a fact: written if one changed
                 continue
             next_tick = time.monotonic() + self.tick(watchdog)
-            self._acks_seen.append((time.monotonic(), self.health.snapshot().acked))
+            self._acks_seen.append((time.monotonic(), self.connection.snapshot().acked))
             while self._acks_seen[0][0] < time.monotonic() - DRAIN_WINDOW_S:
                 self._acks_seen.popleft()
             # WATCHDOG=1 only while every thread makes progress: a stuck one gets us restarted.
@@ -272,8 +250,10 @@ class Agent:
         self._inbox = inbox
         for _ in range(stops - 1):  # signals that came together, before the loop saw them
             self._count_stop("stop signal")
-        self._sampling_stop.set()
-        self._join("nexus-sampler", 2.0)
+        self._inputs_stop.set()
+        deadline = time.monotonic() + 2.0  # for all inputs together
+        for item in self.inputs:
+            self._join(f"nexus-input-{item.source}", max(0.0, deadline - time.monotonic()))
         self._transport_stop.set()
         self.transport.wake()
         self._join("nexus-transport", 3.0)  # its drain is 2 s, its close 1 s
@@ -339,6 +319,7 @@ class Agent:
                         "(systemctl restart nexus-agent)", what)
         self.restart_needed = pending
         changed = config_mod.changes(self.config, new)
+        reconfigure(self.inputs, sections_of(self.config), sections_of(new))
         self.config = new
         self.transport.set_config(new)
         if self.runner is not None:
@@ -350,7 +331,8 @@ class Agent:
 
     def status(self) -> Dict[str, Any]:
         stats = self.outbox.stats()
-        h = self.health.snapshot()
+        h = self.connection.snapshot()
+        inputs = [item.health() for item in self.inputs]
         now = time.time()
         return {
             "device_id": self.config.device_id, "server": self.config.server.url,
@@ -362,9 +344,9 @@ class Agent:
             "reconnects": h.reconnects, "sent": h.sent, "sent_items": h.sent_items,
             "acked": h.acked,
             "set_aside": stats.set_aside, "last_set_aside": stats.last_set_aside,
-            "unstored": self.unstored,
+            "unstored": sum(i.failures for i in inputs),
             **self._drain(stats.depth),
-            "storing": self._failing == 0, "token_expires": h.token_expires,
+            "storing": all(i.failing == 0 for i in inputs), "token_expires": h.token_expires,
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
             "restart_needed": self.restart_needed,
@@ -381,7 +363,7 @@ class Agent:
                 round(eta, 1)}
 
     def status_line(self) -> str:
-        h = self.health.snapshot()
+        h = self.connection.snapshot()
         stats = self.outbox.stats()
         state = "connected" if h.connected else f"disconnected ({h.last_error or 'starting'})"
         return f"{state}; queue {stats.depth} messages, {stats.bytes} bytes; dropped " \

@@ -55,13 +55,13 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
 from . import auth
 from . import protocol as p
 from .config import Config
+from .connstate import ConnectionStats
 from .errors import AuthError, ProtocolError
 from .logsetup import redact
 from .outbox import Outbox
@@ -80,6 +80,9 @@ from .session import (
     SessionConfig,
     Worked,
 )
+
+if TYPE_CHECKING:  # the queue module is loaded only with an allow-list
+    import queue
 
 log = logging.getLogger("nexus.transport")
 
@@ -147,61 +150,6 @@ def tls_options(url: str, ca_file: Optional[str]) -> Optional[Dict[str, Any]]:
     if ca_file:
         options["ca_certs"] = ca_file
     return options
-
-
-# --------------------------------------------------------------------------- shared state
-
-
-@dataclass
-class Health:
-    """Connection facts other threads read (``status``, the sampler). Writes: transport only."""
-
-    connected: bool = False
-    reconnects: int = 0
-    last_ack_at: Optional[float] = None
-    clock_offset_s: Optional[float] = None
-    token_expires: Optional[float] = None
-    last_error: str = ""
-    sent: int = 0  # messages (a batch is one)
-    sent_items: int = 0  # stored messages sent, resends included (a batch counts its items)
-    acked: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    # Called (on the writer's thread) when a fact changes: connected, last_error, or a
-    # message set aside. The service uses it to rewrite the status file at once, while
-    # counters (sent, acked...) wait for its slower pace.
-    on_fact: Optional[Callable[[], None]] = field(default=None, repr=False, compare=False)
-
-    FACTS = ("connected", "last_error")
-
-    def update(self, **changes: Any) -> None:
-        with self.lock:
-            fact = any(getattr(self, key) != changes[key] for key in self.FACTS
-                       if key in changes)
-            for key, value in changes.items():
-                setattr(self, key, value)
-        if fact:
-            self.fact_changed()
-
-    def add(self, key: str, amount: int = 1, **more: int) -> None:
-        """Add to counters: ``add("sent")``, or several under one lock:
-        ``add("sent", sent_items=3)``."""
-        with self.lock:
-            setattr(self, key, getattr(self, key) + amount)
-            for other, value in more.items():
-                setattr(self, other, getattr(self, other) + value)
-
-    def acked_now(self, count: int, at: float) -> None:
-        with self.lock:
-            self.acked += count
-            self.last_ack_at = at
-
-    def fact_changed(self) -> None:
-        if self.on_fact is not None:
-            self.on_fact()
-
-    def snapshot(self) -> Health:
-        with self.lock:
-            return replace(self, lock=threading.Lock())
 
 
 # --------------------------------------------------------------------------- pacing
@@ -350,17 +298,16 @@ def open_welcomed(url: str, token: str, ca_file: Optional[str] = None,
 # --------------------------------------------------------------------------- the transport
 
 
-CommandHandler = Callable[[p.CommandRequest], None]
-
-
 class Transport:
-    def __init__(self, config: Config, outbox: Outbox, health: Health,
-                 on_command: Optional[CommandHandler] = None,
+    def __init__(self, config: Config, outbox: Outbox, health: ConnectionStats,
+                 commands: Optional[queue.SimpleQueue[Optional[p.CommandRequest]]] = None,
                  rng: Optional[Any] = None) -> None:
         self.config = config
         self.outbox = outbox
         self.health = health
-        self.on_command = on_command
+        # Command requests go to the command runner's thread through this queue, and nothing
+        # else: the transport never waits on the runner (its ledger fsyncs) nor calls it.
+        self.commands = commands
         self.rng = rng or Jitter()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -530,7 +477,7 @@ class _Connection:
         self.session = Session(SessionConfig(
             cfg.device_id, cfg.server.connect_timeout_s, cfg.server.ping_interval_s,
             cfg.server.ping_timeout_s, cfg.server.ack_timeout_s, cfg.server.ack_window,
-            cfg.server.max_messages_per_minute, transport.on_command is not None,
+            cfg.server.max_messages_per_minute, transport.commands is not None,
             batches=transport.batches_allowed), time.monotonic())
         self.plan: Optional[SendPlan] = None
         self.message = _Reassembly(MAX_INCOMING_MESSAGE)
@@ -593,8 +540,8 @@ class _Connection:
                 elif isinstance(event, Refused):
                     self.t.set_aside(event.id, event.reason)
                 elif isinstance(event, CommandArrived):
-                    assert self.t.on_command is not None
-                    self.t.on_command(event.request)
+                    assert self.t.commands is not None
+                    self.t.commands.put(event.request)
                 elif isinstance(event, Opened):
                     self._welcomed(event.welcome)
                 elif isinstance(event, Worked):

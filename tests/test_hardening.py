@@ -207,12 +207,16 @@ def test_agent_started_on_a_locked_queue_waits_and_keeps_its_data(tmp_path):
 
 
 def test_garbage_command_ledger_is_moved_aside_not_a_crash(tmp_path):
+    import queue
+
     from agent.config import CommandsConfig
+    from agent.mailbox import Mailbox
     from agent.runner import CommandRunner
 
     (tmp_path / "commands.db").write_bytes(b"this is not a database" * 100)
     box = Outbox(CODEC, str(tmp_path), 10**7)
-    runner = CommandRunner(CommandsConfig(), "d", str(tmp_path), box, lambda: None)
+    runner = CommandRunner(CommandsConfig(), "d", str(tmp_path), queue.SimpleQueue(),
+                           Mailbox(box, lambda: None, "d"))
     runner.close()
     assert list(tmp_path.glob("commands.db.corrupt-*"))
 

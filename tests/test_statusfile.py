@@ -10,14 +10,30 @@ from helpers import write_config
 
 from agent import config as config_mod
 from agent import statusfile
+from agent.inputs import Input, InputHealth
 from agent.service import Agent
+
+
+class FakeInput(Input):
+    """An input that is never run: its health is whatever the test sets."""
+
+    source, section = "fake", "telemetry"
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def run(self, stop, store):
+        raise AssertionError("not started in these tests")
+
+    def health(self) -> InputHealth:
+        return InputHealth(self.source, 0, self.failures, self.failures, None, False)
 
 
 @pytest.fixture
 def agent(tmp_path):
     """An agent built but not started (its server is a closed port), status in state_dir."""
     config = config_mod.load(str(write_config(tmp_path, "ws://127.0.0.1:9/v1/ws")))
-    return Agent(config)
+    return Agent(config, inputs=[FakeInput()])
 
 
 def test_written_to_the_runtime_directory_under_systemd(tmp_path, monkeypatch):
@@ -53,10 +69,11 @@ def test_daemon_rewrites_only_what_changed(tmp_path, agent):
         first = target.stat().st_ino
         agent.write_status()  # nothing changed but the time: not rewritten
         assert target.stat().st_ino == first
-        agent.unstored += 1  # a fact changed
+        agent.inputs[0].failures += 1  # a fact changed
         agent.write_status()
         second = target.stat().st_ino
-        assert second != first and json.loads(target.read_text())["unstored"] == 1
+        written = json.loads(target.read_text())
+        assert second != first and written["unstored"] == 1 and written["storing"] is False
         agent._status_written_at -= statusfile.REFRESH_S  # the slow refresh is due
         agent.write_status()
         assert target.stat().st_ino != second
@@ -73,15 +90,15 @@ def test_facts_are_written_at_once_and_counters_at_the_tick(tmp_path, agent):
         target = tmp_path / "state" / statusfile.NAME
         agent.write_status()
         first = target.stat().st_ino
-        agent.health.add("sent", sent_items=1)  # a counter
+        agent.connection.add("sent", sent_items=1)  # a counter
         agent.write_status(counters=False)  # a fact's wake-up: counters alone do not count
         assert target.stat().st_ino == first
-        agent.health.update(connected=True)  # a fact
+        agent.connection.update(connected=True)  # a fact
         agent.write_status(counters=False)
         second = target.stat().st_ino
         written = json.loads(target.read_text())
         assert second != first and written["connected"] is True and written["sent"] == 1
-        agent.health.add("acked")
+        agent.connection.add("acked")
         agent.write_status()  # the tick: counters too
         assert target.stat().st_ino != second and json.loads(target.read_text())["acked"] == 1
     finally:
@@ -97,15 +114,15 @@ def _looks(agent) -> int:
 
 def test_a_fact_wakes_the_main_loop_a_counter_does_not(agent):
     try:
-        agent.health.add("acked", 3)
-        agent.health.acked_now(1, 1.0)
-        agent.health.update(token_expires=5.0)
+        agent.connection.add("acked", 3)
+        agent.connection.acked_now(1, 1.0)
+        agent.connection.update(token_expires=5.0)
         assert _looks(agent) == 0
-        agent.health.update(connected=True)
+        agent.connection.update(connected=True)
         assert _looks(agent) == 1
-        agent.health.update(connected=True)  # unchanged: no wake-up
+        agent.connection.update(connected=True)  # unchanged: no wake-up
         assert _looks(agent) == 0
-        agent.health.update(connected=False, last_error="gone")
+        agent.connection.update(connected=False, last_error="gone")
         assert _looks(agent) == 1
         record = agent.outbox.put("telemetry", {"device_id": "device-001", "metrics": {}},
                                   "2025-01-01T00:00:00.000Z")

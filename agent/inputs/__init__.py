@@ -1,0 +1,226 @@
+"""What an input is, and the registry that builds inputs from their config sections.
+
+Rules:
+
+* An input produces :class:`Sample` values (a source name, the sample time,
+  numeric metrics, string tags) and reports its own health
+  (:class:`InputHealth`: samples stored, failures, the last success, stuck or
+  not). It knows nothing of the outbox, the transport or the wire: it hands
+  each sample to the ``store`` it is given (the service passes
+  ``Mailbox.sample``), which raises :class:`~agent.errors.NotStored` when the
+  outbox cannot take it.
+* Each input runs on its own thread (``nexus-input-<source>``), started by the
+  service, until the ``stop`` Event is set. Its health counters change on that
+  thread only, under the input's lock; other threads read ``health()``.
+* Whatever an input needs from the rest of the agent comes in through
+  :class:`InputEnv` when it is built (the agent's own health figures, the wake-up
+  for the status file), never by reading another module's state.
+* The registry: every module of this package whose name does not start with
+  ``_`` is an input kind. It declares ``SECTION``, the name of the config
+  section it reads, and ``build(section, env)``, which returns an
+  :class:`Input`. Adding an input is one module here and one config section
+  (docs/design.md, "Adding an input"). A module is imported when the inputs are
+  built, so it must import heavy libraries inside ``build``, not at the top.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from ..errors import ConfigError, NotStored
+
+log = logging.getLogger("nexus.inputs")
+
+STUCK_INTERVALS = 3  # a polled input with no progress for 3 intervals + STUCK_GRACE_S is stuck
+STUCK_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading of one source. ``metrics`` keeps its order: it is the order on the wire."""
+
+    source: str
+    time: float  # wall clock, seconds since the epoch: the message's timestamp
+    metrics: Mapping[str, float]
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InputHealth:
+    """What an input says of itself (for ``status.json`` and the watchdog)."""
+
+    source: str
+    samples: int  # stored
+    failures: int  # samples that could not be taken or stored, in all
+    failing: int  # of those, how many in a row until now (0: it works)
+    last_success: Optional[float]  # wall clock of the last stored sample
+    stuck: bool  # no progress for too long: the watchdog should get the agent restarted
+
+
+Store = Callable[[Sample], None]  # stores one sample; NotStored when the outbox cannot
+
+
+@dataclass(frozen=True)
+class InputEnv:
+    """What the agent hands every input it builds."""
+
+    state_dir: str
+    own_metrics: Callable[[float], Mapping[str, float]]  # the agent's health figures at `now`
+    on_fact: Callable[[], None]  # an input started or stopped failing: the status file looks
+
+
+class Input(ABC):
+    """One source of samples, run on its own thread by the service."""
+
+    source: str  # the name of what it reads (``system``)
+    section: str  # the config section it was built from (``telemetry``)
+
+    @abstractmethod
+    def run(self, stop: threading.Event, store: Store) -> None:
+        """Produce samples into ``store`` until ``stop`` is set (the input's own thread)."""
+
+    @abstractmethod
+    def health(self) -> InputHealth:
+        """The input's health now (any thread)."""
+
+    def configure(self, section: Any) -> None:
+        """Its config section, changed by a reload (main thread); by default that takes
+        effect only after a restart."""
+        log.warning("reload: input %s does not take a new %s section before a restart",
+                    self.source, self.section)
+
+
+class PolledInput(Input):
+    """An input read every ``interval_s`` on a fixed schedule: subclasses write ``gather``.
+
+    A sample that cannot be taken or stored is counted; the first of a run is logged
+    (a full disk at 1 s would otherwise write a line a second to the journal), and so is
+    the recovery, each with a wake-up of the status file (``storing`` is a fact).
+    """
+
+    def __init__(self, source: str, section: str, interval_s: float,
+                 on_fact: Callable[[], None]) -> None:
+        self.source = source
+        self.section = section
+        self.interval_s = interval_s  # set by configure (main thread): one float, read whole
+        self._on_fact = on_fact
+        self._lock = threading.Lock()
+        self._samples = 0
+        self._failures = 0
+        self._failing = 0
+        self._last_success: Optional[float] = None
+        self._progress = time.monotonic()  # the last stored sample, or a disk that failed
+
+    @abstractmethod
+    def gather(self, now: float) -> Sample:
+        """One sample taken at wall-clock ``now``."""
+
+    def run(self, stop: threading.Event, store: Store) -> None:
+        next_at = time.monotonic()
+        while not stop.wait(max(0.0, next_at - time.monotonic())):
+            self.once(store)
+            interval = self.interval_s
+            next_at += interval
+            if next_at < time.monotonic():  # fell behind (suspend, slow disk): skip, no burst
+                next_at = time.monotonic() + interval
+
+    def once(self, store: Store) -> None:
+        """Take one sample and store it, or count it as not stored."""
+        try:
+            store(self.gather(time.time()))
+        except NotStored as exc:
+            # A full or failing disk: a restart would not help, so this is not a stuck
+            # thread for the watchdog (a lock that never ends is).
+            self._failed(f"cannot store samples (input {self.source}): {exc.reason}",
+                         traceback=False, progress=not exc.waiting)
+        except Exception as exc:  # noqa: BLE001 - one failed sample must not stop sampling
+            self._failed(f"sampling failed (input {self.source}): {exc!r}", traceback=True,
+                         progress=False)
+        else:
+            self._stored()
+
+    def _failed(self, what: str, traceback: bool, progress: bool) -> None:
+        with self._lock:
+            self._failures += 1
+            self._failing += 1
+            first = self._failing == 1
+            if progress:
+                self._progress = time.monotonic()
+        if first:
+            self._on_fact()  # storing: false, at once
+            log.error("%s; samples not stored are counted (status: unstored) and this is "
+                      "logged again when it works", what, exc_info=traceback)
+
+    def _stored(self) -> None:
+        with self._lock:
+            self._samples += 1
+            self._last_success = time.time()
+            self._progress = time.monotonic()  # a stored sample is progress
+            failing, self._failing, failures = self._failing, 0, self._failures
+        if failing:
+            log.warning("storing samples again (input %s); %d in a row could not be stored "
+                        "(%d in all)", self.source, failing, failures)
+            self._on_fact()
+
+    def health(self) -> InputHealth:
+        stuck_after = STUCK_INTERVALS * self.interval_s + STUCK_GRACE_S
+        with self._lock:
+            return InputHealth(self.source, self._samples, self._failures, self._failing,
+                               self._last_success,
+                               time.monotonic() - self._progress >= stuck_after)
+
+
+# --------------------------------------------------------------------------- the registry
+
+Builder = Callable[[Any, InputEnv], Input]
+
+
+def registry() -> Dict[str, Builder]:
+    """Config section name -> the builder of its input, one per module of this package."""
+    kinds: Dict[str, Builder] = {}
+    for name in sorted(os.listdir(os.path.dirname(__file__))):
+        stem, ext = os.path.splitext(name)
+        if ext != ".py" or stem.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{stem}")
+        if module.SECTION in kinds:
+            raise RuntimeError(f"two inputs read config section {module.SECTION!r}")
+        kinds[module.SECTION] = module.build
+    return kinds
+
+
+def sections_of(config: Any) -> Dict[str, Any]:
+    """The config's sections that an input reads (section name -> its checked values)."""
+    return {name: getattr(config, name) for name in registry()
+            if getattr(config, name, None) is not None}
+
+
+def build(sections: Mapping[str, Any], env: InputEnv) -> List[Input]:
+    """One input per section, in the order given. A section no input reads is a
+    ConfigError naming it (so a later ``inputs:`` section can be passed here as it is)."""
+    kinds = registry()
+    built: List[Input] = []
+    for name, section in sections.items():
+        if name not in kinds:
+            raise ConfigError(name, f"no input reads this section (inputs: "
+                              f"{', '.join(sorted(kinds))})")
+        built.append(kinds[name](section, env))
+    return built
+
+
+def reconfigure(inputs: List[Input], old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Hand each input its section if a reload changed it (main thread, on SIGHUP). A
+    section that came or went takes effect only after a restart (logged)."""
+    for item in inputs:
+        if item.section in new and new[item.section] != old.get(item.section):
+            item.configure(new[item.section])
+    for name in sorted(set(old) ^ set(new)):
+        log.warning("reload: section %s was %s; that takes effect only after a restart",
+                    name, "added" if name in new else "removed")
