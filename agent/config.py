@@ -84,6 +84,8 @@ class Config:
     queue: QueueConfig = QueueConfig()
     reconnect: ReconnectConfig = ReconnectConfig()
     commands: CommandsConfig = CommandsConfig()
+    # kind -> its checked section, by the input module that reads ``inputs.<kind>``
+    inputs: Mapping[str, Any] = field(default_factory=dict)
     log_level: str = "info"
     source: str = ""  # the file it was loaded from
 
@@ -198,6 +200,7 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
                  "max_queued": (_number(0, 1000, integer=True), False),
                  # a result must fit in one message (protocol.MAX_MESSAGE_BYTES)
                  "max_output_bytes": (_number(1024, 65536, integer=True), False)},
+    "inputs": {},  # each kind checked by its input module (inputs.check_inputs)
 }
 
 
@@ -267,6 +270,11 @@ def build(raw: Any, source: str = "") -> Config:
         raise ConfigError("reconnect.base_delay_s", "must not exceed reconnect.max_delay_s")
     commands_raw = _section(raw.get("commands"), "commands")
     allow = parse_allow_list(commands_raw.pop("allow", {}), "commands.allow")
+    inputs: Mapping[str, Any] = {}
+    if raw.get("inputs") is not None:
+        from .inputs import check_inputs  # imports the input modules: only with inputs
+
+        inputs = check_inputs(raw["inputs"])
     return Config(
         device_id=top["device_id"],
         state_dir=_resolve(top["state_dir"], base_dir),
@@ -275,6 +283,7 @@ def build(raw: Any, source: str = "") -> Config:
         queue=QueueConfig(**_section(raw.get("queue"), "queue")),
         reconnect=reconnect,
         commands=CommandsConfig(allow=allow, **commands_raw),
+        inputs=inputs,
         log_level=top.get("log_level", "info"),
         source=source,
     )

@@ -350,7 +350,16 @@ class Agent:
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
             "restart_needed": self.restart_needed,
+            "inputs": self._input_reports(),
         }
+
+    def _input_reports(self) -> Dict[str, Any]:
+        reports = {}
+        for item in self.inputs:
+            report = item.report()
+            if report is not None:
+                reports[item.source] = report
+        return reports
 
     def _drain(self, depth: int) -> Dict[str, Optional[float]]:
         """Acked messages a minute over the last DRAIN_WINDOW_S, and the time to empty."""

@@ -21,6 +21,11 @@ Rules:
   :class:`Input`. Adding an input is one module here and one config section
   (docs/design.md, "Adding an input"). A module is imported when the inputs are
   built, so it must import heavy libraries inside ``build``, not at the top.
+* A kind under the config's ``inputs:`` mapping (``inputs.modbus``) is read by the
+  module whose ``SECTION`` is ``inputs.<kind>``; that module also declares
+  ``check(raw, key)``, which returns its checked section or raises ConfigError with
+  the full key path (``inputs.modbus[0].points[2].type``). ``config.py`` hands it
+  each sub-section through :func:`check_inputs` and knows no kind itself.
 """
 
 from __future__ import annotations
@@ -89,6 +94,11 @@ class Input(ABC):
     @abstractmethod
     def health(self) -> InputHealth:
         """The input's health now (any thread)."""
+
+    def report(self) -> Optional[Mapping[str, Any]]:
+        """More than ``health()`` for ``nexus-agent status`` (JSON values; ``devices``:
+        name -> facts, shown one line each), or None (any thread)."""
+        return None
 
     def configure(self, section: Any) -> None:
         """Its config section, changed by a reload (main thread); by default that takes
@@ -182,24 +192,62 @@ class PolledInput(Input):
 Builder = Callable[[Any, InputEnv], Input]
 
 
-def registry() -> Dict[str, Builder]:
-    """Config section name -> the builder of its input, one per module of this package."""
-    kinds: Dict[str, Builder] = {}
+def _modules() -> Dict[str, Any]:
+    """Config section name -> the module of its input, one per module of this package."""
+    modules: Dict[str, Any] = {}
     for name in sorted(os.listdir(os.path.dirname(__file__))):
         stem, ext = os.path.splitext(name)
         if ext != ".py" or stem.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{stem}")
-        if module.SECTION in kinds:
+        if module.SECTION in modules:
             raise RuntimeError(f"two inputs read config section {module.SECTION!r}")
-        kinds[module.SECTION] = module.build
-    return kinds
+        modules[module.SECTION] = module
+    return modules
+
+
+def registry() -> Dict[str, Builder]:
+    """Config section name -> the builder of its input, one per module of this package."""
+    return {section: module.build for section, module in _modules().items()}
+
+
+def check_inputs(raw: Any, key: str = "inputs") -> Dict[str, Any]:
+    """The config's ``inputs:`` mapping checked: kind -> the section its module's
+    ``check`` returned (module docstring)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(key, "must be a mapping of input kinds")
+    modules = _modules()
+    kinds = sorted(s[len(key) + 1:] for s in modules if s.startswith(key + "."))
+    checked: Dict[str, Any] = {}
+    for kind, section in raw.items():
+        module = modules.get(f"{key}.{kind}")
+        if module is None:
+            raise ConfigError(f"{key}.{kind}", f"unknown input kind (kinds: "
+                              f"{', '.join(kinds) or 'none'})")
+        checked[kind] = module.check(section, f"{key}.{kind}")
+    return checked
+
+
+def missing(sections: Mapping[str, Any]) -> List[str]:
+    """What the inputs of these sections need and cannot import here (``REQUIRES``: module
+    names), each with the section: for ``--check-config``, which builds no input."""
+    import importlib.util
+
+    modules = _modules()
+    return [f"{name}: needs {req}, which is not installed"
+            for name in sections if name in modules
+            for req in getattr(modules[name], "REQUIRES", ())
+            if importlib.util.find_spec(req) is None]
 
 
 def sections_of(config: Any) -> Dict[str, Any]:
-    """The config's sections that an input reads (section name -> its checked values)."""
-    return {name: getattr(config, name) for name in registry()
-            if getattr(config, name, None) is not None}
+    """The config's sections that an input reads (section name -> its checked values);
+    the kinds under ``inputs:`` as ``inputs.<kind>``."""
+    sections = {name: getattr(config, name) for name in registry()
+                if getattr(config, name, None) is not None}
+    for kind, section in (getattr(config, "inputs", None) or {}).items():
+        sections[f"inputs.{kind}"] = section
+    return sections
 
 
 def build(sections: Mapping[str, Any], env: InputEnv) -> List[Input]:
