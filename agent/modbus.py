@@ -423,31 +423,38 @@ class DeviceHealth:
         self.polls += 1
         for kind in error_kinds:
             self.errors[kind] = self.errors.get(kind, 0) + 1
-        self.failing = {name: str(v) for name, v in result.items()
-                        if isinstance(v, PointError)}
-        read = len(result) - len(self.failing)
+        errors = {name: v for name, v in result.items() if isinstance(v, PointError)}
+        self.failing = {name: str(v) for name, v in errors.items()}
+        read = len(result) - len(errors)
         if read:
             self.last_read = now
-        if not self.failing:
+        if not errors:
             self.last_good = now
             condition = "reading"
         elif not read:
-            condition = "not read: " + _reasons(self.failing.values())
+            condition = "not read: " + _reasons(_label(v) for v in errors.values())
         else:
             condition = "points failing: " + ", ".join(
-                f"{name} ({why})" for name, why in sorted(self.failing.items()))
-        if condition == self.condition:
+                f"{name} ({_label(v)})" for name, v in sorted(errors.items()))
+        if condition == self.condition:  # the kinds, not the details: those vary by poll
             return None
         before, self.condition = self.condition, condition
         if condition == "reading" and before == "not read yet":
             return None  # a device that works from the start is not news
-        return f"modbus device {self.name} ({self.url}, unit {self.unit}): {condition}"
+        detail = f" ({next(iter(errors.values())).detail})" if errors and not read else ""
+        return f"modbus device {self.name} ({self.url}, unit {self.unit}): {condition}{detail}"
 
     def report(self) -> Dict[str, Any]:
         return {"url": self.url, "unit": self.unit, "polls": self.polls,
                 "last_good": self.last_good, "last_read": self.last_read,
                 "errors": dict(self.errors), "failing": dict(self.failing),
                 "condition": self.condition}
+
+
+def _label(error: PointError) -> str:
+    """What a point's failure is, without what varies from poll to poll (a timeout's or a
+    refused connection's wording): an exception and a bad value keep their detail."""
+    return error.kind if error.kind in ("timeout", "connection") else str(error)
 
 
 def _reasons(whys: Any) -> str:

@@ -2,8 +2,11 @@
 event loop, over TCP on 127.0.0.1 or RTU on one end of a socat pseudo-terminal pair.
 
 Works with pymodbus 3.8 (``ModbusSlaveContext``, ``slaves=``) and later
-(``ModbusDeviceContext``, ``devices=``). Addresses are the protocol's (0-based): a
-block starts at 1 because the server's context adds one.
+(``ModbusDeviceContext``, ``devices=``). A unit id the RTU server does not hold gets no
+answer from 3.8's server (a silent unit on the bus); 3.16's answers exception 4 instead
+(its simulator core looks the unit up without the "ignore missing devices" check).
+Addresses are the protocol's (0-based): a block starts at 1 because the server's
+context adds one.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ from pymodbus.datastore import ModbusSequentialDataBlock, ModbusServerContext  #
 try:
     from pymodbus.datastore import ModbusDeviceContext as _Context  # 3.9 and later
 
-    _UNITS = "devices"
+    _UNITS, _IGNORE_MISSING = "devices", "ignore_missing_devices"
 except ImportError:  # 3.8
     from pymodbus.datastore import ModbusSlaveContext as _Context  # type: ignore[no-redef]
 
-    _UNITS = "slaves"
+    _UNITS, _IGNORE_MISSING = "slaves", "ignore_missing_slaves"
 
 SIZE = 300  # registers (and bits) each table holds; reading beyond is an illegal address
 TABLE_KEYS = {"coil": "co", "discrete": "di", "holding": "hr", "input": "ir"}
@@ -58,11 +61,11 @@ class Peer:
     """A pymodbus server holding ``units`` (unit id -> tables); ``stop()`` to end it."""
 
     def __init__(self, units: Dict[int, Tables], serial: Optional[str] = None,
-                 baudrate: int = 19200, size: int = SIZE) -> None:
+                 baudrate: int = 19200, size: int = SIZE, port: int = 0) -> None:
         self.context = ModbusServerContext(
             **{_UNITS: {unit: _unit(t, size) for unit, t in units.items()}}, single=False)
         self.serial = serial
-        self.port = 0 if serial else free_port()
+        self.port = 0 if serial else port or free_port()
         self.url = f"rtu://{serial}?baudrate={baudrate}" if serial else \
             f"tcp://127.0.0.1:{self.port}"
         self.baudrate = baudrate
@@ -94,7 +97,7 @@ class Peer:
         if self.serial:
             self.server = ModbusSerialServer(self.context, framer=FramerType.RTU,
                                              port=self.serial, baudrate=self.baudrate,
-                                             ignore_missing_devices=True)
+                                             **{_IGNORE_MISSING: True})
         else:
             self.server = ModbusTcpServer(self.context, address=("127.0.0.1", self.port))
         self.loop.call_soon(self._ready.set)

@@ -285,14 +285,16 @@ def test_health_logs_a_line_per_change_never_per_poll():
     assert h.record(ok, [], 11.0) is None
     timeout = modbus.PointError("timeout", "no answer within 1 s")
     line = h.record({"a": timeout, "b": timeout}, ["timeout"], 12.0)
-    assert line == "modbus device m (tcp://h:502, unit 1): not read: timeout: no answer " \
-                   "within 1 s"
+    assert line == "modbus device m (tcp://h:502, unit 1): not read: timeout (no answer " \
+                   "within 1 s)"
     assert h.record({"a": timeout, "b": timeout}, ["timeout"], 13.0) is None
+    other = modbus.PointError("timeout", "no answer within 1 s (another wording)")
+    assert h.record({"a": other, "b": timeout}, ["timeout"], 13.5) is None  # same condition
     bad = modbus.PointError("exception", modbus.exception_name(2))
     line = h.record({"a": 1, "b": bad}, ["exception"], 14.0)
     assert line is not None and "points failing: b (exception: exception 2 (illegal data " \
         "address))" in line
     assert h.record(ok, [], 15.0).endswith(": reading")
     report = h.report()
-    assert report["errors"] == {"timeout": 2, "exception": 1} and report["polls"] == 6
+    assert report["errors"] == {"timeout": 3, "exception": 1} and report["polls"] == 7
     assert (report["last_good"], report["last_read"], report["failing"]) == (15.0, 15.0, {})
