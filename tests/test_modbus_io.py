@@ -314,3 +314,60 @@ def test_the_daemon_delivers_modbus_samples_and_shows_each_device(tmp_path, clea
         assert agent.stop() == 0
         srv.stop()
     assert yaml.safe_load(config.read_text())["inputs"]["modbus"][0]["unit"] == 7
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def nexus_agent(*args):
+    return subprocess.run([sys.executable, "-m", "agent", *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_modbus_read_prints_each_value_or_error(tmp_path, cleanup):
+    peer = Peer({1: {"holding": {0: 0x3FC0, 1: 0, 298: 9}, "coil": {2: 1}}}, size=300)
+    cleanup(peer)
+    config = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws", inputs={"modbus": [
+        {"name": "plc", "url": peer.url, "unit": 1, "timeout_s": 1, "points": [
+            {"name": "temp", "table": "holding", "address": 0, "type": "float32"},
+            {"name": "pump", "table": "coil", "address": 2, "type": "bool"}]},
+        {"name": "meter", "url": peer.url, "unit": 1, "timeout_s": 1, "points": [
+            {"name": "ok", "table": "holding", "address": 298, "type": "uint16"},
+            {"name": "gone", "table": "holding", "address": 300, "type": "uint16"}]}]})
+    out = nexus_agent("modbus", "read", "--config", str(config))
+    assert out.returncode == 1, out
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("plc (tcp://127.0.0.1:") and "2 points, 2 requests" in lines[0]
+    assert lines[1].split() == ["temp", "=", "1.5", "[holding", "0", "float32]"]
+    assert lines[2].split() == ["pump", "=", "1", "[coil", "2", "bool]"]
+    assert "1 requests planned (2 failed: exception)" in lines[3]  # merged, then "gone"
+    assert lines[4].split()[:3] == ["ok", "=", "9"]
+    assert "gone  NOT READ  exception: exception 2 (illegal data address)" in lines[5]
+    only = nexus_agent("modbus", "read", "--config", str(config), "plc")
+    assert only.returncode == 0 and "meter" not in only.stdout, only
+    none = nexus_agent("modbus", "read", "--config", str(config), "boiler")
+    assert none.returncode == 2 and "devices: plc, meter" in none.stderr
+
+
+def test_check_config_refuses_a_bad_point_by_its_key(tmp_path):
+    config = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws", inputs={"modbus": [
+        {"name": "plc", "url": "tcp://127.0.0.1:1502", "unit": 1, "points": [
+            {"name": "a", "table": "holding", "address": 0, "type": "uint16"},
+            {"name": "b", "table": "holding", "address": 1, "type": "int32"},
+            {"name": "c", "table": "coil", "address": 1, "type": "uint16"}]}]})
+    out = nexus_agent("--check-config", "--config", str(config))
+    assert out.returncode == 78
+    assert "inputs.modbus[0].points[2].type: uint16 does not fit table coil" in out.stderr
+
+
+def test_a_missing_library_is_a_config_error_naming_the_section(tmp_path, monkeypatch, capsys):
+    from agent import cli
+
+    config = write_config(tmp_path, "ws://127.0.0.1:1/v1/ws", inputs={"modbus": [
+        {"name": "plc", "url": "tcp://127.0.0.1:1502", "unit": 1, "points": [
+            {"name": "a", "table": "holding", "address": 0, "type": "uint16"}]}]})
+    assert cli.load_config(str(config), check_files=True) is not None
+    monkeypatch.setattr(modbus_input, "REQUIRES", ("no_such_library_here",))
+    assert cli.load_config(str(config), check_files=True) is None
+    assert "inputs.modbus: needs no_such_library_here, which is not installed" in \
+        capsys.readouterr().err
