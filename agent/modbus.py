@@ -329,6 +329,12 @@ def decode(point: Point, data: Sequence[int]) -> float:
     """The value of ``point`` from its own registers (or its one bit)."""
     if point.type == "bool":
         return 1 if data[0] else 0
+    if point.size == 1:  # the common case without struct: about 3 times faster
+        raw: Any = data[0] & 0xFFFF
+        if point.type == "int16" and raw & 0x8000:
+            raw -= 0x10000
+        return raw if point.scale == 1.0 and point.offset == 0.0 else \
+            raw * point.scale + point.offset
     words = list(data[:point.size])
     if point.word_order == "little":
         words.reverse()
@@ -366,9 +372,11 @@ def values(request: Request, data: Sequence[int]) -> Dict[str, Any]:
 Read = Callable[[str, int, int, int], List[int]]  # (table, address, count, unit) -> data
 
 
-def poll(device: Device, read: Read, isolated: FrozenSet[str] = frozenset()
+def poll(device: Device, read: Read, isolated: FrozenSet[str] = frozenset(),
+         requests: Optional[Sequence[Request]] = None
          ) -> Tuple[Dict[str, Any], List[str], FrozenSet[str]]:
-    """Read every point of ``device`` once through ``read`` (which raises PointError).
+    """Read every point of ``device`` once through ``read`` (which raises PointError), in
+    ``requests`` (``plan(device, isolated)`` unless the caller kept it).
 
     Returns point -> value or PointError (in the config's order), the kind of each failed
     request, and the points to read on their own from now on. A merged request answered
@@ -378,7 +386,7 @@ def poll(device: Device, read: Read, isolated: FrozenSet[str] = frozenset()
     """
     result: Dict[str, Any] = {}
     kinds: List[str] = []
-    pending = list(plan(device, isolated))
+    pending = list(plan(device, isolated) if requests is None else requests)
     while pending:
         request = pending.pop(0)
         try:

@@ -54,6 +54,7 @@ class Poller:
     def __init__(self, device: modbus.Device) -> None:
         self.device = device
         self.isolated: frozenset = frozenset()
+        self.requests = modbus.plan(device)  # planned again when ``isolated`` grows
         self.health = modbus.DeviceHealth(device.name, device.url, device.unit)
         self.next_at = 0.0  # monotonic
 
@@ -104,8 +105,10 @@ class PortLoop:
             result: Dict[str, Any] = {p.name: self.refused for p in poller.device.points}
             kinds: List[str] = []
         else:
-            result, kinds, poller.isolated = modbus.poll(poller.device, self.port.read,
-                                                         poller.isolated)
+            result, kinds, isolated = modbus.poll(poller.device, self.port.read,
+                                                  poller.isolated, poller.requests)
+            if isolated != poller.isolated:
+                poller.isolated, poller.requests = isolated, modbus.plan(poller.device, isolated)
             self._connection(kinds)
         self.owner.record(poller, result, kinds, began)
         metrics = {name: value for name, value in result.items()
