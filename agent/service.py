@@ -8,7 +8,9 @@ Threads and what each owns:
 * ``nexus-input-<source>``: one per input built from its config section by the
   registry (``inputs/``; today ``nexus-input-system``, every
   ``telemetry.interval_s``); each stores its samples through the mailbox
-  (outbox, then a wake-up of the transport), timestamp = sample time;
+  (outbox, then a wake-up of the transport), timestamp = sample time; the
+  Modbus input runs one more thread per port (``nexus-modbus-N``, see
+  ``inputs/modbus.py``);
 * ``nexus-transport``: the socket (see ``transport.py``); command requests
   leave it through a ``queue.SimpleQueue`` to the command runner;
 * ``nexus-cmd-intake`` and ``nexus-cmd-N``: the command runner's intake (ledger,

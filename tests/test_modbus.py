@@ -298,3 +298,18 @@ def test_health_logs_a_line_per_change_never_per_poll():
     report = h.report()
     assert report["errors"] == {"timeout": 3, "exception": 1} and report["polls"] == 7
     assert (report["last_good"], report["last_read"], report["failing"]) == (15.0, 15.0, {})
+
+
+def test_the_commented_example_in_agent_example_yaml_is_valid(tmp_path):
+    """config/agent.example.yaml's inputs: block, uncommented, is the issue's contract."""
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parent.parent / "config" / "agent.example.yaml") \
+        .read_text()
+    block = text[text.index("# inputs:"):].splitlines()
+    raw = yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line[1:]
+                                   for line in block))
+    cfg = agent_config(tmp_path, raw["inputs"]["modbus"])
+    assert cfg.inputs["modbus"] == agent_config(tmp_path, EXAMPLE).inputs["modbus"]

@@ -117,6 +117,7 @@ def test_every_type_in_both_word_orders_from_a_pymodbus_server_over_tcp(cleanup)
                     "timeout_s": 1, "points": points}])
     cleanup(run)
     [(_, sample)] = wait_for(lambda: run.store.of("plc")[:1], what="a sample")
+    assert run.facts == [1]  # the first "reading" wakes the status file (not logged)
     want = {**expected, **{"in_" + k: v for k, v in iexpected.items()}, "scaled": 10.0,
             "running": 1, "stopped": 0, "door": 1}
     assert dict(sample.metrics) == want
@@ -183,7 +184,7 @@ def test_a_device_that_stops_answering_does_not_delay_another(cleanup):
     for item in (good, bad, hole):
         cleanup(item)
     point = [{"name": "v", "table": "holding", "address": 0, "type": "uint16"}]
-    run = Running([{"name": n, "url": u, "unit": 1, "interval_s": 0.1, "timeout_s": 0.5,
+    run = Running([{"name": n, "url": u, "unit": 1, "interval_s": 0.1, "timeout_s": 1.0,
                     "points": point}
                    for n, u in (("good", good.url), ("bad", bad.url), ("hung", hole.url))])
     cleanup(run)
@@ -196,7 +197,7 @@ def test_a_device_that_stops_answering_does_not_delay_another(cleanup):
              what="the good device read meanwhile")
     arrivals = [t for t, _ in run.store.of("good") if t > stopped_at]
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert max(gaps) < 0.4, gaps  # 0.1 s apart: never waits for a 0.5 s timeout
+    assert max(gaps) < 0.6, gaps  # 0.1 s apart: never waits for a 1 s timeout
     assert run.store.of("hung") == []
     hung = run.device("hung")
     assert hung["condition"].startswith("not read: timeout") and hung["last_good"] is None

@@ -167,12 +167,15 @@ class ModbusInput(Input):
     def record(self, poller: Poller, result: Mapping[str, Any], kinds: List[str],
                now: float) -> None:
         with self._lock:
+            before = poller.health.condition
             line = poller.health.record(result, kinds, now)
+            after = poller.health.condition
         if line is not None:
-            if poller.health.condition == "reading":
+            if after == "reading":
                 log.warning("%s", line)
             else:
                 log.error("%s (logged again when it changes)", line)
+        if after != before:  # the first "reading" too: not logged, but status shows it now
             self._on_fact()
 
     def store(self, store: Store, sample: Sample) -> None:
