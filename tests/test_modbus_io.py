@@ -372,3 +372,63 @@ def test_a_missing_library_is_a_config_error_naming_the_section(tmp_path, monkey
     assert cli.load_config(str(config), check_files=True) is None
     assert "inputs.modbus: needs no_such_library_here, which is not installed" in \
         capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the input's own health
+
+
+class ScriptedPort:
+    """A port whose every read answers ``value`` (no peer: the input's bookkeeping)."""
+
+    endpoint = modbus.Endpoint("tcp", "127.0.0.1", 1502)
+    is_open = True
+
+    def __init__(self, endpoint=None, timeout_s=None):
+        self.value = 1
+
+    def read(self, table, address, count, unit):
+        return [self.value] * count
+
+    def close(self):
+        pass
+
+
+def test_samples_the_outbox_refuses_are_counted_and_the_recovery_logged(caplog):
+    from agent.errors import NotStored
+
+    devices = modbus.check([{"name": "m", "url": "tcp://127.0.0.1:1502", "unit": 1,
+                             "points": [{"name": "v", "table": "holding", "address": 0,
+                                         "type": "uint16"}]}], "inputs.modbus")
+    facts = []
+    item = modbus_input.ModbusInput(devices, lambda: facts.append(1), ScriptedPort)
+    [loop] = item.loops
+    [poller] = loop.pollers
+    outcomes = []
+
+    def store(sample):
+        if outcomes and outcomes.pop(0):
+            raise NotStored("database or disk is full", waiting=False)
+
+    outcomes[:] = [True, True, False]
+    for _ in range(3):
+        loop.poll(poller, store)
+    health = item.health()
+    assert (health.samples, health.failures, health.failing) == (1, 2, 0)
+    assert health.last_success is not None and not health.stuck
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot store samples (input modbus)" in m for m in messages) == 1
+    assert any("storing modbus samples again; 2 in a row" in m for m in messages)
+    assert len(facts) == 3  # the first "reading", the first refusal, the recovery
+
+
+def test_a_port_thread_without_progress_marks_the_input_stuck():
+    devices = modbus.check([{"name": "m", "url": "tcp://127.0.0.1:1502", "unit": 1,
+                             "interval_s": 2, "timeout_s": 1,
+                             "points": [{"name": "v", "table": "holding", "address": 0,
+                                         "type": "uint16"}]}], "inputs.modbus")
+    item = modbus_input.ModbusInput(devices, lambda: None, ScriptedPort)
+    [loop] = item.loops
+    assert loop.stuck_after == 3 * 2 + 5 + 2 * 1  # intervals, grace, (1 request + 1) timeouts
+    assert not item.health().stuck
+    loop.progress -= loop.stuck_after
+    assert item.health().stuck
