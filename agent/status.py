@@ -106,7 +106,7 @@ def _devices(report: Dict[str, Any], now: float) -> List[str]:
     lines = []
     for source, facts in sorted((report.get("inputs") or {}).items()):
         for name, d in sorted((facts.get("devices") or {}).items()):
-            errors = ", ".join(f"{kind} {n}" for kind, n in sorted(d.get("errors", {}).items()))
+            errors = ", ".join(f"{kind}={n}" for kind, n in sorted(d.get("errors", {}).items()))
             lines.append(f"{source} {name}: {d.get('condition')}; last good read "
                          f"{_ago(d.get('last_good'), now)}; errors: {errors or 'none'}")
             lines += [f"  failing point {point}: {why}"
