@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from .commands import CommandSpec, parse_allow_list
 from .errors import ConfigError
+from .inputs import check_sections
 
 MAX_CONFIG_CHARS = 1 << 20  # a real config is a few KB
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -84,10 +85,11 @@ class Config:
     queue: QueueConfig = QueueConfig()
     reconnect: ReconnectConfig = ReconnectConfig()
     commands: CommandsConfig = CommandsConfig()
-    # kind -> its checked section, by the input module that reads ``inputs.<kind>``
-    inputs: Mapping[str, Any] = field(default_factory=dict)
     log_level: str = "info"
     source: str = ""  # the file it was loaded from
+    # The top-level ``inputs`` mapping: "inputs.<kind>" -> that input's checked section,
+    # checked by its own module (``inputs.check_sections``); empty: today's inputs only.
+    inputs: Mapping[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- checks
@@ -195,12 +197,12 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
               "lock": (_choice("exclusive", "shared"), False)},
     "reconnect": {"base_delay_s": (_number(0.01, 3600), False),
                   "max_delay_s": (_number(0.1, 86400), False)},
+    "inputs": {},  # passed as it is to inputs.check_sections: each kind checks its own
     "commands": {"allow": (_kind(dict), False),
                  "max_concurrent": (_number(1, 64, integer=True), False),
                  "max_queued": (_number(0, 1000, integer=True), False),
                  # a result must fit in one message (protocol.MAX_MESSAGE_BYTES)
                  "max_output_bytes": (_number(1024, 65536, integer=True), False)},
-    "inputs": {},  # each kind checked by its input module (inputs.check_inputs)
 }
 
 
@@ -270,11 +272,6 @@ def build(raw: Any, source: str = "") -> Config:
         raise ConfigError("reconnect.base_delay_s", "must not exceed reconnect.max_delay_s")
     commands_raw = _section(raw.get("commands"), "commands")
     allow = parse_allow_list(commands_raw.pop("allow", {}), "commands.allow")
-    inputs: Mapping[str, Any] = {}
-    if raw.get("inputs") is not None:
-        from .inputs import check_inputs  # imports the input modules: only with inputs
-
-        inputs = check_inputs(raw["inputs"])
     return Config(
         device_id=top["device_id"],
         state_dir=_resolve(top["state_dir"], base_dir),
@@ -283,9 +280,9 @@ def build(raw: Any, source: str = "") -> Config:
         queue=QueueConfig(**_section(raw.get("queue"), "queue")),
         reconnect=reconnect,
         commands=CommandsConfig(allow=allow, **commands_raw),
-        inputs=inputs,
         log_level=top.get("log_level", "info"),
         source=source,
+        inputs=check_sections(raw.get("inputs"), base_dir),
     )
 
 

@@ -26,14 +26,14 @@ def main(argv: List[str]) -> int:
     cfg = cli.load_config(args.config)
     if cfg is None:
         return cli.EXIT_CONFIG
-    devices = cfg.inputs.get("modbus", ())
+    devices = cfg.inputs.get("inputs.modbus", ())
     if not devices:
         print(f"nexus-agent: {args.config} has no inputs.modbus devices", file=sys.stderr)
         return cli.EXIT_CONFIG
     if args.name is not None:
         devices = tuple(d for d in devices if d.name == args.name)
         if not devices:
-            names = ", ".join(d.name for d in cfg.inputs["modbus"])
+            names = ", ".join(d.name for d in cfg.inputs["inputs.modbus"])
             print(f"nexus-agent: no Modbus device {args.name!r} (devices: {names})",
                   file=sys.stderr)
             return EXIT_USAGE

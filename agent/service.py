@@ -352,10 +352,12 @@ class Agent:
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
             "restart_needed": self.restart_needed,
-            "inputs": self._input_reports(),
+            "input_details": self._input_details(),
         }
 
-    def _input_reports(self) -> Dict[str, Any]:
+    def _input_details(self) -> Dict[str, Any]:
+        """source -> what an input says beyond its health (``Input.report``: the Modbus
+        input's devices), for the inputs that say more."""
         reports = {}
         for item in self.inputs:
             report = item.report()

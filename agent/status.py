@@ -104,7 +104,7 @@ def _devices(report: Dict[str, Any], now: float) -> List[str]:
     """One line per device an input reads (``Input.report``: the Modbus input's meters),
     and one per failing point."""
     lines = []
-    for source, facts in sorted((report.get("inputs") or {}).items()):
+    for source, facts in sorted((report.get("input_details") or {}).items()):
         for name, d in sorted((facts.get("devices") or {}).items()):
             errors = ", ".join(f"{kind}={n}" for kind, n in sorted(d.get("errors", {}).items()))
             lines.append(f"{source} {name}: {d.get('condition')}; last good read "

@@ -160,7 +160,7 @@ def footprint(url: str, seconds: float) -> List[Subject]:
             time.sleep(seconds)
             for s in subjects:
                 s.finish(seconds)
-            modbus_status = agents[1].status().get("inputs", {}).get("modbus", {})
+            modbus_status = agents[1].status().get("input_details", {}).get("modbus", {})
             meter = modbus_status.get("devices", {}).get("meter", {})
             subjects[1].note = (f"{meter.get('polls', 0)} polls, condition "
                                 f"{meter.get('condition')!r}")

@@ -45,7 +45,7 @@ def with_points(*points, **device):
 
 def test_the_issues_example_is_the_contract(tmp_path):
     cfg = agent_config(tmp_path, EXAMPLE)
-    [device] = cfg.inputs["modbus"]
+    [device] = cfg.inputs["inputs.modbus"]
     assert sections_of(cfg)["inputs.modbus"] == (device,)
     assert (device.name, device.unit, device.interval_s, device.timeout_s) == \
         ("meter-1", 1, 5.0, 1.0)
@@ -104,7 +104,7 @@ def test_the_last_register_fits(tmp_path):
     cfg = agent_config(tmp_path, with_points(
         {"name": "a", "table": "holding", "address": 65534, "type": "uint32"},
         {"name": "b", "table": "coil", "address": 65535, "type": "bool"}))
-    assert cfg.inputs["modbus"][0].points[0].end == 65535
+    assert cfg.inputs["inputs.modbus"][0].points[0].end == 65535
 
 
 def test_overlapping_points_of_one_table_are_refused_but_not_across_tables(tmp_path):
@@ -312,4 +312,4 @@ def test_the_commented_example_in_agent_example_yaml_is_valid(tmp_path):
     raw = yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line[1:]
                                    for line in block))
     cfg = agent_config(tmp_path, raw["inputs"]["modbus"])
-    assert cfg.inputs["modbus"] == agent_config(tmp_path, EXAMPLE).inputs["modbus"]
+    assert cfg.inputs["inputs.modbus"] == agent_config(tmp_path, EXAMPLE).inputs["inputs.modbus"]

@@ -301,9 +301,9 @@ def test_the_daemon_delivers_modbus_samples_and_shows_each_device(tmp_path, clea
                         what="modbus samples at the server")
         assert rows[0]["payload"] == {"device_id": "device-001",
                                       "metrics": {"voltage_l1": 23.0}}
-        devices = wait_for(lambda: agent.status().get("inputs", {}).get("modbus", {})
+        devices = wait_for(lambda: agent.status().get("input_details", {}).get("modbus", {})
                            .get("devices", {}).get("meter-2", {}).get("errors") and
-                           agent.status()["inputs"]["modbus"]["devices"],
+                           agent.status()["input_details"]["modbus"]["devices"],
                            what="the status of both devices")
         assert devices["meter-1"]["condition"] == "reading"
         assert "connection" in devices["meter-2"]["errors"]

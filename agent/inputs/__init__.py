@@ -23,9 +23,10 @@ Rules:
   built, so it must import heavy libraries inside ``build``, not at the top.
 * A kind under the config's ``inputs:`` mapping (``inputs.modbus``) is read by the
   module whose ``SECTION`` is ``inputs.<kind>``; that module also declares
-  ``check(raw, key)``, which returns its checked section or raises ConfigError with
-  the full key path (``inputs.modbus[0].points[2].type``). ``config.py`` hands it
-  each sub-section through :func:`check_inputs` and knows no kind itself.
+  ``check(raw, key, base_dir)``, which returns its checked section or raises
+  ConfigError with the full key path (``inputs.modbus[0].points[2].type``).
+  ``config.py`` hands the mapping to :func:`check_sections` and knows no kind itself;
+  ``Config.inputs`` keeps ``inputs.<kind>`` -> the checked section.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from ..errors import ConfigError, NotStored
@@ -190,20 +192,21 @@ class PolledInput(Input):
 # --------------------------------------------------------------------------- the registry
 
 Builder = Callable[[Any, InputEnv], Input]
+KINDS_PREFIX = "inputs."  # sections of the top-level ``inputs`` mapping: inputs.<kind>
 
 
-def _modules() -> Dict[str, Any]:
-    """Config section name -> the module of its input, one per module of this package."""
-    modules: Dict[str, Any] = {}
+def _modules() -> Dict[str, ModuleType]:
+    """Config section name -> its input module, one per module of this package."""
+    kinds: Dict[str, ModuleType] = {}
     for name in sorted(os.listdir(os.path.dirname(__file__))):
         stem, ext = os.path.splitext(name)
         if ext != ".py" or stem.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{stem}")
-        if module.SECTION in modules:
+        if module.SECTION in kinds:
             raise RuntimeError(f"two inputs read config section {module.SECTION!r}")
-        modules[module.SECTION] = module
-    return modules
+        kinds[module.SECTION] = module
+    return kinds
 
 
 def registry() -> Dict[str, Builder]:
@@ -211,20 +214,26 @@ def registry() -> Dict[str, Builder]:
     return {section: module.build for section, module in _modules().items()}
 
 
-def check_inputs(raw: Any, key: str = "inputs") -> Dict[str, Any]:
-    """The config's ``inputs:`` mapping checked: kind -> the section its module's
-    ``check`` returned (module docstring)."""
+def check_sections(raw: Any, base_dir: str) -> Dict[str, Any]:
+    """The config's top-level ``inputs`` mapping, checked: ``inputs.<kind>`` -> its checked
+    section. Each kind is the module whose ``SECTION`` is ``inputs.<kind>``; it checks its
+    own section with ``check(raw, key, base_dir)`` (ConfigError naming the full key path,
+    ``inputs.modbus[0].points[2].type``; relative paths against ``base_dir``, the config
+    file's folder). config.py passes the mapping here as it is and keeps the result in
+    ``Config.inputs``."""
+    if raw is None:
+        return {}
+    modules = {name: m for name, m in _modules().items() if name.startswith(KINDS_PREFIX)}
     if not isinstance(raw, dict):
-        raise ConfigError(key, "must be a mapping of input kinds")
-    modules = _modules()
-    kinds = sorted(s[len(key) + 1:] for s in modules if s.startswith(key + "."))
+        raise ConfigError("inputs", "must be a mapping of input kinds ("
+                          f"{', '.join(sorted(n[len(KINDS_PREFIX):] for n in modules))})")
     checked: Dict[str, Any] = {}
     for kind, section in raw.items():
-        module = modules.get(f"{key}.{kind}")
-        if module is None:
-            raise ConfigError(f"{key}.{kind}", f"unknown input kind (kinds: "
-                              f"{', '.join(kinds) or 'none'})")
-        checked[kind] = module.check(section, f"{key}.{kind}")
+        name = f"{KINDS_PREFIX}{kind}"
+        if name not in modules:
+            raise ConfigError(name, "unknown input kind (kinds: "
+                              f"{', '.join(sorted(n[len(KINDS_PREFIX):] for n in modules))})")
+        checked[name] = modules[name].check(section, name, base_dir)
     return checked
 
 
@@ -241,12 +250,11 @@ def missing(sections: Mapping[str, Any]) -> List[str]:
 
 
 def sections_of(config: Any) -> Dict[str, Any]:
-    """The config's sections that an input reads (section name -> its checked values);
-    the kinds under ``inputs:`` as ``inputs.<kind>``."""
+    """The config's sections that an input reads (section name -> its checked values):
+    top-level ones (``telemetry``), then those of ``inputs`` (``inputs.modbus``...)."""
     sections = {name: getattr(config, name) for name in registry()
-                if getattr(config, name, None) is not None}
-    for kind, section in (getattr(config, "inputs", None) or {}).items():
-        sections[f"inputs.{kind}"] = section
+                if "." not in name and getattr(config, name, None) is not None}
+    sections.update(getattr(config, "inputs", None) or {})
     return sections
 
 

@@ -43,7 +43,9 @@ RECONNECT_MAX_S = 30.0
 JOIN_S = 1.5  # a port thread in the middle of a request gets this long to finish at stop
 
 
-def check(raw: Any, key: str) -> Tuple[modbus.Device, ...]:
+def check(raw: Any, key: str, base_dir: str = "") -> Tuple[modbus.Device, ...]:
+    """The checked section (``base_dir``: no relative paths here; a serial device's path
+    is taken as written)."""
     return modbus.check(raw, key)
 
 
