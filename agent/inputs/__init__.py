@@ -218,8 +218,8 @@ def check_sections(raw: Any, base_dir: str) -> Dict[str, Any]:
     """The config's top-level ``inputs`` mapping, checked: ``inputs.<kind>`` -> its checked
     section. Each kind is the module whose ``SECTION`` is ``inputs.<kind>``; it checks its
     own section with ``check(raw, key, base_dir)`` (ConfigError naming the full key path,
-    ``inputs.modbus[0].points[2].type``; relative paths against ``base_dir``, the config
-    file's folder). config.py passes the mapping here as it is and keeps the result in
+    ``inputs.exec[0].argv``; relative paths against ``base_dir``, the config file's
+    folder). config.py passes the mapping here as it is and keeps the result in
     ``Config.inputs``."""
     if raw is None:
         return {}
@@ -237,21 +237,9 @@ def check_sections(raw: Any, base_dir: str) -> Dict[str, Any]:
     return checked
 
 
-def missing(sections: Mapping[str, Any]) -> List[str]:
-    """What the inputs of these sections need and cannot import here (``REQUIRES``: module
-    names), each with the section: for ``--check-config``, which builds no input."""
-    import importlib.util
-
-    modules = _modules()
-    return [f"{name}: needs {req}, which is not installed"
-            for name in sections if name in modules
-            for req in getattr(modules[name], "REQUIRES", ())
-            if importlib.util.find_spec(req) is None]
-
-
 def sections_of(config: Any) -> Dict[str, Any]:
     """The config's sections that an input reads (section name -> its checked values):
-    top-level ones (``telemetry``), then those of ``inputs`` (``inputs.modbus``...)."""
+    top-level ones (``telemetry``), then those of ``inputs`` (``inputs.socket``...)."""
     sections = {name: getattr(config, name) for name in registry()
                 if "." not in name and getattr(config, name, None) is not None}
     sections.update(getattr(config, "inputs", None) or {})
@@ -280,3 +268,15 @@ def reconfigure(inputs: List[Input], old: Mapping[str, Any], new: Mapping[str, A
     for name in sorted(set(old) ^ set(new)):
         log.warning("reload: section %s was %s; that takes effect only after a restart",
                     name, "added" if name in new else "removed")
+
+
+def missing(sections: Mapping[str, Any]) -> List[str]:
+    """What the inputs of these sections need and cannot import here (``REQUIRES``: module
+    names), each with the section: for ``--check-config``, which builds no input."""
+    import importlib.util
+
+    modules = _modules()
+    return [f"{name}: needs {req}, which is not installed"
+            for name in sections if name in modules
+            for req in getattr(modules[name], "REQUIRES", ())
+            if importlib.util.find_spec(req) is None]
