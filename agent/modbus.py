@@ -316,8 +316,8 @@ def _request(points: Sequence[Point]) -> Request:
 
 
 class PointError(ValueError):
-    """A point that could not be read: ``kind`` (timeout, connection, exception, value)
-    and what a person needs to know."""
+    """A point that could not be read: ``kind`` (timeout, connection, exception, value,
+    error) and what a person needs to know."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
@@ -462,7 +462,7 @@ class DeviceHealth:
 def _label(error: PointError) -> str:
     """What a point's failure is, without what varies from poll to poll (a timeout's or a
     refused connection's wording): an exception and a bad value keep their detail."""
-    return error.kind if error.kind in ("timeout", "connection") else str(error)
+    return error.kind if error.kind in ("timeout", "connection", "error") else str(error)
 
 
 def _reasons(whys: Any) -> str:

@@ -9,10 +9,11 @@ Rules:
   one conversation, and a TCP connection carries one request at a time here.
 * Every failure comes out as :class:`~agent.modbus.PointError` with its kind:
   ``connection`` (refused, lost, no such serial device), ``timeout`` (no answer),
-  ``exception`` (the device answered with a Modbus exception), never a pymodbus
-  exception. pymodbus's own retries are off (one timeout costs ``timeout_s``, not
-  four) and its logger is quiet: each device's condition is logged once per change
-  by the input (``modbus.DeviceHealth``), a dead meter must not write a line a poll.
+  ``exception`` (the device answered with a Modbus exception), ``error`` (anything
+  else pymodbus raised), never a pymodbus exception. pymodbus's own retries are off
+  (one timeout costs ``timeout_s``, not four) and its logger is quiet: each device's
+  condition is logged once per change by the input (``modbus.DeviceHealth``), a dead
+  meter must not write a line a poll.
 * Works with pymodbus 3.8 (the last for Python 3.9: ``slave=``) to 3.x (``device_id=``).
 """
 
@@ -67,11 +68,13 @@ class Port:
         """``count`` registers (or bits, as 0/1) of ``table`` from ``address``."""
         from pymodbus.exceptions import ConnectionException, ModbusException
 
-        if self._client is None:
-            self._client = self._open()
-        method = getattr(self._client, READS[table])
         try:
+            if self._client is None:
+                self._client = self._open()
+            method = getattr(self._client, READS[table])
             response = method(address, count=count, **{self._unit_keyword: unit})
+        except PointError:
+            raise
         except ConnectionException as exc:
             self.close()
             raise PointError("connection", f"{self.endpoint.label}: {_short(exc)}") from None
@@ -83,6 +86,9 @@ class Port:
         except OSError as exc:
             self.close()
             raise PointError("connection", f"{self.endpoint.label}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a library surprise must not end the port's
+            self.close()  # thread: counted as an error, the port opened again next poll
+            raise PointError("error", f"{type(exc).__name__}: {_short(exc)}") from None
         if response.isError():
             code = getattr(response, "exception_code", 0)
             raise PointError("exception", exception_name(int(code)))

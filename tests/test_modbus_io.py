@@ -11,7 +11,16 @@ import time
 
 import pytest
 import yaml
-from helpers import REPO, AgentProcess, ServerProcess, child_env, stored, wait_for, write_config
+from helpers import (
+    REPO,
+    AgentProcess,
+    ServerProcess,
+    child_env,
+    free_port,
+    stored,
+    wait_for,
+    write_config,
+)
 from modbuskit import BlackHole, Peer, PtyPair
 
 from agent import modbus
@@ -432,3 +441,30 @@ def test_a_port_thread_without_progress_marks_the_input_stuck():
     assert not item.health().stuck
     loop.progress -= loop.stuck_after
     assert item.health().stuck
+
+
+def test_the_port_turns_every_failure_into_a_point_error(cleanup):
+    hole = BlackHole()
+    cleanup(hole)
+    port = Port(modbus.parse_url(hole.url, "url"), 0.2)
+    with pytest.raises(modbus.PointError) as err:
+        port.read("holding", 0, 1, 1)
+    assert err.value.kind == "timeout" and not port.is_open  # closed: no late answer later
+    refused = Port(modbus.Endpoint("tcp", "127.0.0.1", free_port()), 0.2)  # nobody there
+    with pytest.raises(modbus.PointError) as err:
+        refused.read("holding", 0, 1, 1)
+    assert err.value.kind == "connection"
+
+    class Surprising:
+        def read_holding_registers(self, *args, **kwargs):
+            raise RuntimeError("a library surprise")
+
+        def close(self):
+            pass
+
+    odd = Port(modbus.Endpoint("tcp", "127.0.0.1", 1), 0.2)
+    odd._client = Surprising()
+    with pytest.raises(modbus.PointError) as err:
+        odd.read("holding", 0, 1, 1)
+    assert (err.value.kind, err.value.detail) == ("error", "RuntimeError: a library surprise")
+    assert not odd.is_open
