@@ -39,7 +39,8 @@ def load_config(path: str, check_files: bool = False) -> Optional[Config]:
 
     ``check_files`` (the daemon and ``--check-config``): also the token (its file; what
     it claims is ``auth.token_problem``), the proxy credentials file, and that
-    ``state_dir`` can be written by this user.
+    ``state_dir`` can be written by this user, and that every configured input's library
+    is installed (``inputs.missing``).
     """
     from . import config as config_mod
     from .auth import read_proxy_auth, read_token
@@ -52,6 +53,12 @@ def load_config(path: str, check_files: bool = False) -> Optional[Config]:
             if cfg.server.proxy_auth_file:
                 read_proxy_auth(cfg.server.proxy_auth_file)
             config_mod.check_state_dir(cfg.state_dir)
+            if cfg.inputs:  # an input whose library is missing (an extra not installed)
+                from .inputs import missing, sections_of
+
+                for problem in missing(sections_of(cfg))[:1]:
+                    name, _, reason = problem.partition(": ")
+                    raise ConfigError(name, reason + " (docs/deploy.md)")
     except (ConfigError, AuthError) as exc:
         print(f"nexus-agent: config error: {exc}", file=sys.stderr)
         return None

@@ -8,7 +8,9 @@ Threads and what each owns:
 * ``nexus-input-<source>``: one per input built from its config section by the
   registry (``inputs/``; today ``nexus-input-system``, every
   ``telemetry.interval_s``); each stores its samples through the mailbox
-  (outbox, then a wake-up of the transport), timestamp = sample time;
+  (outbox, then a wake-up of the transport), timestamp = sample time; the
+  Modbus input runs one more thread per port (``nexus-modbus-N``, see
+  ``inputs/modbus.py``);
 * ``nexus-transport``: the socket (see ``transport.py``); command requests
   leave it through a ``queue.SimpleQueue`` to the command runner;
 * ``nexus-cmd-intake`` and ``nexus-cmd-N``: the command runner's intake (ledger,
@@ -350,7 +352,18 @@ class Agent:
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
             "restart_needed": self.restart_needed,
+            "input_details": self._input_details(),
         }
+
+    def _input_details(self) -> Dict[str, Any]:
+        """source -> what an input says beyond its health (``Input.report``: the Modbus
+        input's devices), for the inputs that say more."""
+        reports = {}
+        for item in self.inputs:
+            report = item.report()
+            if report is not None:
+                reports[item.source] = report
+        return reports
 
     def _drain(self, depth: int) -> Dict[str, Optional[float]]:
         """Acked messages a minute over the last DRAIN_WINDOW_S, and the time to empty."""

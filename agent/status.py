@@ -94,9 +94,24 @@ def render(report: Dict[str, Any], now: float) -> str:
         "clock offset:     " + ("unknown" if offset is None else f"{offset:+.3f} s to the server"),
         f"status file:      {_ago(report.get('updated'), now)}",
     ]
+    lines += _devices(report, now)
     lines += [f"RESTART NEEDED:   {what} (reloaded, not yet in effect: systemctl restart "
               "nexus-agent)" for what in report.get("restart_needed") or []]
     return "\n".join(lines)
+
+
+def _devices(report: Dict[str, Any], now: float) -> List[str]:
+    """One line per device an input reads (``Input.report``: the Modbus input's meters),
+    and one per failing point."""
+    lines = []
+    for source, facts in sorted((report.get("input_details") or {}).items()):
+        for name, d in sorted((facts.get("devices") or {}).items()):
+            errors = ", ".join(f"{kind}={n}" for kind, n in sorted(d.get("errors", {}).items()))
+            lines.append(f"{source} {name}: {d.get('condition')}; last good read "
+                         f"{_ago(d.get('last_good'), now)}; errors: {errors or 'none'}")
+            lines += [f"  failing point {point}: {why}"
+                      for point, why in sorted((d.get("failing") or {}).items())]
+    return lines
 
 
 def main(argv: List[str]) -> int:

@@ -21,6 +21,12 @@ Rules:
   :class:`Input`. Adding an input is one module here and one config section
   (docs/design.md, "Adding an input"). A module is imported when the inputs are
   built, so it must import heavy libraries inside ``build``, not at the top.
+* A kind under the config's ``inputs:`` mapping (``inputs.modbus``) is read by the
+  module whose ``SECTION`` is ``inputs.<kind>``; that module also declares
+  ``check(raw, key, base_dir)``, which returns its checked section or raises
+  ConfigError with the full key path (``inputs.modbus[0].points[2].type``).
+  ``config.py`` hands the mapping to :func:`check_sections` and knows no kind itself;
+  ``Config.inputs`` keeps ``inputs.<kind>`` -> the checked section.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from ..errors import ConfigError, NotStored
@@ -89,6 +96,11 @@ class Input(ABC):
     @abstractmethod
     def health(self) -> InputHealth:
         """The input's health now (any thread)."""
+
+    def report(self) -> Optional[Mapping[str, Any]]:
+        """More than ``health()`` for ``nexus-agent status`` (JSON values; ``devices``:
+        name -> facts, shown one line each), or None (any thread)."""
+        return None
 
     def configure(self, section: Any) -> None:
         """Its config section, changed by a reload (main thread); by default that takes
@@ -180,11 +192,12 @@ class PolledInput(Input):
 # --------------------------------------------------------------------------- the registry
 
 Builder = Callable[[Any, InputEnv], Input]
+KINDS_PREFIX = "inputs."  # sections of the top-level ``inputs`` mapping: inputs.<kind>
 
 
-def registry() -> Dict[str, Builder]:
-    """Config section name -> the builder of its input, one per module of this package."""
-    kinds: Dict[str, Builder] = {}
+def _modules() -> Dict[str, ModuleType]:
+    """Config section name -> its input module, one per module of this package."""
+    kinds: Dict[str, ModuleType] = {}
     for name in sorted(os.listdir(os.path.dirname(__file__))):
         stem, ext = os.path.splitext(name)
         if ext != ".py" or stem.startswith("_"):
@@ -192,14 +205,45 @@ def registry() -> Dict[str, Builder]:
         module = importlib.import_module(f"{__name__}.{stem}")
         if module.SECTION in kinds:
             raise RuntimeError(f"two inputs read config section {module.SECTION!r}")
-        kinds[module.SECTION] = module.build
+        kinds[module.SECTION] = module
     return kinds
 
 
+def registry() -> Dict[str, Builder]:
+    """Config section name -> the builder of its input, one per module of this package."""
+    return {section: module.build for section, module in _modules().items()}
+
+
+def check_sections(raw: Any, base_dir: str) -> Dict[str, Any]:
+    """The config's top-level ``inputs`` mapping, checked: ``inputs.<kind>`` -> its checked
+    section. Each kind is the module whose ``SECTION`` is ``inputs.<kind>``; it checks its
+    own section with ``check(raw, key, base_dir)`` (ConfigError naming the full key path,
+    ``inputs.exec[0].argv``; relative paths against ``base_dir``, the config file's
+    folder). config.py passes the mapping here as it is and keeps the result in
+    ``Config.inputs``."""
+    if raw is None:
+        return {}
+    modules = {name: m for name, m in _modules().items() if name.startswith(KINDS_PREFIX)}
+    if not isinstance(raw, dict):
+        raise ConfigError("inputs", "must be a mapping of input kinds ("
+                          f"{', '.join(sorted(n[len(KINDS_PREFIX):] for n in modules))})")
+    checked: Dict[str, Any] = {}
+    for kind, section in raw.items():
+        name = f"{KINDS_PREFIX}{kind}"
+        if name not in modules:
+            raise ConfigError(name, "unknown input kind (kinds: "
+                              f"{', '.join(sorted(n[len(KINDS_PREFIX):] for n in modules))})")
+        checked[name] = modules[name].check(section, name, base_dir)
+    return checked
+
+
 def sections_of(config: Any) -> Dict[str, Any]:
-    """The config's sections that an input reads (section name -> its checked values)."""
-    return {name: getattr(config, name) for name in registry()
-            if getattr(config, name, None) is not None}
+    """The config's sections that an input reads (section name -> its checked values):
+    top-level ones (``telemetry``), then those of ``inputs`` (``inputs.socket``...)."""
+    sections = {name: getattr(config, name) for name in registry()
+                if "." not in name and getattr(config, name, None) is not None}
+    sections.update(getattr(config, "inputs", None) or {})
+    return sections
 
 
 def build(sections: Mapping[str, Any], env: InputEnv) -> List[Input]:
@@ -224,3 +268,15 @@ def reconfigure(inputs: List[Input], old: Mapping[str, Any], new: Mapping[str, A
     for name in sorted(set(old) ^ set(new)):
         log.warning("reload: section %s was %s; that takes effect only after a restart",
                     name, "added" if name in new else "removed")
+
+
+def missing(sections: Mapping[str, Any]) -> List[str]:
+    """What the inputs of these sections need and cannot import here (``REQUIRES``: module
+    names), each with the section: for ``--check-config``, which builds no input."""
+    import importlib.util
+
+    modules = _modules()
+    return [f"{name}: needs {req}, which is not installed"
+            for name in sections if name in modules
+            for req in getattr(modules[name], "REQUIRES", ())
+            if importlib.util.find_spec(req) is None]
