@@ -81,6 +81,37 @@ def read_token(token_file: Optional[str]) -> str:
     return token
 
 
+def store_token(path: str, token: str) -> None:
+    """Replace the token file with ``token``, atomically and durably: a new file beside it
+    (mode 0600, the old file's owner and group), written and fsynced, renamed over the
+    old one, then the directory fsynced. On any error (a full disk, a read-only
+    directory) the old file is left as it was and OSError says why."""
+    folder = os.path.dirname(os.path.abspath(path))
+    old = os.stat(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.new-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.write(fd, (token + "\n").encode("ascii"))
+            if os.geteuid() == 0 and (old.st_uid, old.st_gid) != (0, 0):
+                os.fchown(fd, old.st_uid, old.st_gid)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
 def unverified_claims(token: str) -> Dict[str, Any]:
     """The JWT's claims without checking the signature; {} if it is not a readable JWT."""
     parts = token.split(".")

@@ -24,6 +24,20 @@ EXIT_OK, EXIT_UNHEALTHY, EXIT_NOT_RUNNING, EXIT_CONFIG = 0, 1, 3, cli.EXIT_CONFI
 STALE_S = statusfile.STALE_S
 
 
+TOKEN_WARN_S = 7 * 86400  # a token this close to its expiry is shown as a warning
+
+
+def _expiry_note(exp: float, now: float) -> str:
+    """Says so, well before the token runs out: a server that renews tokens replaces it
+    while the device is connected; one that does not needs a new token file."""
+    if exp < now:
+        return " (EXPIRED: the server refuses it; provision a new token)"
+    if exp - now < TOKEN_WARN_S:
+        return (f" (WARNING: expires in {(exp - now) / 86400:.1f} days; a server that renews "
+                "tokens replaces it while connected, else provision a new one)")
+    return ""
+
+
 def _ago(ts: Optional[float], now: float) -> str:
     return "never" if ts is None else f"{now - ts:.1f} s ago"
 
@@ -90,7 +104,7 @@ def render(report: Dict[str, Any], now: float) -> str:
         f"reconnects:       {report['reconnects']}",
         "token expires:    " + ("unknown" if exp is None else
                                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(exp))
-                                + (" (EXPIRED)" if exp < now else "")),
+                                + _expiry_note(exp, now)),
         "clock offset:     " + ("unknown" if offset is None else f"{offset:+.3f} s to the server"),
         f"status file:      {_ago(report.get('updated'), now)}",
     ]

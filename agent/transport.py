@@ -78,6 +78,7 @@ from .session import (
     Send,
     Session,
     SessionConfig,
+    TokenRenewed,
     Worked,
 )
 
@@ -398,6 +399,29 @@ class Transport:
             self.refuse(oldest, f"the server closed the connection {count} times in a row "
                            f"while it was the oldest message in flight ({reason})")
 
+    def keep_token(self, token: str) -> None:
+        """A fresh token from the server: checked against what the agent can know of it (a
+        JWT for this device, not expired), then written over ``server.token_file`` for the
+        next connections (atomically; on failure the old one stays, and says so)."""
+        path = self.config.server.token_file
+        if path is None:
+            return
+        problem = auth.token_problem(token, self.config.device_id, time.time())
+        if problem is not None:
+            log.error("ignored a renewed token from the server: %s", problem)
+            return
+        try:
+            auth.store_token(path, token)
+        except OSError as exc:
+            log.error("could not write the renewed token to %s (%s); the current one is "
+                      "kept and is used until it expires", path, exc.strerror or exc)
+            return
+        expires = auth.expiry(token)
+        self.health.update(token_expires=expires)
+        log.info("the server renewed the token; it is used from the next connection on "
+                 "(expires %s)", "never" if expires is None else
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)))
+
     def _shrink_batches(self, size: int, reason: str) -> None:
         """A connection died with a batch of ``size`` bytes in flight: halve what a batch may
         hold, or stop batches below MIN_BATCH_BYTES (for the rest of this run)."""
@@ -478,7 +502,8 @@ class _Connection:
             cfg.device_id, cfg.server.connect_timeout_s, cfg.server.ping_interval_s,
             cfg.server.ping_timeout_s, cfg.server.ack_timeout_s, cfg.server.ack_window,
             cfg.server.max_messages_per_minute, transport.commands is not None,
-            batches=transport.batches_allowed), time.monotonic())
+            batches=transport.batches_allowed,
+            renew_tokens=cfg.server.token_file is not None), time.monotonic())
         self.plan: Optional[SendPlan] = None
         self.message = _Reassembly(MAX_INCOMING_MESSAGE)
         self.read_timeout = cfg.server.connect_timeout_s  # what a send may block for
@@ -546,6 +571,8 @@ class _Connection:
                     self._welcomed(event.welcome)
                 elif isinstance(event, Worked):
                     self.t.worked = True
+                elif isinstance(event, TokenRenewed):
+                    self.t.keep_token(event.token)
                 elif isinstance(event, Ended):
                     raise _lost(event)
         finally:
