@@ -64,9 +64,10 @@ def _token_problem(cfg: Config) -> Optional[str]:
     """What the token's claims say is wrong for this device (``auth.token_problem``)."""
     import time
 
-    from .auth import read_token, token_problem
+    from .auth import check_credentials, token_problem
 
-    problem = token_problem(read_token(cfg.server.token_file), cfg.device_id, time.time())
+    token = check_credentials(cfg.server.token_file, cfg.server.client_key)
+    problem = None if token is None else token_problem(token, cfg.device_id, time.time())
     if problem is None:
         return None
     source = f"token file {cfg.server.token_file}" if cfg.server.token_file else "NEXUS_TOKEN"

@@ -43,13 +43,13 @@ def load_config(path: str, check_files: bool = False) -> Optional[Config]:
     is installed (``inputs.missing``).
     """
     from . import config as config_mod
-    from .auth import read_proxy_auth, read_token
+    from .auth import check_credentials, read_proxy_auth
     from .errors import AuthError, ConfigError
 
     try:
         cfg = config_mod.load(path)
         if check_files:
-            read_token(cfg.server.token_file)
+            check_credentials(cfg.server.token_file, cfg.server.client_key)
             if cfg.server.proxy_auth_file:
                 read_proxy_auth(cfg.server.proxy_auth_file)
             config_mod.check_state_dir(cfg.state_dir)

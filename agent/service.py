@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Se
 
 from . import config as config_mod
 from . import statusfile, store
-from .auth import read_token
+from .auth import check_credentials
 from .config import Config
 from .connstate import ConnectionStats
 from .errors import ConfigError, NexusError
@@ -303,7 +303,7 @@ class Agent:
     def _reload(self) -> None:
         try:
             new = config_mod.load(self.config.source)
-            read_token(new.server.token_file)  # the same checks as at start
+            check_credentials(new.server.token_file, new.server.client_key)  # as at start
         except (ConfigError, NexusError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
