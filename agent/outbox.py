@@ -286,6 +286,13 @@ class OutboxStats:
     last_set_aside: str = ""  # "<id>: <reason>" of the newest row set aside
 
 
+def _id_in(epochs: List[Tuple[int, str]], firsts: List[int], seq: int) -> str:
+    """``<epoch>-<seq>`` with the epoch whose range holds ``seq`` (the last starts there)."""
+    if seq >= firsts[-1]:
+        return f"{epochs[-1][1]}-{seq}"
+    return f"{epochs[max(0, bisect.bisect_right(firsts, seq) - 1)][1]}-{seq}"
+
+
 def new_epoch() -> str:
     return os.urandom(EPOCH_BYTES).hex()
 
@@ -397,10 +404,14 @@ class Outbox(Generic[R]):
         self._epoch_index = {epoch: i for i, (_, epoch) in enumerate(self._epochs)}
 
     def _id(self, seq: int) -> str:
-        """The id of the row ``seq``: its epoch's value and the seq."""
-        if seq >= self._firsts[-1]:
-            return f"{self._epoch}-{seq}"
-        return f"{self._epochs[max(0, bisect.bisect_right(self._firsts, seq) - 1)][1]}-{seq}"
+        """The id of the row ``seq``: its epoch's value and the seq. Caller holds the lock
+        (or is the only thread, at open)."""
+        return _id_in(self._epochs, self._firsts, seq)
+
+    def _ids_now(self) -> Callable[[int], str]:
+        """Ids by this file's epochs as they are now, for use outside the lock. Caller holds
+        the lock."""
+        return functools.partial(_id_in, self._epochs, self._firsts)
 
     def _count(self, depth: int = 0, size: int = 0, dropped: int = 0,
                set_aside: int = 0) -> None:
@@ -583,9 +594,12 @@ class Outbox(Generic[R]):
         """Take acknowledged messages out of the queue (unknown ids are ignored); how many.
 
         They are deleted from the file later (see the module docstring)."""
-        wanted = {seq for seq in map(self._seq_of, ids) if seq is not None}
+        ids = list(ids)
         taken = 0
         with self._lock:
+            # Mapped under the lock: a file replaced meanwhile has other epochs, and an id of
+            # the old file must not take out the row of the new one with the same seq.
+            wanted = {seq for seq in map(self._seq_of, ids) if seq is not None}
             found: List[Tuple[int, int]] = []  # (seq, size) of the queued rows among them
             seqs = []  # the rest, looked up in the file
             for seq in sorted(wanted - set(self._acked)):
@@ -612,8 +626,8 @@ class Outbox(Generic[R]):
     def set_aside(self, msg_id: str, reason: str) -> bool:
         """Move one message out of the queue into ``set_aside`` (see the module docstring);
         False when it is no longer queued."""
-        seq = self._seq_of(msg_id)
         with self._lock:
+            seq = self._seq_of(msg_id)  # under the lock, as in ack
             if seq is None or seq in self._acked:
                 return False
             return bool(self._set_rows_aside([(seq, reason)]))
@@ -706,11 +720,15 @@ class Outbox(Generic[R]):
         """Up to ``limit`` queued items with ``seq`` above ``seq`` (and at most ``upto``),
         in order. A row the codec cannot read is set aside with its reason here (and
         counted), never returned, never raised: the rows behind it come at once."""
-        return [item for _, item in self._read(seq, limit, upto)]
+        return [item for _, item in self._read(seq, limit, upto)[0]]
 
-    @_on_corruption(retry=False, default=[])
-    def _read(self, seq: int, limit: int, upto: Optional[int]) -> List[Tuple[int, R]]:
-        """(seq, item) pairs for :meth:`read_after` and :class:`Cursor`."""
+    @_on_corruption(retry=False, default=([], 0, 0))
+    def _read(self, seq: int, limit: int, upto: Optional[int]
+              ) -> Tuple[List[Tuple[int, R]], int, int]:
+        """(seq, item) pairs for :meth:`read_after` and :class:`Cursor`, with the number of
+        rows the read went through and the last seq among them: a row set aside as
+        unreadable is gone from the pairs, not from the scan, so a reader that took a short
+        list for "the end" would stop in front of the rows behind it."""
         query = "SELECT seq, type, ts, payload FROM messages WHERE seq > ?"
         args: List[Any] = [seq]
         if upto is not None:
@@ -718,25 +736,28 @@ class Outbox(Generic[R]):
             args.append(upto)
         with self._lock:
             if self._all_held():  # nothing queued, or all of it in memory
-                return [(s, item) for s, (item, _, _) in self._held.items()
+                held = [(s, item) for s, (item, _, _) in self._held.items()
                         if s > seq and (upto is None or s <= upto)][:limit]
+                return held, len(held), held[-1][0] if held else seq
             if self._acked:  # at most ACK_FLUSH_AT
                 query += f" AND seq NOT IN ({','.join('?' * len(self._acked))})"
                 args.extend(self._acked)
             rows = self._db.execute(query + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
             generation = self.generation
+            id_of = self._ids_now()  # this file's epochs, even if it is replaced meanwhile
+        last = rows[-1][0] if rows else seq
         # Decoded outside the lock: a long batch's decompression never holds up a put.
-        items, unreadable = _decode(self.codec, rows, self._id)
+        items, unreadable = _decode(self.codec, rows, id_of)
         if unreadable:
             with self._lock:
                 if self.generation != generation:
-                    return []  # the file was replaced meanwhile: the caller restarts
+                    return [], 0, 0  # the file was replaced meanwhile: the caller restarts
                 moved = set(self._set_rows_aside((bad, reason) for bad, _, reason in unreadable))
             for bad, msg_id, reason in unreadable:
                 if bad in moved:
                     log.error("outbox %s: message %s cannot be read (%s); set aside",
                               self.path, msg_id, reason)
-        return items
+        return items, len(rows), last
 
     def cursor(self, after: int = 0, upto: Optional[int] = None) -> Cursor[R]:
         """A reader's position in this queue (see :class:`Cursor`)."""
@@ -815,10 +836,9 @@ class Cursor(Generic[R]):
         if not self.unread:
             return []
         # Cleared before the read: a put after it comes with a call to more() of its own.
-        got = self._queue._read(self.after, limit, self.upto)
-        self.unread = len(got) == limit
-        if got:
-            self.after = got[-1][0]
+        got, scanned, last = self._queue._read(self.after, limit, self.upto)
+        self.unread = scanned == limit  # rows set aside in the read count: they were there
+        self.after = max(self.after, last)
         return [item for _, item in got]
 
 
