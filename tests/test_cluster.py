@@ -116,8 +116,26 @@ def test_resend_to_the_other_node_is_acked_and_not_stored_twice(cluster, tmp_pat
              for r in stored(_db(nodes, name), "dev-twice")]
     assert sorted(union) == ["twice-1", "twice-2"]
     r = redis.client()
-    assert r.get("nexus:seen:twice-1") == "stored:A"
-    assert 0 < r.ttl("nexus:seen:twice-1") <= 600  # the dedupe window's retention
+    assert r.get("nexus:seen:dev-twice:twice-1") == "stored:A"
+    assert 0 < r.ttl("nexus:seen:dev-twice:twice-1") <= 600  # the dedupe window's retention
+
+
+def test_two_devices_with_the_same_message_id_on_two_nodes_are_both_stored(cluster):
+    """Ids are unique per device only: the cluster-wide dedupe is on (device_id, id)."""
+    redis, nodes, _ = cluster
+    on_a, on_b = connected(nodes["A"].url, "dev-pair-a"), connected(nodes["B"].url, "dev-pair-b")
+    op = connected(nodes["B"].url, "erin", "operator")
+    subscribe(op, "telemetry")
+    assert on_a.request(telemetry("same-1", "dev-pair-a"))["type"] == "ack"
+    assert on_b.request(telemetry("same-1", "dev-pair-b"))["type"] == "ack"
+    seen = {(u["payload"]["device_id"], u["payload"]["message_id"])
+            for u in (op.recv_type("telemetry.update") for _ in range(2))}
+    assert seen == {("dev-pair-a", "same-1"), ("dev-pair-b", "same-1")}
+    assert [r["id"] for r in stored(_db(nodes, "A"), "dev-pair-a")] == ["same-1"]
+    assert [r["id"] for r in stored(_db(nodes, "B"), "dev-pair-b")] == ["same-1"]
+    r = redis.client()
+    assert wait_for(lambda: r.get("nexus:seen:dev-pair-b:same-1"), 5) == "stored:B"
+    assert r.get("nexus:seen:dev-pair-a:same-1") == "stored:A"
 
 
 def _db(nodes, name):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import List
 
+import pytest
+
 from agent.server.hub import ClusterView, Hub
 from hubkit import NOW, join
 
@@ -26,7 +28,7 @@ def test_duplicates_are_acked_not_stored_and_new_ones_are_published():
     assert types(out) == ["ack"] and hub.telemetry() == [] and view.published == []
     view = ClusterView()
     hub.handle(dev, frame("telemetry", "new", {"device_id": "d1", "metrics": {"c": 1}}), NOW, view)
-    assert view.stored == ["new"]
+    assert view.stored == [("d1", "new")]
     assert [(c, p["message_id"]) for c, p in view.published] == [("telemetry", "new")]
 
 
@@ -63,3 +65,13 @@ def test_ttl_command_is_parked_in_the_view_and_failure_reported_once():
     assert hub.command_failed("c2", "again", NOW) == []
     assert hub.deliver_command({"command_id": "c3", "device_id": "gone", "name": "x",
                                 "args": {}}, "A", NOW) is None
+
+
+def test_seen_keys_of_two_different_pairs_never_collide():
+    pytest.importorskip("redis")
+    from agent.server.cluster import seen_key
+
+    assert seen_key("dev-1", "e1-7") == "nexus:seen:dev-1:e1-7"
+    pairs = [("a:b", "c"), ("a", "b:c"), ("a%3Ab", "c"), ("a%", "3Ab:c"), ("", "a:b:c"),
+             ("a:b:c", ""), ("%", "%"), ("%25", "")]
+    assert len({seen_key(d, i) for d, i in pairs}) == len(pairs)

@@ -7,6 +7,7 @@ import json
 import time
 from typing import List
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -136,3 +137,73 @@ def test_in_memory_every_answer_goes_at_once():
     hub = Hub()
     out = hub.handle(join(hub, "d1"), telemetry("t-1", "d1"), NOW)
     assert [json.loads(text)["type"] for _, text in out] == ["ack"] and not hub.uncommitted
+
+
+def subscribe(hub: Hub, client, channel: str = "telemetry") -> None:
+    hub.handle(client, json.dumps({"type": "subscribe", "id": "s",
+                                   "payload": {"channel": channel}}), NOW)
+
+
+def batch(msg_id: str, device: str, item_ids: List[str]) -> str:
+    return json.dumps({"type": p.TELEMETRY_BATCH, "id": msg_id, "payload": {
+        "device_id": device, "items": [{"id": i, "timestamp": "2025-11-03T01:53:54.518Z",
+                                        "metrics": {"cpu_usage": 2.0}} for i in item_ids]}})
+
+
+@pytest.mark.parametrize("store", ["memory", "file"])
+def test_two_devices_sending_the_same_id_are_both_stored_and_broadcast(tmp_path, store):
+    """A message id is the device's own (``<epoch>-<seq>`` restarts for every device):
+    dedupe is on (device_id, id), never on the id alone."""
+    hub = Hub(str(tmp_path / "store.db") if store == "file" else ":memory:")
+    op = join(hub, "op", "operator")
+    subscribe(hub, op)
+    first, second = join(hub, "d1"), join(hub, "d2")
+
+    def answers(*frames) -> List[tuple]:
+        """(to the operator?, message) for the frames, after the commit with a file."""
+        out = [pair for client, text in frames for pair in hub.handle(client, text, NOW)]
+        if store == "file":
+            out += hub.commit()[0]
+        return [(peer is op.peer, json.loads(text)) for peer, text in out]
+
+    def updates(answered) -> List[tuple]:
+        return [(m["payload"]["device_id"], m["payload"]["message_id"])
+                for to_op, m in answered if to_op]
+
+    assert updates(answers((first, telemetry("1-1", "d1")), (second, telemetry("1-1", "d2")))) \
+        == [("d1", "1-1"), ("d2", "1-1")]
+    out = answers((first, batch("b1", "d1", ["1-2", "1-3"])),
+                  (second, batch("b2", "d2", ["1-2", "1-3"])))
+    assert [m["payload"]["stored"] for to_op, m in out if not to_op] == [2, 2]
+    assert updates(out) == [("d1", "1-2"), ("d1", "1-3"), ("d2", "1-2"), ("d2", "1-3")]
+    # Each device's resend is still a duplicate of its own sample.
+    assert updates(answers((first, telemetry("1-1", "d1")),
+                           (second, batch("b3", "d2", ["1-2"])))) == []
+    assert sorted((row["device_id"], row["id"]) for row in hub.telemetry()) == [
+        (d, i) for d in ("d1", "d2") for i in ("1-1", "1-2", "1-3")]
+    hub.close()
+
+
+def test_a_store_file_keyed_by_id_alone_is_rekeyed_and_keeps_its_rows(tmp_path):
+    import sqlite3
+
+    path = str(tmp_path / "old.db")
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE telemetry (id TEXT PRIMARY KEY, device_id TEXT NOT NULL,
+            sample_time TEXT NOT NULL, received_at TEXT NOT NULL, payload TEXT NOT NULL);
+        CREATE INDEX telemetry_device ON telemetry (device_id);
+        INSERT INTO telemetry VALUES ('1-1', 'd1', 't', 'r', '{"device_id": "d1"}');
+        INSERT INTO telemetry VALUES ('1-2', 'd1', 't', 'r', '{"device_id": "d1"}');""")
+    old.commit()
+    old.close()
+    hub = Hub(path)
+    hub.handle(join(hub, "d2"), telemetry("1-1", "d2"), NOW)
+    hub.handle(join(hub, "d1"), telemetry("1-2", "d1"), NOW)  # still a duplicate
+    hub.commit()
+    assert [(r["device_id"], r["id"]) for r in hub.telemetry()] == [
+        ("d1", "1-1"), ("d1", "1-2"), ("d2", "1-1")]
+    hub.close()
+    hub = Hub(path)  # opened again: nothing to do, nothing lost
+    assert len(hub.telemetry()) == 3
+    hub.close()

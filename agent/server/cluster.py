@@ -25,7 +25,8 @@ Rules and guarantees (docs/design.md, "Several nodes"):
     (MULTI: LRANGE + DEL); the operator's node, at expiry, takes its entry
     back with LREM: 1 removed means never delivered -> DEVICE_OFFLINE. A Redis
     restart without persistence loses parked commands.
-  - stored-once: ``nexus:seen:<message id>``: ``SET NX GET`` with the value
+  - stored-once: ``nexus:seen:<device id>:<message id>`` (:func:`seen_key`; a
+    message id is unique per device only): ``SET NX GET`` with the value
     ``claim:<node>`` and a short lease before the hub stores, then ``stored:<node>``
     for ``dedupe_s`` once stored. A resend of a stored id is acked and dropped;
     of an id claimed by another node and not yet stored, this node waits for
@@ -206,7 +207,8 @@ class Cluster:
         if client.identity.is_device and kind in ("telemetry", p.TELEMETRY_BATCH):
             ids = _telemetry_ids(msg)
             if ids:
-                view.duplicates = frozenset(await self._claim(ids))
+                # The device is the token's (the hub refuses a frame for another device).
+                view.duplicates = frozenset(await self._claim(client.identity.subject, ids))
         elif not client.identity.is_device and kind == "command":
             payload = msg.get("payload")
             device = payload.get("device_id") if isinstance(payload, dict) else None
@@ -217,8 +219,8 @@ class Cluster:
         return view
 
     def _after(self, view: ClusterView) -> None:
-        for msg_id in view.stored:
-            self._send("set", f"nexus:seen:{msg_id}", f"stored:{self.node}",
+        for device_id, msg_id in view.stored:
+            self._send("set", seen_key(device_id, msg_id), f"stored:{self.node}",
                        ex=self.settings.dedupe_s)
         for channel, payload in view.published:
             self._send("publish", BROADCASTS, json.dumps(
@@ -234,32 +236,33 @@ class Cluster:
 
     # ------------------------------------------------------------------ stored once
 
-    async def _claim(self, ids: List[str]) -> List[str]:
-        """The ids another node stored (or stores meanwhile); the others are ours to store."""
+    async def _claim(self, device_id: str, ids: List[str]) -> List[str]:
+        """The ids of ``device_id`` another node stored (or stores meanwhile); the others
+        are ours to store."""
         lease = self.settings.lease_s
+        keys = [seen_key(device_id, i) for i in ids]
         answers = await asyncio.gather(*(self._call(
-            "set", f"nexus:seen:{i}", f"claim:{self.node}", nx=True, get=True, ex=lease)
-            for i in ids))
+            "set", key, f"claim:{self.node}", nx=True, get=True, ex=lease) for key in keys))
         duplicates = []
-        for msg_id, old in zip(ids, answers):
+        for msg_id, key, old in zip(ids, keys, answers):
             if old is None or old == f"claim:{self.node}":
                 continue  # ours (a resend still in flight here: the hub's own store decides)
-            if old.startswith("stored:") or not await self._outwait(msg_id):
+            if old.startswith("stored:") or not await self._outwait(key):
                 duplicates.append(msg_id)
         return duplicates
 
-    async def _outwait(self, msg_id: str) -> bool:
-        """Another node claimed ``msg_id`` and has not stored it yet: True once this node may
-        store it (that node's lease ran out: it died before storing), False once stored."""
-        key = f"nexus:seen:{msg_id}"
+    async def _outwait(self, key: str) -> bool:
+        """Another node claimed ``key`` and has not stored its sample yet: True once this
+        node may store it (that node's lease ran out: it died before storing), False once
+        stored."""
         deadline = time.monotonic() + self.settings.lease_s + 1.0
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             old = await self._call("set", key, f"claim:{self.node}", nx=True, get=True,
                                    ex=self.settings.lease_s)
             if old is None:
-                log.warning("message %s: the node that claimed it did not store it within "
-                            "%d s; storing it here", msg_id, self.settings.lease_s)
+                log.warning("%s: the node that claimed it did not store it within %d s; "
+                            "storing it here", key, self.settings.lease_s)
                 return True
             if old.startswith("stored:"):
                 return False
@@ -423,6 +426,18 @@ class Cluster:
             await asyncio.wait_for(self._redis.aclose(), 1.0)
         except Exception:  # noqa: BLE001 - stopping anyway
             pass
+
+
+def seen_key(device_id: str, msg_id: str) -> str:
+    """``nexus:seen:<device id>:<message id>``, the stored-once marker of one sample.
+
+    ``%`` and ``:`` in the device id are escaped (``%25``, ``%3A``), so the first ``:``
+    after the prefix always ends the device id and two different pairs never share a key
+    (unescaped, device ``a:b`` with id ``c`` and device ``a`` with id ``b:c`` would). The
+    message id needs no escaping: it is all that follows.
+    """
+    device = device_id.replace("%", "%25").replace(":", "%3A")
+    return f"nexus:seen:{device}:{msg_id}"
 
 
 def _peek(text: str | bytes) -> Optional[Dict[str, Any]]:

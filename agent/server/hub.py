@@ -13,9 +13,10 @@ Rules and guarantees:
   subscriber gets the same text (the same message id).
 * Each frame is decoded once and its payload validated once (by the handler of
   its type); the time stamps a frame's answers share are formatted once.
-* Telemetry is stored by message id: a resend of an id already stored is acked
-  again but neither stored nor broadcast twice (delivery is at-least-once on the
-  wire, exactly-once in the store).
+* Telemetry is stored by (device id, message id): a resend of a pair already
+  stored is acked again but neither stored nor broadcast twice (delivery is
+  at-least-once on the wire, exactly-once in the store). Ids are the devices'
+  own: two devices may well send the same id, and both samples are kept.
 * Every client error is answered with an ``error`` whose code is one of
   ``protocol.ERROR_CODES`` and whose message names the field; the connection
   stays open. Only a client that keeps sending past twice its rate limit is
@@ -98,10 +99,12 @@ class ClusterView:
     """One frame's dealings with the other nodes: filled in before ``Hub.handle`` by the
     cluster layer, and by the hub during it. Plain data: the hub never awaits anything."""
 
-    duplicates: frozenset = frozenset()  # telemetry ids another node stored: ack, drop
+    # ids of this frame's device that another node stored: ack, drop (a frame has one device)
+    duplicates: frozenset = frozenset()
     device_nodes: Dict[str, str] = field(default_factory=dict)  # device_id -> its node
     # written by the hub:
-    stored: List[str] = field(default_factory=list)  # ids stored here, now or before
+    # (device_id, id) stored here, now or before
+    stored: List[Tuple[str, str]] = field(default_factory=list)
     published: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)  # (channel, payload)
     forward: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)  # (node, delivery)
     parked: List[Tuple[Dict[str, Any], float]] = field(default_factory=list)  # (delivery, expires)
@@ -180,6 +183,7 @@ class Hub:
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         if db_path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
+        _rekey_telemetry(self._db)
         self._db.executescript(_SCHEMA)
         self._group_commit = self.settings.group_commit and db_path != ":memory:"
         self._in_transaction = False
@@ -421,7 +425,7 @@ class Hub:
 
     def _store(self, msg_id: str, device_id: str, sample_time: str, payload: Any,
                now: float) -> Outgoing | None:
-        """Store one sample by id: its broadcasts when new, None when stored before."""
+        """Store one sample by (device, id): its broadcasts when new, None when stored before."""
         view = self._view
         if view is not None and msg_id in view.duplicates:
             return None  # another node of the cluster stored it
@@ -430,7 +434,7 @@ class Hub:
             " VALUES (?, ?, ?, ?, ?)",
             (msg_id, device_id, sample_time, self._clock(now), json.dumps(payload)))
         if view is not None:
-            view.stored.append(msg_id)
+            view.stored.append((device_id, msg_id))
         if cur.rowcount != 1:
             return None
         self._trim(now)
@@ -648,14 +652,42 @@ _HANDLERS = {
     "command.result": Hub._command_result,
 }
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS telemetry (
-    id TEXT PRIMARY KEY,
+# A message id is the device's own (docs/protocol.md, section 2): unique per device only.
+_TELEMETRY_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    id TEXT NOT NULL,
     device_id TEXT NOT NULL,
     sample_time TEXT NOT NULL,
     received_at TEXT NOT NULL,
-    payload TEXT NOT NULL
+    payload TEXT NOT NULL,
+    PRIMARY KEY (device_id, id)
 );
+"""
+
+
+def _rekey_telemetry(db: sqlite3.Connection) -> None:
+    """A store file written before telemetry was keyed by (device_id, id) (``id`` alone
+    was the key): rebuilt once with the new key, every row and its rowid (arrival order)
+    kept, in one transaction."""
+    keys = {row[1]: row[5] for row in db.execute("PRAGMA table_info(telemetry)")}
+    if keys.get("id") != 1 or keys.get("device_id") != 0:
+        return  # no table yet, or already keyed by the pair
+    log.warning("store: re-keying telemetry by (device_id, id); done once per file")
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(_TELEMETRY_TABLE.format(name="telemetry_rekeyed"))
+        db.execute("INSERT INTO telemetry_rekeyed (rowid, id, device_id, sample_time, "
+                   "received_at, payload) SELECT rowid, id, device_id, sample_time, "
+                   "received_at, payload FROM telemetry")
+        db.execute("DROP TABLE telemetry")  # and its index; _SCHEMA makes it again
+        db.execute("ALTER TABLE telemetry_rekeyed RENAME TO telemetry")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+_SCHEMA = _TELEMETRY_TABLE.format(name="telemetry") + """
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device_id);
 CREATE TABLE IF NOT EXISTS command_results (
     command_id TEXT PRIMARY KEY,
