@@ -194,7 +194,10 @@ def test_a_store_file_keyed_by_id_alone_is_rekeyed_and_keeps_its_rows(tmp_path):
             sample_time TEXT NOT NULL, received_at TEXT NOT NULL, payload TEXT NOT NULL);
         CREATE INDEX telemetry_device ON telemetry (device_id);
         INSERT INTO telemetry VALUES ('1-1', 'd1', 't', 'r', '{"device_id": "d1"}');
-        INSERT INTO telemetry VALUES ('1-2', 'd1', 't', 'r', '{"device_id": "d1"}');""")
+        INSERT INTO telemetry VALUES ('1-2', 'd1', 't', 'r', '{"device_id": "d1"}');
+        CREATE TABLE command_results (command_id TEXT PRIMARY KEY, device_id TEXT NOT NULL,
+            status TEXT NOT NULL, received_at TEXT NOT NULL, payload TEXT NOT NULL);
+        INSERT INTO command_results VALUES ('c1', 'd1', 'succeeded', 'r', '{}');""")
     old.commit()
     old.close()
     hub = Hub(path)
@@ -207,3 +210,10 @@ def test_a_store_file_keyed_by_id_alone_is_rekeyed_and_keeps_its_rows(tmp_path):
     hub = Hub(path)  # opened again: nothing to do, nothing lost
     assert len(hub.telemetry()) == 3
     hub.close()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT command_id, device_id FROM command_results").fetchall() == [
+        ("c1", "d1")]
+    pk = [r[1] for r in sorted(check.execute("PRAGMA table_info(command_results)"),
+                               key=lambda r: r[5]) if r[5]]
+    assert pk == ["device_id", "command_id"]
+    check.close()

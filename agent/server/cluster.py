@@ -278,7 +278,8 @@ class Cluster:
             receivers = 0
         if not receivers:
             self._deliver(self._hub.command_failed(
-                delivery["command_id"], f"device {delivery['device_id']} is not connected "
+                delivery["device_id"], delivery["command_id"],
+                f"device {delivery['device_id']} is not connected "
                 "(its node is gone; set payload.ttl_s to wait for it)", time.time()))
 
     def _park(self, delivery: Dict[str, Any], expires: float) -> None:
@@ -325,9 +326,9 @@ class Cluster:
             except Unreachable:
                 removed = 1  # not known to be delivered
             if removed:
-                device = key.rsplit(":", 1)[1]
+                device = key.split(":", 2)[2]
                 self._deliver(self._hub.command_failed(
-                    command_id, f"device {device} did not connect before the command's "
+                    device, command_id, f"device {device} did not connect before the command's "
                     "ttl_s ran out", now))
 
     def disconnected(self, client: Client) -> None:
@@ -354,7 +355,8 @@ class Cluster:
             self._deliver(self._hub.deliver_result(payload, now))
         elif kind == "offline":
             self._deliver(self._hub.command_failed(
-                payload["command_id"], f"device {payload['device_id']} is not connected "
+                payload["device_id"], payload["command_id"],
+                f"device {payload['device_id']} is not connected "
                 "(set payload.ttl_s to wait for it)", now))
 
     # ------------------------------------------------------------------ supervisor

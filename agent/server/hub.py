@@ -177,13 +177,18 @@ class Hub:
         # device id -> its connections (client_id -> client): presence without a fleet scan
         self._devices: Dict[str, Dict[str, Client]] = {}
         self._pending: Dict[str, PendingCommand] = {}  # command_id -> waiting for its device
-        self._routes: Dict[str, str] = {}  # command_id -> operator client_id awaiting the result
+        # (device_id, command_id) -> who awaits the result: an operator's client_id, or
+        # REMOTE + node. Keyed by the device too: only the device a command went to may
+        # answer it, and two operators' commands with one id to two devices do not collide.
+        self._routes: Dict[Tuple[str, str], str] = {}
+        self._routed: Dict[str, Dict[str, None]] = {}  # command_id -> devices it went to
         self._listeners: Dict[str, Dict[str, Client]] = {}  # channel -> client_id -> client
         # check_same_thread=False: every use is under self._lock.
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         if db_path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
-        _rekey_telemetry(self._db)
+        for table in _TABLES:
+            _rekey(self._db, table)
         self._db.executescript(_SCHEMA)
         self._group_commit = self.settings.group_commit and db_path != ":memory:"
         self._in_transaction = False
@@ -453,7 +458,7 @@ class Hub:
         if len(self._pending) >= MAX_PENDING_COMMANDS and request.ttl_s is not None:
             raise ProtocolError(p.RATE_LIMITED, f"{MAX_PENDING_COMMANDS} commands are already "
                                 "waiting for offline devices", "payload.ttl_s", env.id)
-        self._route(request.command_id, client.client_id)
+        self._route(request.device_id, request.command_id, client.client_id)
         if self._device_listening(request.device_id):
             return self._broadcast("commands", _delivery(request), now)
         view = self._view
@@ -462,7 +467,7 @@ class Hub:
             view.forward.append((node, _delivery(request)))  # the result comes back here
             return []
         if request.ttl_s is None:
-            self._routes.pop(request.command_id, None)
+            self._unroute(request.device_id, request.command_id)
             raise ProtocolError(p.DEVICE_OFFLINE, f"device {request.device_id} is not "
                                 "connected (set payload.ttl_s to wait for it)",
                                 "payload.device_id", env.id)
@@ -478,6 +483,10 @@ class Hub:
         if not client.identity.is_device or result.device_id != client.identity.subject:
             raise ProtocolError(p.FORBIDDEN, "a device may only report its own commands",
                                 "payload.device_id", env.id)
+        if self._sent_elsewhere(result.device_id, result.command_id):
+            # Before anything is stored or popped: the real result still finds its route.
+            raise ProtocolError(p.FORBIDDEN, f"command {result.command_id} was not sent to "
+                                "this device", "payload.command_id", env.id)
         cur = self._write(
             "INSERT OR IGNORE INTO command_results (command_id, device_id, status, received_at,"
             " payload) VALUES (?, ?, ?, ?, ?)",
@@ -486,7 +495,7 @@ class Hub:
         out = self._reply(client, "ack", env, now)
         # Relayed once per pending request: a device's resend (same result, new message) finds
         # no route; an operator who asks again with the same id gets the stored result again.
-        route = self._routes.pop(result.command_id, "")
+        route = self._unroute(result.device_id, result.command_id)
         operator = self._clients.get(route)
         if cur.rowcount == 0:
             log.debug("command result %s was stored before", result.command_id)
@@ -512,10 +521,27 @@ class Hub:
                     break  # one copy per client, however many subscriptions match
         return out
 
-    def _route(self, command_id: str, target: str) -> None:
-        self._routes[command_id] = target
+    def _route(self, device_id: str, command_id: str, target: str) -> None:
+        self._unroute(device_id, command_id)  # a command id sent again: the newest route
+        self._routes[(device_id, command_id)] = target
+        self._routed.setdefault(command_id, {})[device_id] = None
         while len(self._routes) > MAX_ROUTES:  # results that never came: forget the oldest
-            del self._routes[next(iter(self._routes))]
+            self._unroute(*next(iter(self._routes)))
+
+    def _unroute(self, device_id: str, command_id: str) -> str:
+        """Forget the route of ``command_id`` to ``device_id``; who awaited it, or ""."""
+        target = self._routes.pop((device_id, command_id), "")
+        devices = self._routed.get(command_id)
+        if devices is not None:
+            devices.pop(device_id, None)
+            if not devices:
+                del self._routed[command_id]
+        return target
+
+    def _sent_elsewhere(self, device_id: str, command_id: str) -> bool:
+        """``command_id`` awaits a result from another device, and not from this one."""
+        devices = self._routed.get(command_id, {})
+        return bool(devices) and device_id not in devices
 
     def _device_listening(self, device_id: str) -> bool:
         return any(any(s.channel == "commands" for s in c.subscriptions)
@@ -536,7 +562,7 @@ class Hub:
             for command_id, pending in list(self._pending.items()):
                 if pending.expires <= now:
                     del self._pending[command_id]
-                    self._routes.pop(command_id, None)
+                    self._unroute(pending.request.device_id, command_id)
                     operator = self._clients.get(pending.operator_id)
                     if operator is not None:
                         error = p.make_error(p.DEVICE_OFFLINE, "device "
@@ -572,22 +598,25 @@ class Hub:
             if not self._device_listening(delivery["device_id"]):
                 return None
             if origin is not None:
-                self._route(delivery["command_id"], REMOTE + origin)
+                self._route(delivery["device_id"], delivery["command_id"], REMOTE + origin)
             return self._broadcast("commands", delivery, now)
 
     def deliver_result(self, result: Dict[str, Any], now: float) -> Outgoing:
         """A command's result from the device's node, for the operator here who asked."""
         command_id = str(result.get("command_id", ""))
         with self._lock:
-            operator = self._clients.get(self._routes.pop(command_id, ""))
+            operator = self._clients.get(self._unroute(str(result.get("device_id", "")),
+                                                       command_id))
         if operator is None:
             return []
         return [(operator.peer, _encode(p.make("command.result", now, result, command_id)))]
 
-    def command_failed(self, command_id: str, message: str, now: float) -> Outgoing:
-        """DEVICE_OFFLINE for the operator here who sent ``command_id`` (no node took it)."""
+    def command_failed(self, device_id: str, command_id: str, message: str,
+                       now: float) -> Outgoing:
+        """DEVICE_OFFLINE for the operator here who sent ``command_id`` to ``device_id`` (no
+        node took it)."""
         with self._lock:
-            operator = self._clients.get(self._routes.pop(command_id, ""))
+            operator = self._clients.get(self._unroute(device_id, command_id))
         if operator is None:
             return []
         error = p.make_error(p.DEVICE_OFFLINE, message, now, command_id)
@@ -652,8 +681,10 @@ _HANDLERS = {
     "command.result": Hub._command_result,
 }
 
-# A message id is the device's own (docs/protocol.md, section 2): unique per device only.
-_TELEMETRY_TABLE = """
+# Message ids and command ids are unique per device only (docs/protocol.md): every key
+# holds the device id. {name}: a table is rebuilt under another name (_rekey).
+_TABLES = {
+    "telemetry": ("""
 CREATE TABLE IF NOT EXISTS {name} (
     id TEXT NOT NULL,
     device_id TEXT NOT NULL,
@@ -661,39 +692,43 @@ CREATE TABLE IF NOT EXISTS {name} (
     received_at TEXT NOT NULL,
     payload TEXT NOT NULL,
     PRIMARY KEY (device_id, id)
-);
-"""
+);""", ["device_id", "id"]),
+    "command_results": ("""
+CREATE TABLE IF NOT EXISTS {name} (
+    command_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (device_id, command_id)
+);""", ["device_id", "command_id"]),
+}
 
 
-def _rekey_telemetry(db: sqlite3.Connection) -> None:
-    """A store file written before telemetry was keyed by (device_id, id) (``id`` alone
-    was the key): rebuilt once with the new key, every row and its rowid (arrival order)
-    kept, in one transaction."""
-    keys = {row[1]: row[5] for row in db.execute("PRAGMA table_info(telemetry)")}
-    if keys.get("id") != 1 or keys.get("device_id") != 0:
+def _rekey(db: sqlite3.Connection, table: str) -> None:
+    """A store file written before ``table`` was keyed by the device too (``id`` or
+    ``command_id`` alone was the key): rebuilt once with the new key, every row and its
+    rowid (arrival order) kept, in one transaction."""
+    create, key = _TABLES[table]
+    info = db.execute(f"PRAGMA table_info({table})").fetchall()
+    pk = [name for _, name, *_rest, order in sorted(info, key=lambda r: r[5]) if order]
+    if not info or pk == key:
         return  # no table yet, or already keyed by the pair
-    log.warning("store: re-keying telemetry by (device_id, id); done once per file")
+    log.warning("store: re-keying %s by (%s); done once per file", table, ", ".join(key))
+    columns = ", ".join(row[1] for row in info)
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute(_TELEMETRY_TABLE.format(name="telemetry_rekeyed"))
-        db.execute("INSERT INTO telemetry_rekeyed (rowid, id, device_id, sample_time, "
-                   "received_at, payload) SELECT rowid, id, device_id, sample_time, "
-                   "received_at, payload FROM telemetry")
-        db.execute("DROP TABLE telemetry")  # and its index; _SCHEMA makes it again
-        db.execute("ALTER TABLE telemetry_rekeyed RENAME TO telemetry")
+        db.execute(create.format(name=f"{table}_rekeyed"))
+        db.execute(f"INSERT INTO {table}_rekeyed (rowid, {columns}) "
+                   f"SELECT rowid, {columns} FROM {table}")
+        db.execute(f"DROP TABLE {table}")  # and its index; _SCHEMA makes it again
+        db.execute(f"ALTER TABLE {table}_rekeyed RENAME TO {table}")
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
 
 
-_SCHEMA = _TELEMETRY_TABLE.format(name="telemetry") + """
+_SCHEMA = "\n".join(create.format(name=table) for table, (create, _) in _TABLES.items()) + """
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device_id);
-CREATE TABLE IF NOT EXISTS command_results (
-    command_id TEXT PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    received_at TEXT NOT NULL,
-    payload TEXT NOT NULL
-);
 """
