@@ -75,6 +75,9 @@ MAX_METRICS = 256
 MAX_FILTERS = 16
 MAX_COMMAND_ARGS = 32
 MAX_ARG_CHARS = 1024
+# The dotted path an error names (``payload.metrics.<key>``) is cut to this: a key may be
+# long, and an answer must stay within the limit whatever the client sent.
+MAX_FIELD_CHARS = 256
 
 COMMAND_STATUSES = ("succeeded", "failed", "rejected", "timed_out")
 
@@ -87,6 +90,10 @@ CLIENT_TYPES = ("ping", "subscribe", "unsubscribe", "telemetry", "command", "com
 # MAX_MESSAGE_BYTES.
 MAX_BATCH_ITEMS = 1000
 MAX_BATCH_BYTES = 768 * 1024
+# One item is held to what a single telemetry message may carry: its payload
+# ({"device_id", "metrics"}, compact JSON, UTF-8) at most MAX_MESSAGE_BYTES, so its
+# broadcast fits MAX_SERVER_MESSAGE_BYTES like any other.
+MAX_BATCH_ITEM_BYTES = MAX_MESSAGE_BYTES
 
 
 # --------------------------------------------------------------------------- time and ids
@@ -203,7 +210,7 @@ def make_error(code: str, message: str, now: float, msg_id: str | None = None,
                field_path: str | None = None) -> Envelope:
     error: dict[str, Any] = {"code": code, "message": message}
     if field_path:
-        error["field"] = field_path
+        error["field"] = field_path[:MAX_FIELD_CHARS]
     return Envelope("error", msg_id, format_timestamp(now), error=error)
 
 
@@ -494,11 +501,37 @@ def parse_telemetry_batch(env: Envelope, max_items: int = MAX_BATCH_ITEMS) -> Te
         try:
             items.append(_batch_item(item, f"payload.items.{index}", env.id))
         except RemoteProtocolError as exc:
-            item_id = item.get("id") if isinstance(item, dict) else None
-            rejected.append(ItemRejected(index, item_id if isinstance(item_id, str) and
-                                         _is_unicode(item_id) else None,
-                                         exc.field or f"payload.items.{index}", exc.message))
+            rejected.append(item_rejected(index, item, exc.field or f"payload.items.{index}",
+                                          exc.message))
     return TelemetryBatch(device_id, items, rejected)
+
+
+def item_rejected(index: int, item: Any, field_path: str, message: str) -> ItemRejected:
+    """The ack's entry for a refused item. Its id is echoed cut to MAX_ID_CHARS (an id too
+    long is one reason to refuse it) and the field to MAX_FIELD_CHARS, so that the entry's
+    size is bounded whatever the item held; a client matches rejections by index."""
+    item_id = item.get("id") if isinstance(item, dict) else None
+    return ItemRejected(index, item_id[:MAX_ID_CHARS] if isinstance(item_id, str) and
+                        _is_unicode(item_id) else None, field_path[:MAX_FIELD_CHARS], message)
+
+
+def rejected_list(rejected: list[ItemRejected], budget: int) -> list[dict[str, Any]]:
+    """The ack's ``rejected`` list, at most ``budget`` bytes of JSON: every entry in full
+    while the rest still fit as ``{"index": N}``, then the rest as ``{"index": N}`` only
+    (1,000 of those take 14 KB), so an ack always fits and names every refused item."""
+    short = [len(str(r.index)) + 11 for r in rejected]  # '{"index":N},'
+    reserve, used, out = sum(short), 2, []
+    for entry, small in zip(rejected, short):
+        reserve -= small
+        full = entry.to_dict()
+        size = len(dumps(full).encode("utf-8")) + 1
+        if used + size + reserve <= budget:
+            out.append(full)
+            used += size
+        else:
+            out.append({"index": entry.index})
+            used += small
+    return out
 
 
 def _batch_item(item: Any, path: str, msg_id: str | None) -> BatchItem:

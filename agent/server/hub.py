@@ -396,7 +396,8 @@ class Hub:
         assert env.id is not None and env.payload is not None
         out: Outgoing = [(client.peer, ack_text(env.id, self._clock(now)))]
         return out + (self._store(env.id, data.device_id, env.timestamp or
-                                  self._clock(now), env.payload, now) or [])
+                                  self._clock(now), env.payload, p.dumps(env.payload),
+                                  now) or [])
 
     def _telemetry_batch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         """Every valid item stored and broadcast as if it came alone; one ack says what was
@@ -408,17 +409,42 @@ class Hub:
             raise ProtocolError(p.UNKNOWN_MESSAGE_TYPE, "telemetry.batch is not offered by "
                                 "this server; send single telemetry messages", "type", env.id)
         self._check_sender(client, batch.device_id, env.id)
+        # From here on nothing raises: once an item is stored the answer is this ack,
+        # which names every item refused and always fits (protocol.rejected_list).
         broadcasts: Outgoing = []
         stored = 0
-        for item in batch.items:
-            new = self._store(item.id, batch.device_id, item.timestamp,
-                              {"device_id": batch.device_id, "metrics": item.metrics}, now)
+        rejected = list(batch.rejected)
+        refused = {r.index for r in batch.rejected}
+        indices = (i for i in range(len(batch.items) + len(refused)) if i not in refused)
+        for index, item in zip(indices, batch.items):
+            new, refusal = self._store_item(batch.device_id, index, item, now)
+            if refusal is not None:
+                rejected.append(refusal)
             stored += new is not None
             broadcasts += new or []
+        rejected.sort(key=lambda r: r.index)
         ack = self._reply(client, "ack", env, now, {
             "items": len(batch.items) + len(batch.rejected), "stored": stored,
-            "rejected": [r.to_dict() for r in batch.rejected]})
+            "rejected": p.rejected_list(rejected, p.MAX_MESSAGE_BYTES)})
         return ack + broadcasts
+
+    def _store_item(self, device_id: str, index: int, item: p.BatchItem,
+                    now: float) -> Tuple[Outgoing | None, p.ItemRejected | None]:
+        """One batch item: stored (its broadcasts, or None when stored before), or refused."""
+        payload = {"device_id": device_id, "metrics": item.metrics}
+        row = p.dumps(payload)
+        if len(row) * 4 > p.MAX_BATCH_ITEM_BYTES and \
+                len(row.encode("utf-8")) > p.MAX_BATCH_ITEM_BYTES:
+            return None, p.item_rejected(
+                index, {"id": item.id}, f"payload.items.{index}",
+                f"over {p.MAX_BATCH_ITEM_BYTES} bytes (device_id and metrics as JSON)")
+        try:
+            return self._store(item.id, device_id, item.timestamp, payload, row, now), None
+        except Exception:  # noqa: BLE001 - the ack must still say what was stored
+            log.exception("internal error storing item %d of a batch from %s", index,
+                          device_id)
+            return None, p.item_rejected(index, {"id": item.id}, f"payload.items.{index}",
+                                         "the server failed to store this item")
 
     def _check_sender(self, client: Client, device_id: str, msg_id: str | None) -> None:
         if not client.identity.is_device:
@@ -428,7 +454,7 @@ class Hub:
             raise ProtocolError(p.FORBIDDEN, "a device may only send telemetry for its own "
                                 "device_id", "payload.device_id", msg_id)
 
-    def _store(self, msg_id: str, device_id: str, sample_time: str, payload: Any,
+    def _store(self, msg_id: str, device_id: str, sample_time: str, payload: Any, row: str,
                now: float) -> Outgoing | None:
         """Store one sample by (device, id): its broadcasts when new, None when stored before."""
         view = self._view
@@ -437,7 +463,7 @@ class Hub:
         cur = self._write(
             "INSERT OR IGNORE INTO telemetry (id, device_id, sample_time, received_at, payload)"
             " VALUES (?, ?, ?, ?, ?)",
-            (msg_id, device_id, sample_time, self._clock(now), json.dumps(payload)))
+            (msg_id, device_id, sample_time, self._clock(now), row))
         if view is not None:
             view.stored.append((device_id, msg_id))
         if cur.rowcount != 1:
