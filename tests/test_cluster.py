@@ -252,3 +252,60 @@ def test_redis_restart_under_load_no_node_crashes_and_each_serves_its_own(tmp_pa
         assert agents[name].stop() == 0
         nodes[name].stop()
     redis.kill()
+
+
+def healthz(port: int):
+    """(status, body) of GET /healthz on a node."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_messages_on_redis_that_cannot_be_handled_are_skipped_and_the_node_keeps_serving(
+        tmp_path):
+    """Deep JSON, a broadcast too big to relay, not JSON, not an object: each is logged,
+    counted and skipped; cross-node telemetry still reaches the node's operators."""
+    redis, nodes, _ = two_nodes(tmp_path)
+    op = connected(nodes["B"].url, "frank", "operator")
+    subscribe(op, "telemetry")
+    r = redis.client()
+    big = {"device_id": "x", "metrics": {f"k{i}-" + "x" * 400: 1.0 for i in range(200)}}
+    for bad in ("[" * 100_000 + "]" * 100_000, json.dumps(
+            {"from": "A", "kind": "broadcast", "channel": "telemetry", "payload": big}),
+            "not json", "[1, 2]", json.dumps({"from": "A", "kind": "result", "payload": 3})):
+        assert r.publish("nexus:bc", bad) >= 1
+    dev = connected(nodes["A"].url, "dev-after-bad")
+    assert dev.request(telemetry("after-1", "dev-after-bad"))["type"] == "ack"
+    assert op.recv_type("telemetry.update")["payload"]["message_id"] == "after-1"
+    log = wait_for(lambda: nodes["B"].log() if nodes["B"].log().count(
+        "skipped a cluster message") >= 4 else "", 5, what="the bad messages logged")
+    assert "RecursionError" in log and "LocalProtocolError" in log, log[-3000:]
+    assert "Task exception was never retrieved" not in log
+    assert healthz(nodes["B"].port)[0] == 200
+    for srv in nodes.values():
+        srv.stop()
+    redis.kill()
+
+
+def test_healthz_says_when_a_node_is_cut_off_from_redis_and_it_comes_back_by_itself(tmp_path):
+    redis = RedisProcess(tmp_path / "redis")
+    srv = node(redis.url, "H")
+    in_cluster(srv)
+    status, body = healthz(srv.port)
+    assert (status, body) == (200, "ok: in the cluster as H\n")
+    redis.kill()
+    status, body = wait_for(lambda: (lambda a: a if a[0] == 503 else None)(healthz(srv.port)),
+                            15, what="/healthz to say 503")
+    assert "redis unreachable" in body
+    dev = connected(srv.url, "dev-alone")  # still serving its own clients meanwhile
+    assert dev.request(telemetry("alone-1", "dev-alone"))["type"] == "ack"
+    redis.start()
+    wait_for(lambda: healthz(srv.port)[0] == 200, 20, what="/healthz back to 200")
+    assert "redis back" in srv.log()
+    srv.stop()
+    redis.kill()

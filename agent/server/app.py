@@ -207,6 +207,7 @@ class SendQueue:
             self.conn.transport.abort()
 
 
+HEALTH_PATH = "/healthz"  # for a load balancer: 200, or 503 while cut off from the cluster
 Message = Union[str, bytes]
 EARLY_FRAMES = 16  # frames held for a client still being authenticated; then reading pauses
 # DirectConnection overrides process_event, an internal method of websockets' asyncio
@@ -381,8 +382,21 @@ class CompanionServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def health(self) -> Tuple[bool, str]:
+        """(healthy, why), as ``GET /healthz`` answers it: a cluster node cut off from Redis
+        (or whose reader stopped) is not healthy; a single node always is while it serves."""
+        if self.cluster is None:
+            return True, "serving as a single node"
+        healthy, why = self.cluster.health()
+        return healthy, why
+
     def _check_path(self, conn: ServerConnection, request: Any) -> Any:
         path = urlsplit(request.path).path
+        if path == HEALTH_PATH:
+            healthy, why = self.health()
+            return page.plain(200 if healthy else 503,
+                              "OK" if healthy else "Service Unavailable",
+                              f"{'ok' if healthy else 'unhealthy'}: {why}\n")
         if path != p.PATH:
             # The fleet page's static files (page.py); no data, so no token needed.
             return page.response(path) or conn.respond(404, f"the Nexus endpoint is {p.PATH}\n")

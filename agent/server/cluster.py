@@ -36,7 +36,14 @@ Rules and guarantees (docs/design.md, "Several nodes"):
 * Redis unreachable: logged once ("redis unreachable; serving local clients
   only"), every frame goes to the hub without a view (a single node), and a
   supervisor reconnects with capped backoff ("redis back"), re-subscribes and
-  re-registers its devices.
+  re-registers its devices. :meth:`Cluster.health` says so (the server's
+  ``GET /healthz`` answers 503 meanwhile).
+* Nothing another node (or anyone who can publish on Redis) sends can silence
+  this one: each message read from Redis is handled on its own, and one that
+  fails for any reason is logged, counted (``bad_messages``) and skipped. The
+  supervisor (:meth:`Cluster.run`) survives any error of its reader: it logs
+  it and starts again after the backoff. A reader that stops making rounds
+  (stuck, or dead) turns the health answer to 503 within a few seconds.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -150,6 +158,18 @@ class Cluster:
         self._ever_up = False
         self._parked: Dict[str, Tuple[str, str, float]] = {}  # command id -> key, entry, expires
         self._tasks: set[asyncio.Task[None]] = set()
+        self.bad_messages = 0  # messages from Redis that could not be handled (skipped)
+        self._sessions = 0  # sessions with Redis that got as far as subscribing
+        self._last_round = -math.inf  # time.monotonic() of the reader's last good round
+
+    def health(self) -> Tuple[bool, str]:
+        """(healthy, why): in the cluster and its reader making rounds."""
+        if not self.up:
+            return False, "redis unreachable; serving local clients only"
+        stale = time.monotonic() - self._last_round
+        if stale > 3 * self.settings.health_interval_s + 2 * self.settings.op_timeout_s:
+            return False, f"the cluster reader made no round for {stale:.0f} s"
+        return True, f"in the cluster as {self.node}"
 
     # ------------------------------------------------------------------ state
 
@@ -362,43 +382,57 @@ class Cluster:
     # ------------------------------------------------------------------ supervisor
 
     async def run(self) -> None:
-        """Connect, listen, refresh the registry; on any Redis failure, back off and retry."""
+        """Connect, listen, refresh the registry; on any failure, back off and retry."""
         delay = 0.2
         while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await asyncio.wait_for(self._redis.ping(), self.settings.op_timeout_s)
-                await asyncio.wait_for(pubsub.subscribe(BROADCASTS, self._inbox),
-                                       self.settings.op_timeout_s)
-                if self._ever_up and not self.up:
-                    log.warning("redis back at %s; node %s in the cluster again",
-                                _safe_url(self.settings.url), self.node)
-                    # Devices that subscribed meanwhile: register them, deliver what waits.
-                    for device in self._hub.command_listeners():
-                        self._spawn(self._device_arrived(device))
-                else:
-                    log.info("node %s joined the cluster at %s", self.node,
-                             _safe_url(self.settings.url))
-                self.up, self._ever_up, delay = True, True, 0.2
-                await self._serve(pubsub)
-            except _REDIS_ERRORS + (Unreachable,) as exc:
-                self._went_down(exc)
-            finally:
-                try:
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)
-                    if not self.up:
-                        # Pooled connections to a Redis that restarted are all broken: each
-                        # would fail once more after it is back (and be logged as an outage).
-                        await asyncio.wait_for(self._redis.connection_pool.disconnect(), 1.0)
-                except Exception:  # noqa: BLE001 - the connection is already broken
-                    pass
+            sessions = self._sessions
+            await self._session()
+            if self._sessions != sessions:
+                delay = 0.2  # it was connected: the next try comes soon
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _session(self) -> None:
+        """One session with Redis: subscribe, serve until something fails, clean up. Never
+        raises but CancelledError: whatever ends it, the supervisor starts another."""
+        pubsub = self._redis.pubsub()
+        try:
+            await asyncio.wait_for(self._redis.ping(), self.settings.op_timeout_s)
+            await asyncio.wait_for(pubsub.subscribe(BROADCASTS, self._inbox),
+                                   self.settings.op_timeout_s)
+            if self._ever_up and not self.up:
+                log.warning("redis back at %s; node %s in the cluster again",
+                            _safe_url(self.settings.url), self.node)
+                # Devices that subscribed meanwhile: register them, deliver what waits.
+                for device in self._hub.command_listeners():
+                    self._spawn(self._device_arrived(device))
+            else:
+                log.info("node %s joined the cluster at %s", self.node,
+                         _safe_url(self.settings.url))
+            self.up, self._ever_up = True, True
+            self._sessions += 1
+            self._last_round = time.monotonic()
+            await self._serve(pubsub)
+        except _REDIS_ERRORS + (Unreachable,) as exc:
+            self._went_down(exc)
+        except Exception:  # noqa: BLE001 - a bug must not end the reader: logged, retried
+            log.exception("the cluster reader failed; serving local clients only until it "
+                          "is back")
+            self.up = False
+        finally:
+            try:
+                await asyncio.wait_for(pubsub.aclose(), 1.0)
+                if not self.up:
+                    # Pooled connections to a Redis that restarted are all broken: each
+                    # would fail once more after it is back (and be logged as an outage).
+                    await asyncio.wait_for(self._redis.connection_pool.disconnect(), 1.0)
+            except Exception:  # noqa: BLE001 - the connection is already broken
+                pass
 
     async def _serve(self, pubsub: Any) -> None:
         """Deliver what other nodes send; refresh the registry and check Redis meanwhile."""
         refresh_every = self.settings.registry_ttl_s / 3
-        refreshed = 0.0
+        refreshed = -math.inf
         while True:
             if time.monotonic() - refreshed >= refresh_every:
                 await self._refresh()
@@ -408,13 +442,22 @@ class Cluster:
             while time.monotonic() < deadline:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                 if msg is not None and msg.get("type") == "message":
-                    try:
-                        self._received(msg["data"])
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        log.warning("ignored a malformed cluster message: %.200s", msg["data"])
+                    self._received_one(msg["data"])
             await self._call("ping")
             if not self.up:
                 raise Unreachable("a command failed meanwhile")
+            self._last_round = time.monotonic()
+
+    def _received_one(self, data: Any) -> None:
+        """One message from Redis, on its own: whatever it holds (not JSON, nested too deep
+        to parse, a payload too big to relay), a failure costs that message only."""
+        try:
+            self._received(data)
+        except Exception as exc:  # noqa: BLE001 - logged, counted, skipped
+            self.bad_messages += 1
+            log.warning("skipped a cluster message that could not be handled (%s: %.100s; "
+                        "%d so far): %.200s", type(exc).__name__, exc, self.bad_messages,
+                        data)
 
     async def _refresh(self) -> None:
         devices = self._hub.command_listeners()
