@@ -73,6 +73,8 @@ MAX_ID_CHARS = 128
 MAX_DEVICE_ID_CHARS = 128
 MAX_METRICS = 256
 MAX_FILTERS = 16
+MAX_FILTER_BYTES = 1024  # a subscription's filters as compact JSON (UTF-8)
+MAX_SUBSCRIPTIONS = 16  # per client
 MAX_COMMAND_ARGS = 32
 MAX_ARG_CHARS = 1024
 # The dotted path an error names (``payload.metrics.<key>``) is cut to this: a key may be
@@ -389,6 +391,10 @@ def parse_subscription(env: Envelope, need_filters: bool = True) -> Subscription
             if not (value is None or isinstance(value, (str, int, float, bool))):
                 raise RemoteProtocolError(INVALID_MESSAGE, "a filter value must be a scalar",
                                           f"payload.filters.{key}", env.id)
+        # Kept for the life of the connection: bounded like everything a client leaves.
+        if len(dumps(filters).encode("utf-8")) > MAX_FILTER_BYTES:
+            raise RemoteProtocolError(INVALID_MESSAGE, f"over {MAX_FILTER_BYTES} bytes as JSON",
+                                      "payload.filters", env.id)
     return Subscription(channel, filters)
 
 

@@ -14,6 +14,13 @@ Rules:
 * Authentication happens after the WebSocket handshake, exactly as the
   platform guide does it: a bad token gets an ``error`` with ``AUTH_FAILED``,
   then close code 4000.
+* Memory is bounded before authentication: at most ``MAX_HEADERS`` request
+  headers of ``MAX_HEADER_LINE`` bytes, a handshake finished within
+  ``handshake_timeout_s``, and at most ``max_unauthenticated`` connections
+  holding at most ``unauthenticated_bytes`` between them until their token is
+  checked (:class:`Admission`); past either, a new connection is dropped at
+  once. After it, a message may be 64 KiB (close 1009 past it), except from a
+  device on a node that offers batches (the offer's ``max_bytes``).
 * The library enforces the size limit (close 1009) and the heartbeat: a ping
   every ``ping_interval`` seconds, and a connection that has not answered
   within ``ping_timeout`` is closed (1011). Compression is off: it would cost
@@ -37,12 +44,14 @@ import asyncio
 import collections
 import functools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union, cast
 from urllib.parse import parse_qs, urlsplit
 
+import websockets.http11
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -80,6 +89,10 @@ class ServerSettings:
     node_id: str = ""  # default host-pid
     dedupe_s: int = 600  # how long a stored telemetry id is remembered cluster-wide
     loop: str = "auto"  # "auto" (uvloop when installed), "uvloop" or "asyncio"
+    # Before authentication (docs/performance.md, "Worst case per connection"):
+    handshake_timeout_s: float = 5.0  # TCP accept to the end of the WebSocket handshake
+    max_unauthenticated: int = 1024  # connections whose token is not checked yet
+    unauthenticated_bytes: int = 16 << 20  # what they may have sent, between them
 
 
 LOOPS = ("auto", "uvloop", "asyncio")
@@ -100,6 +113,101 @@ def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
         else:
             return uvloop.new_event_loop(), f"uvloop {uvloop.__version__}"
     return asyncio.new_event_loop(), "asyncio"
+
+
+# The request the handshake reads: the library's defaults (128 headers of 8 KiB, taken from
+# WEBSOCKETS_MAX_NUM_HEADERS / WEBSOCKETS_MAX_LINE_LENGTH) let one stranger park 1 MiB
+# before sending a token. A device or a browser sends about 15 short headers; a token in
+# the request line (?token=) is a few hundred bytes. websockets.http11 reads these two
+# module constants at each request, so they are set once for the process, here.
+MAX_HEADERS = 32
+MAX_HEADER_LINE = 4096
+websockets.http11.MAX_NUM_HEADERS = MAX_HEADERS
+websockets.http11.MAX_LINE_LENGTH = MAX_HEADER_LINE
+
+
+class Admission:
+    """Connections not authenticated yet: counted from TCP accept to the token's verdict,
+    with every byte they sent meanwhile. Past ``max_count`` connections or ``max_bytes``
+    between them, a new connection (or the one whose bytes went over) is dropped at once:
+    strangers that never finish a handshake cannot hold more than that, whatever their
+    number, and they are dropped at ``handshake_timeout_s`` anyway."""
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.waiting: Set[GuardedConnection] = set()  # counted now (stop() aborts them)
+        self.bytes = 0
+        self.dropped = 0
+        self._logged = -math.inf
+
+    @property
+    def count(self) -> int:
+        return len(self.waiting)
+
+    def enter(self, conn: GuardedConnection) -> bool:
+        if self.count >= self.max_count:
+            self._drop("connections")
+            return False
+        self.waiting.add(conn)
+        return True
+
+    def received(self, size: int) -> bool:
+        """``size`` more bytes from a connection still counted; False when over the budget."""
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            self._drop("bytes")
+            return False
+        return True
+
+    def leave(self, conn: GuardedConnection, size: int) -> None:
+        self.waiting.discard(conn)
+        self.bytes -= size
+
+    def _drop(self, what: str) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._logged >= 10.0:  # a flood is logged every 10 s, not per connection
+            self._logged = now
+            log.warning("too many connections not authenticated yet (%d, %d bytes; the "
+                        "limit on %s was reached): dropping new ones (%d so far)",
+                        self.count, self.bytes, what, self.dropped)
+
+
+class GuardedConnection(ServerConnection):
+    """A connection counted by an :class:`Admission` until :meth:`admitted` (its token was
+    checked) or until it ends."""
+
+    def __init__(self, *args: Any, admission: Admission, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admission = admission
+        self._counted = False
+        self._received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._counted = self._admission.enter(self)
+        if not self._counted:
+            self.transport.abort()  # before a byte is read: costs nothing more
+
+    def data_received(self, data: bytes) -> None:
+        if self._counted:
+            self._received += len(data)
+            if not self._admission.received(len(data)):
+                self.admitted()
+                self.transport.abort()
+                return
+        super().data_received(data)
+
+    def admitted(self) -> None:
+        """The token was checked (either way): no longer counted. Idempotent."""
+        if self._counted:
+            self._counted = False
+            self._admission.leave(self, self._received)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.admitted()
+        super().connection_lost(exc)
 
 
 class SendQueue:
@@ -209,14 +317,14 @@ class SendQueue:
 
 HEALTH_PATH = "/healthz"  # for a load balancer: 200, or 503 while cut off from the cluster
 Message = Union[str, bytes]
-EARLY_FRAMES = 16  # frames held for a client still being authenticated; then reading pauses
+EARLY_FRAMES = 4  # frames held for a client still being authenticated; then reading pauses
 # DirectConnection overrides process_event, an internal method of websockets' asyncio
 # Connection (13 and later). A release without it gets the library's own path: slower,
 # the same behaviour.
 DIRECT_READS = callable(getattr(ServerConnection, "process_event", None))
 
 
-class DirectConnection(ServerConnection):
+class DirectConnection(GuardedConnection):
     """A connection that hands every whole message to ``sink`` as soon as it is parsed,
     inside ``data_received``: no message queue, no task wake-up per message.
 
@@ -320,6 +428,7 @@ class CompanionServer:
         self._stopped = False
         self._loop, self.loop_name = new_loop(settings.loop)
         self._tasks: Set[asyncio.Task[None]] = set()  # strong references to background tasks
+        self.admission = Admission(settings.max_unauthenticated, settings.unauthenticated_bytes)
         self.cluster: Any = None
         if settings.redis_url:
             from .cluster import Cluster, ClusterSettings  # the 'cluster' extra (redis-py)
@@ -341,10 +450,14 @@ class CompanionServer:
         return await serve(
             self._handle, self.settings.host, self.settings.port,
             process_request=self._check_path,
-            # A telemetry.batch may be larger than other messages; the hub closes any other
-            # message over max_message_bytes with 1009 itself.
-            max_size=max(self.settings.max_message_bytes, p.MAX_BATCH_BYTES)
-            if self.settings.offer_batches else self.settings.max_message_bytes,
+            # Until the token says "device" on a node that offers batches (_serve_client).
+            max_size=self.settings.max_message_bytes,
+            # A stranger gets this long from accept to the end of its handshake (TLS's own
+            # handshake included): an idle or trickling one is dropped then.
+            open_timeout=self.settings.handshake_timeout_s,
+            # Frames held for a client that is being served (a cluster node awaits Redis
+            # per message): few, each up to max_size.
+            max_queue=EARLY_FRAMES,
             ping_interval=self.settings.ping_interval_s,
             ping_timeout=self.settings.ping_timeout_s,
             close_timeout=self.settings.close_timeout_s,
@@ -356,8 +469,10 @@ class CompanionServer:
             backlog=1024,  # a reconnect storm arrives all at once
             # One node: messages go to the hub as they are parsed. A cluster node awaits
             # Redis per message, so it reads through the library's queue.
-            create_connection=(DirectConnection if self.cluster is None and DIRECT_READS
-                               else None),
+            # (A factory: websockets only calls it; its annotation asks for a class.)
+            create_connection=cast(Any, functools.partial(
+                DirectConnection if self.cluster is None and DIRECT_READS
+                else GuardedConnection, admission=self.admission)),
         )
 
     @property
@@ -414,6 +529,8 @@ class CompanionServer:
                 raise AuthError("Missing authentication token")
             identity = tokens.verify(token, self._secret)
         except AuthError as exc:
+            if isinstance(conn, GuardedConnection):
+                conn.admitted()  # its close is bounded by close_timeout
             log.info("auth failed from %s: %s", conn.remote_address, exc)
             error = p.make_error(p.AUTH_FAILED, str(exc), time.time())
             try:
@@ -422,6 +539,13 @@ class CompanionServer:
                 return
             await conn.close(p.CLOSE_AUTH_FAILED, "Authentication failed")
             return
+        if isinstance(conn, GuardedConnection):
+            conn.admitted()
+        if identity.is_device and self.settings.offer_batches:
+            # Read at the start of each frame: the next frame may be a batch. Everyone else
+            # keeps max_message_bytes (websockets: protocol.max_message_size).
+            conn.protocol.max_message_size = max(self.settings.max_message_bytes,
+                                                 p.MAX_BATCH_BYTES)
         await self._serve_client(conn, identity)
 
     async def _serve_client(self, conn: ServerConnection, identity: tokens.Identity) -> None:
@@ -488,6 +612,9 @@ class CompanionServer:
         # Connections still authenticating; the library closes them with the code given.
         for conn in self._server.connections:
             self._spawn(conn.close(p.CLOSE_NORMAL, "Server shutting down"))
+        for guarded in list(self.admission.waiting):  # a handshake not finished: no close code
+            if guarded.request is None or guarded.protocol.state is not State.OPEN:
+                guarded.transport.abort()
         try:
             await asyncio.wait_for(self._server.wait_closed(), self.settings.close_timeout_s + 1)
         except asyncio.TimeoutError:

@@ -373,9 +373,9 @@ class Hub:
             filters["device_id"] = own
         sub = p.Subscription(sub.channel, filters)
         if sub not in client.subscriptions:
-            if len(client.subscriptions) >= 2 * p.MAX_FILTERS:
-                raise ProtocolError(p.INVALID_MESSAGE, "too many subscriptions", "payload",
-                                    env.id)
+            if len(client.subscriptions) >= p.MAX_SUBSCRIPTIONS:
+                raise ProtocolError(p.INVALID_MESSAGE, f"more than {p.MAX_SUBSCRIPTIONS} "
+                                    "subscriptions on this connection", "payload", env.id)
             client.subscriptions.append(sub)
             self._listeners.setdefault(sub.channel, {})[client.client_id] = client
         out = self._reply(client, "subscribed", env, now,
