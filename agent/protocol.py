@@ -62,6 +62,7 @@ CLOSE_TOO_BIG = 1009  # a message over the size limit
 CLOSE_INTERNAL = 1011  # keepalive timeout or server fault
 CLOSE_TRY_AGAIN = 1013  # server side: the client did not read and its send queue filled
 CLOSE_AUTH_FAILED = 4000  # as the platform guide: after an AUTH_FAILED error
+CLOSE_REPLACED = 4001  # server side: a newer connection of the same identity took over
 
 # Limits a peer must respect (the companion server enforces them).
 MAX_MESSAGE_BYTES = 64 * 1024  # what a client may send, and what the agent stores

@@ -251,3 +251,89 @@ def test_only_a_device_on_a_node_offering_batches_may_send_more_than_64_kib(serv
     assert operator.close_code() == p.CLOSE_TOO_BIG
     device = connected(server.url, "d")
     assert device.request(batch)["payload"]["stored"] == 400
+
+
+# ---------------------------------------------------------------- one identity, one budget
+
+
+def closed_with(peer: Peer, timeout: float = 5.0) -> Optional[int]:
+    """The close code the server sends ``peer`` within ``timeout`` (None if it does not;
+    pings and other messages are skipped)."""
+    import websocket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            opcode, data = peer.ws.recv_data(control_frame=True)
+        except websocket.WebSocketTimeoutException:
+            return None
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            return close_code(data)
+    return None
+
+
+def test_a_new_connection_of_a_device_takes_over_and_the_older_is_closed_4001(server):
+    watcher = connected(server.url, "watcher", "operator")
+    watcher.request({"type": "subscribe", "id": "s", "payload": {"channel": "events"}})
+    first = connected(server.url, "dev-twin")
+    assert watcher.recv_type("events.update")["payload"]["event"] == "device.online"
+    second = connected(server.url, "dev-twin")
+    assert closed_with(first) == p.CLOSE_REPLACED
+    assert second.request({"type": "ping", "id": "p"})["type"] == "pong"
+    assert watcher.recv_type("events.update")["payload"]["event"] == "device.online"
+    # the device never went offline: the next event is from another device
+    connected(server.url, "dev-other")
+    assert watcher.recv_type("events.update")["payload"] == {"event": "device.online",
+                                                             "device_id": "dev-other"}
+    wait_for(lambda: len(server.hub.peers()) == 3, 5, what="the replaced one gone")
+
+
+def test_an_operator_identity_holds_at_most_8_connections_the_oldest_is_closed(server):
+    peers = [connected(server.url, "ops", "operator") for _ in range(8)]
+    assert all(peer.request({"type": "ping", "id": "p"})["type"] == "pong" for peer in peers)
+    ninth = connected(server.url, "ops", "operator")
+    assert closed_with(peers[0]) == p.CLOSE_REPLACED
+    for peer in peers[1:] + [ninth]:
+        assert peer.request({"type": "ping", "id": "q"})["type"] == "pong"
+
+
+def test_the_rate_budget_belongs_to_the_identity_across_connections_and_reconnects():
+    srv = in_process(rate_limit_per_minute=5)
+    try:
+        first, second = (connected(srv.url, "op", "operator") for _ in range(2))
+        replies = [peer.request({"type": "ping", "id": f"p{i}"})
+                   for i, peer in enumerate([first, second] * 3)]
+        assert [r["type"] for r in replies] == ["pong"] * 5 + ["error"]
+        assert replies[5]["error"]["code"] == "RATE_LIMITED"
+        device = connected(srv.url, "dev-r")
+        for i in range(5):
+            assert device.request({"type": "ping", "id": f"d{i}"})["type"] == "pong"
+        device.close()
+        again = connected(srv.url, "dev-r")  # a reconnect does not refill the budget
+        assert again.request({"type": "ping", "id": "d5"})["error"]["code"] == "RATE_LIMITED"
+    finally:
+        srv.stop()
+
+
+def test_batch_items_count_against_the_identity_s_sample_budget():
+    srv = in_process(samples_per_minute=1500)
+    try:
+        device = connected(srv.url, "dev-b")
+
+        def batch(batch_id: str, n: int) -> dict:
+            return {"type": "telemetry.batch", "id": batch_id, "payload": {
+                "device_id": "dev-b", "items": [
+                    {"id": f"{batch_id}-{i}", "timestamp": "2025-11-03T01:53:54.518Z",
+                     "metrics": {"cpu_usage": 1.0}} for i in range(n)]}}
+
+        assert device.request(batch("b1", 1000))["payload"]["stored"] == 1000
+        refused = device.request(batch("b2", 1000))
+        assert (refused["error"]["code"], refused["error"]["field"]) == ("RATE_LIMITED",
+                                                                         "payload")
+        assert len(srv.hub.telemetry("dev-b")) == 1000  # nothing of b2 was stored
+        assert device.request(batch("b3", 400))["payload"]["stored"] == 400
+        device.close()
+        again = connected(srv.url, "dev-b")  # reconnecting does not buy a new budget
+        assert again.request(batch("b4", 400))["error"]["code"] == "RATE_LIMITED"
+    finally:
+        srv.stop()

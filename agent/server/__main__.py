@@ -33,7 +33,14 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--ping-timeout", type=float, default=30.0,
                     help="seconds to wait for a pong before closing (default 30)")
     ap.add_argument("--rate-limit", type=int, default=100,
-                    help="messages per client per minute (default 100)")
+                    help="messages a minute per identity (a device or an operator token's "
+                    "subject, across its connections; default 100)")
+    ap.add_argument("--samples-per-minute", type=int, default=30_000,
+                    help="telemetry samples a minute per device, batch items included "
+                    "(default 30000: a day offline at 1 s drains in under 3 minutes)")
+    ap.add_argument("--max-operator-connections", type=int, default=8,
+                    help="connections per operator identity; a newer one closes the oldest "
+                    "(4001; default 8)")
     ap.add_argument("--no-batches", action="store_true",
                     help="do not offer telemetry.batch (serve the guide's protocol only)")
     ap.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// (with --tls-key)")
@@ -89,9 +96,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     inbox = SignalInbox(STOP_SIGNALS)
     args = _serve_args(argv)
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
-    if args.dedupe_s <= 0:
-        print("nexus-server: --dedupe-s must be positive", file=sys.stderr)
-        return 2
+    for name in ("dedupe_s", "rate_limit", "samples_per_minute", "max_operator_connections"):
+        if getattr(args, name) <= 0:
+            print(f"nexus-server: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
     try:
         from .app import CompanionServer, ServerSettings
         from .page import PAGE_SUBJECT, PAGE_TOKEN_TTL_S, page_url
@@ -116,7 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                               args.ping_timeout, args.rate_limit, tls_cert=args.tls_cert,
                               tls_key=args.tls_key, offer_batches=not args.no_batches,
                               redis_url=args.redis, node_id=args.node_id,
-                              dedupe_s=args.dedupe_s, loop=args.loop)
+                              dedupe_s=args.dedupe_s, loop=args.loop,
+                              samples_per_minute=args.samples_per_minute,
+                              max_operator_connections=args.max_operator_connections)
     try:
         server = CompanionServer(settings, secret)
     except ImportError as exc:  # --loop uvloop without uvloop installed

@@ -73,7 +73,9 @@ class ServerSettings:
     db: str = ":memory:"
     ping_interval_s: float = 30.0
     ping_timeout_s: float = 30.0
-    rate_limit_per_minute: int = 100
+    rate_limit_per_minute: int = 100  # messages, per identity (hub.Budget)
+    samples_per_minute: int = 30_000  # telemetry samples (batch items), per device identity
+    max_operator_connections: int = 8  # per operator identity
     max_message_bytes: int = p.MAX_MESSAGE_BYTES
     offer_batches: bool = True  # telemetry.batch in the welcome (docs/protocol.md)
     close_timeout_s: float = 2.0
@@ -420,7 +422,8 @@ class CompanionServer:
         self.settings = settings
         self._secret = secret
         self.hub = Hub(settings.db, HubSettings(
-            settings.rate_limit_per_minute,
+            settings.rate_limit_per_minute, settings.samples_per_minute,
+            settings.max_operator_connections,
             batch=hub_mod.DEFAULT_BATCH_OFFER if settings.offer_batches else None,
             group_commit=not settings.redis_url))
         self._commit_scheduled = False
@@ -520,7 +523,7 @@ class CompanionServer:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            _deliver(self.hub.tick(time.time()))
+            _deliver(self.hub.tick(time.time(), time.monotonic()))
 
     async def _handle(self, conn: ServerConnection) -> None:
         try:
@@ -550,7 +553,7 @@ class CompanionServer:
 
     async def _serve_client(self, conn: ServerConnection, identity: tokens.Identity) -> None:
         peer = SendQueue(conn, self.settings, f"{identity.role} {identity.subject}")
-        client, welcome = self.hub.connect(identity, peer, time.time())
+        client, welcome = self.hub.connect(identity, peer, time.time(), time.monotonic())
         peer.name = f"{client.client_id} ({peer.name})"
         log.info("%s connected", peer.name)
         peer.send(welcome)
@@ -583,7 +586,7 @@ class CompanionServer:
     def _on_message(self, client: hub_mod.Client, message: Message) -> None:
         """One message, inside the transport's data_received (DirectConnection)."""
         try:
-            _deliver(self.hub.handle(client, message, time.time()))
+            _deliver(self.hub.handle(client, message, time.time(), mono=time.monotonic()))
             if self.hub.uncommitted and not self._commit_scheduled:
                 # After every message read in this loop step: they share one commit.
                 self._commit_scheduled = True

@@ -214,7 +214,7 @@ class Cluster:
             except Exception:  # noqa: BLE001 - a cluster bug must not cost the connection
                 log.exception("cluster lookup failed; handled as a single node")
                 view = None
-        self._deliver(self._hub.handle(client, text, time.time(), view))
+        self._deliver(self._hub.handle(client, text, time.time(), view, time.monotonic()))
         if view is not None:
             self._after(view)
         if (msg is not None and client.identity.is_device and msg.get("type") == "subscribe"

@@ -21,6 +21,13 @@ Rules and guarantees:
   ``protocol.ERROR_CODES`` and whose message names the field; the connection
   stays open. Only a client that keeps sending past twice its rate limit is
   closed (1008).
+* One identity, one budget. A device has one live connection: a new one takes
+  over and the older is closed with 4001 (``CLOSE_REPLACED``); an operator
+  identity has at most ``max_operator_connections``, the oldest closed with
+  4001 past that. The rate budget (:class:`Budget`: messages, and telemetry
+  samples, batch items included) belongs to the identity, shared by its
+  connections and kept across reconnects until it has refilled. Windows use
+  the caller's monotonic ``mono``, never the wall clock.
 * With a store file, writes are committed in groups: the first write after a
   commit opens a transaction, and everything ``handle`` would answer (acks,
   errors, broadcasts, closes) is held until the caller's :meth:`Hub.commit`,
@@ -41,7 +48,6 @@ Rules and guarantees:
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import logging
@@ -50,13 +56,13 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Deque, Dict, List, Protocol, Tuple
+from typing import Any, Dict, List, Protocol, Tuple
 
 from .. import protocol as p
 from ..errors import ProtocolError
 from .tokens import Identity
 
-RATE_WINDOW_S = 60.0
+RATE_WINDOW_S = 60.0  # the budget refills its whole size in this long
 # What the server sends may be a little larger than what it accepts: a broadcast wraps an
 # accepted message in a new envelope (see protocol.MAX_SERVER_MESSAGE_BYTES).
 _encode = functools.partial(p.encode, limit=p.MAX_SERVER_MESSAGE_BYTES)
@@ -78,13 +84,54 @@ Outgoing = List[Tuple[Peer, str]]
 Closes = List[Tuple[Peer, int, str]]  # (peer, close code, reason), after its Outgoing
 
 
+class Budget:
+    """An identity's rate budget: two token buckets, ``messages`` (every frame) and
+    ``samples`` (telemetry samples: a single message is one, a batch one per item), each
+    holding at most its size per minute and refilling at that rate, continuously, on a
+    monotonic clock. A bucket may go below zero: a frame is refused (RATE_LIMITED) while
+    ``messages`` is negative, and the client is closed (1008) once it is below minus its
+    size, that is, past twice the limit."""
+
+    def __init__(self, messages: int, samples: int, mono: float) -> None:
+        self.sizes = (float(messages), float(samples))
+        self.messages, self.samples = self.sizes
+        self._at = mono
+
+    def refill(self, mono: float) -> bool:
+        """Bring both buckets to ``mono``; True when both are full (an idle identity)."""
+        elapsed = max(0.0, mono - self._at)  # never backwards, whatever the caller passes
+        self._at = max(self._at, mono)
+        messages, samples = self.sizes
+        self.messages = min(messages, self.messages + elapsed * messages / RATE_WINDOW_S)
+        self.samples = min(samples, self.samples + elapsed * samples / RATE_WINDOW_S)
+        return self.messages >= messages and self.samples >= samples
+
+    def take_message(self, mono: float) -> bool:
+        """One frame: False when over the budget (the frame is not handled)."""
+        self.refill(mono)
+        self.messages -= 1
+        return self.messages >= 0
+
+    def take_samples(self, count: int) -> bool:
+        """``count`` samples, all or none (after ``take_message`` for the same frame)."""
+        if count > self.samples:
+            return False
+        self.samples -= count
+        return True
+
+    @property
+    def exhausted(self) -> bool:
+        """Past twice the message limit: close."""
+        return self.messages < -self.sizes[0]
+
+
 @dataclass
 class Client:
     client_id: str
     identity: Identity
     peer: Peer
+    budget: Budget
     subscriptions: List[p.Subscription] = field(default_factory=list)
-    recent: Deque[float] = field(default_factory=collections.deque)
 
 
 @dataclass
@@ -119,7 +166,12 @@ DEFAULT_BATCH_OFFER = p.BatchOffer(p.MAX_BATCH_ITEMS, p.MAX_BATCH_BYTES)
 
 @dataclass(frozen=True)
 class HubSettings:
-    rate_limit_per_minute: int = 100
+    # Per identity (device or operator), across its connections and reconnects:
+    rate_limit_per_minute: int = 100  # messages, the guide's figure
+    # Telemetry samples (a batch counts its items): 30,000 a minute, 500 a second, drains a
+    # day offline at 1 s (86,400 samples) in under 3 minutes (docs/protocol.md, section 5).
+    samples_per_minute: int = 30_000
+    max_operator_connections: int = 8  # per operator identity; the oldest is closed past it
     # telemetry.batch, offered in every welcome; None offers nothing (the guide's protocol)
     batch: p.BatchOffer | None = DEFAULT_BATCH_OFFER
     max_rows: int = 100_000
@@ -174,8 +226,10 @@ class Hub:
         self._lock = threading.Lock()
         self._clock = Clock()
         self._clients: Dict[str, Client] = {}
-        # device id -> its connections (client_id -> client): presence without a fleet scan
-        self._devices: Dict[str, Dict[str, Client]] = {}
+        # (role, subject) -> its connections (client_id -> client, oldest first): presence
+        # and takeover without a fleet scan
+        self._identities: Dict[Tuple[str, str], Dict[str, Client]] = {}
+        self._budgets: Dict[Tuple[str, str], Budget] = {}  # kept until refilled (tick)
         self._pending: Dict[str, PendingCommand] = {}  # command_id -> waiting for its device
         # (device_id, command_id) -> who awaits the result: an operator's client_id, or
         # REMOTE + node. Keyed by the device too: only the device a command went to may
@@ -199,13 +253,29 @@ class Hub:
 
     # ------------------------------------------------------------------ connections
 
-    def connect(self, identity: Identity, peer: Peer, now: float) -> Tuple[Client, str]:
-        """Register a new authenticated connection; returns it and its welcome text."""
-        client = Client(p.new_id("client"), identity, peer)
+    def connect(self, identity: Identity, peer: Peer, now: float,
+                mono: float | None = None) -> Tuple[Client, str]:
+        """Register a new authenticated connection; returns it and its welcome text. The
+        identity's older connections it replaces are closed with 4001 (after what is held
+        for them)."""
+        key = (identity.role, identity.subject)
         with self._lock:
+            budget = self._budgets.get(key)
+            if budget is None:
+                budget = self._budgets[key] = Budget(
+                    self.settings.rate_limit_per_minute, self.settings.samples_per_minute,
+                    now if mono is None else mono)
+            client = Client(p.new_id("client"), identity, peer, budget)
             self._clients[client.client_id] = client
-            if identity.is_device:
-                self._devices.setdefault(identity.subject, {})[client.client_id] = client
+            mine = self._identities.setdefault(key, {})
+            keep = 0 if identity.is_device else self.settings.max_operator_connections - 1
+            replaced = list(mine.values())[:max(0, len(mine) - keep)]
+            mine[client.client_id] = client
+        for old in replaced:
+            log.info("%s %s: connection %s replaced by %s", identity.role, identity.subject,
+                     old.client_id, client.client_id)
+            self._close_client(old, p.CLOSE_REPLACED, "replaced by a newer connection of "
+                               f"this {identity.role}")
         welcome = p.make("connected", now, p.welcome_payload(client.client_id, now,
                                                            self.settings.batch))
         return client, _encode(welcome)
@@ -221,13 +291,12 @@ class Hub:
             self._clients.pop(client.client_id, None)
             for listeners in self._listeners.values():
                 listeners.pop(client.client_id, None)
-            still = False
-            if client.identity.is_device:
-                others = self._devices.get(client.identity.subject, {})
-                others.pop(client.client_id, None)
-                still = bool(others)
-                if not still:
-                    self._devices.pop(client.identity.subject, None)
+            key = (client.identity.role, client.identity.subject)
+            others = self._identities.get(key, {})
+            others.pop(client.client_id, None)
+            still = bool(others)
+            if not still:
+                self._identities.pop(key, None)  # its budget stays until it has refilled
         if still or now is None:
             return []
         return self._presence(client, "device.offline", now)
@@ -246,11 +315,13 @@ class Hub:
     # ------------------------------------------------------------------ messages
 
     def handle(self, client: Client, text: str | bytes, now: float,
-               view: ClusterView | None = None) -> Outgoing:
+               view: ClusterView | None = None, mono: float | None = None) -> Outgoing:
         """Everything to send in answer to one frame from ``client``; with a ``view``, also
         what the other nodes of a cluster must hear about (written into it). With a store
-        file, while a write waits for :meth:`commit`, the answers wait with it (in order)."""
-        out = self._handle(client, text, now, view)
+        file, while a write waits for :meth:`commit`, the answers wait with it (in order).
+        ``now`` is the wall clock (time stamps); ``mono`` a monotonic clock for the rate
+        budget (``now`` when not given: tests)."""
+        out = self._handle(client, text, now, view, now if mono is None else mono)
         if self._in_transaction:
             with self._lock:
                 self._held += out
@@ -298,8 +369,9 @@ class Hub:
         return self._db.execute(sql, args)
 
     def _handle(self, client: Client, text: str | bytes, now: float,
-                view: ClusterView | None) -> Outgoing:
-        over_rate = self._over_rate(client, now)  # every frame counts, even a malformed one
+                view: ClusterView | None, mono: float) -> Outgoing:
+        # Every frame counts, even a malformed one.
+        over_rate = not client.budget.take_message(mono)
         env: p.Envelope | None = None
         if _too_big(text):
             # The frame limit lets a batch through; everything else keeps 64 KiB.
@@ -334,22 +406,21 @@ class Hub:
                msg_id: str | None, field_path: str | None = None) -> Outgoing:
         return [(client.peer, _encode(p.make_error(code, message, now, msg_id, field_path)))]
 
-    def _over_rate(self, client: Client, now: float) -> bool:
-        """Count this frame in the client's sliding 60 s window; True when over the limit."""
-        recent = client.recent
-        while recent and recent[0] <= now - RATE_WINDOW_S:
-            recent.popleft()
-        recent.append(now)
-        return len(recent) > self.settings.rate_limit_per_minute
-
     def _rate_error(self, client: Client, msg_id: str | None, now: float) -> Outgoing:
         limit = self.settings.rate_limit_per_minute
-        if len(client.recent) > 2 * limit:
+        if client.budget.exhausted:
             # A client that ignores RATE_LIMITED would otherwise make us answer forever.
             self._close_client(client, p.CLOSE_POLICY, "rate limit exceeded")
             return []
-        return self._error(client, p.RATE_LIMITED, f"more than {limit} messages in 60 s; this "
-                           "message was not processed, send it again later", now, msg_id)
+        return self._error(client, p.RATE_LIMITED, f"more than {limit} messages a minute from "
+                           f"this {client.identity.role}; this message was not processed, "
+                           "send it again later", now, msg_id)
+
+    def _take_samples(self, client: Client, count: int, msg_id: str | None) -> None:
+        if not client.budget.take_samples(count):
+            raise ProtocolError(p.RATE_LIMITED, f"more than {self.settings.samples_per_minute}"
+                                f" telemetry samples a minute from this device; this message "
+                                "was not processed, send it again later", "payload", msg_id)
 
     def _dispatch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         handler = _HANDLERS[env.type]
@@ -393,6 +464,7 @@ class Hub:
     def _telemetry(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         data = p.parse_telemetry(env)
         self._check_sender(client, data.device_id, env.id)
+        self._take_samples(client, 1, env.id)
         assert env.id is not None and env.payload is not None
         out: Outgoing = [(client.peer, ack_text(env.id, self._clock(now)))]
         return out + (self._store(env.id, data.device_id, env.timestamp or
@@ -409,6 +481,7 @@ class Hub:
             raise ProtocolError(p.UNKNOWN_MESSAGE_TYPE, "telemetry.batch is not offered by "
                                 "this server; send single telemetry messages", "type", env.id)
         self._check_sender(client, batch.device_id, env.id)
+        self._take_samples(client, len(batch.items) + len(batch.rejected), env.id)
         # From here on nothing raises: once an item is stored the answer is this ack,
         # which names every item refused and always fits (protocol.rejected_list).
         broadcasts: Outgoing = []
@@ -571,7 +644,7 @@ class Hub:
 
     def _device_listening(self, device_id: str) -> bool:
         return any(any(s.channel == "commands" for s in c.subscriptions)
-                   for c in self._devices.get(device_id, {}).values())
+                   for c in self._identities.get(("device", device_id), {}).values())
 
     def _deliver_pending(self, device_id: str, now: float) -> Outgoing:
         out: Outgoing = []
@@ -581,10 +654,15 @@ class Hub:
                 out += self._broadcast("commands", _delivery(pending.request), now)
         return out
 
-    def tick(self, now: float) -> Outgoing:
-        """Expire commands that waited too long for their device; call about once a second."""
+    def tick(self, now: float, mono: float | None = None) -> Outgoing:
+        """Expire commands that waited too long for their device, forget the budgets of
+        identities gone and refilled; call about once a second."""
         out: Outgoing = []
         with self._lock:
+            mono = now if mono is None else mono
+            for key in [k for k, b in self._budgets.items()
+                        if k not in self._identities and b.refill(mono)]:
+                del self._budgets[key]
             for command_id, pending in list(self._pending.items()):
                 if pending.expires <= now:
                     del self._pending[command_id]
