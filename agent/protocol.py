@@ -496,21 +496,37 @@ def batch_item_text(msg_id: str, timestamp: str, metrics: Mapping[str, Any]) -> 
 def parse_telemetry_batch(env: Envelope, max_items: int = MAX_BATCH_ITEMS) -> TelemetryBatch:
     """A batch: the envelope must be right (else RemoteProtocolError); each bad item is
     named in ``rejected`` (``payload.items.3.metrics.cpu_usage``) and the rest is kept."""
+    device_id, raw = parse_batch_head(env, max_items)
+    items: list[BatchItem] = []
+    rejected: list[ItemRejected] = []
+    for index, item in enumerate(raw):
+        parsed = parse_batch_item(item, index, env.id)
+        if isinstance(parsed, ItemRejected):
+            rejected.append(parsed)
+        else:
+            items.append(parsed)
+    return TelemetryBatch(device_id, items, rejected)
+
+
+def parse_batch_head(env: Envelope, max_items: int = MAX_BATCH_ITEMS) -> tuple[str, list[Any]]:
+    """What a batch must have as a whole (else RemoteProtocolError): its device id and its
+    items, not checked yet (:func:`parse_batch_item` checks each; a server may spread
+    them over several steps)."""
     p = _payload(env)
     device_id = _short_str(p, "device_id", "payload", env.id, MAX_DEVICE_ID_CHARS)
     raw = _get(p, "items", (list,), "payload", env.id)
     if not 0 < len(raw) <= max_items:
         raise RemoteProtocolError(INVALID_MESSAGE, f"must hold 1 to {max_items} items",
                                   "payload.items", env.id)
-    items: list[BatchItem] = []
-    rejected: list[ItemRejected] = []
-    for index, item in enumerate(raw):
-        try:
-            items.append(_batch_item(item, f"payload.items.{index}", env.id))
-        except RemoteProtocolError as exc:
-            rejected.append(item_rejected(index, item, exc.field or f"payload.items.{index}",
-                                          exc.message))
-    return TelemetryBatch(device_id, items, rejected)
+    return device_id, raw
+
+
+def parse_batch_item(item: Any, index: int, msg_id: str | None) -> BatchItem | ItemRejected:
+    """Item ``index`` of a batch, checked like a telemetry payload, or why it is refused."""
+    try:
+        return _batch_item(item, f"payload.items.{index}", msg_id)
+    except RemoteProtocolError as exc:
+        return item_rejected(index, item, exc.field or f"payload.items.{index}", exc.message)
 
 
 def item_rejected(index: int, item: Any, field_path: str, message: str) -> ItemRejected:

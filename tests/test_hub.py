@@ -217,3 +217,44 @@ def test_a_store_file_keyed_by_id_alone_is_rekeyed_and_keeps_its_rows(tmp_path):
                                key=lambda r: r[5]) if r[5]]
     assert pk == ["device_id", "command_id"]
     check.close()
+
+
+def test_a_big_batch_is_handled_a_step_at_a_time_and_acked_after_the_last(tmp_path):
+    """No single call stores more than batch_step_items items: the server's event loop
+    serves other clients between the steps of a 1,000-item batch."""
+    import time as clock
+
+    from agent.server.hub import HubSettings
+    from hubkit import handle_all
+
+    hub = Hub(str(tmp_path / "s.db"), HubSettings(samples_per_minute=10**6))
+    op = join(hub, "op", "operator")
+    subscribe(hub, op)
+    device = join(hub, "d1")
+    text = json.dumps({"type": p.TELEMETRY_BATCH, "id": "big", "payload": {
+        "device_id": "d1", "items": [
+            {"id": f"i-{i}", "timestamp": "2025-11-03T01:53:54.518Z",
+             "metrics": {f"metric_{k}": 1.5 * k for k in range(14)} if i != 7 else {"x": "y"}}
+            for i in range(1000)]}})
+    steps, longest = [], 0.0
+    start = clock.perf_counter()
+    hub.handle(device, text, NOW)
+    steps.append(hub.commit()[0])
+    longest = clock.perf_counter() - start
+    while device.job is not None:
+        start = clock.perf_counter()
+        hub.resume(device, NOW)
+        steps.append(hub.commit()[0])
+        longest = max(longest, clock.perf_counter() - start)
+    print(f"\n1,000-item batch: {len(steps)} steps, the longest {longest * 1e3:.1f} ms")
+    assert len(steps) == 10
+    assert all(sum(peer is op.peer for peer, _ in out) <= 100 for out in steps)
+    acks = [json.loads(text) for out in steps for peer, text in out if peer is device.peer]
+    assert len(acks) == 1 and steps[-1][-1][0] is device.peer  # the ack, last of all
+    assert acks[0]["payload"]["stored"] == 999 and acks[0]["payload"]["rejected"][0]["index"] == 7
+    assert len(hub.telemetry()) == 999
+    # what the server does, in one helper: the same outcome
+    again = handle_all(hub, join(hub, "d2"), text.replace('"d1"', '"d2"'))
+    hub.commit()
+    assert len(hub.telemetry("d2")) == 999 and again is not None
+    hub.close()

@@ -344,15 +344,33 @@ class DirectConnection(GuardedConnection):
         super().__init__(*args, **kwargs)
         self.sink: Optional[Callable[[Message], None]] = None
         self.direct = True
-        self._early: List[Message] = []
+        self._early: List[Message] = []  # before start(), and while held, in order
+        self._holding = False
+        self._paused = False
 
     def start(self, sink: Callable[[Message], None]) -> None:
-        early, self._early = self._early, []
         self.sink = sink
-        for message in early:
-            sink(message)
-        if len(early) >= EARLY_FRAMES:
+        self.release()
+
+    def hold(self) -> None:
+        """Keep the frames that arrive, in order, until :meth:`release` (the message before
+        them is still being worked on: a big batch); reading pauses meanwhile."""
+        self._holding = True
+        self._pause()
+
+    def release(self) -> None:
+        """Hand over what was kept, in order (a frame may hold again), then read on."""
+        self._holding = False
+        while self._early and not self._holding and self.sink is not None:
+            self.sink(self._early.pop(0))
+        if not self._holding and self._paused:
+            self._paused = False
             self.transport.resume_reading()
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
 
     def stop(self) -> None:
         self.sink = None
@@ -376,12 +394,12 @@ class DirectConnection(GuardedConnection):
                 return
         else:
             message = bytes(event.data)
-        if self.sink is None:
-            if self.protocol.state in (State.CLOSING, State.CLOSED):
+        if self.sink is None or self._holding:
+            if self.sink is None and self.protocol.state in (State.CLOSING, State.CLOSED):
                 return  # closing before it was served (bad token): nobody will read these
             self._early.append(message)
-            if len(self._early) == EARLY_FRAMES:
-                self.transport.pause_reading()
+            if len(self._early) >= EARLY_FRAMES:
+                self._pause()
             return
         self.sink(message)
 
@@ -559,13 +577,14 @@ class CompanionServer:
         peer.send(welcome)
         _deliver(self.hub.online(client, time.time()))  # events.update for the fleet page
         if isinstance(conn, DirectConnection):
-            conn.start(functools.partial(self._on_message, client))
+            conn.start(functools.partial(self._on_direct, client, conn))
         try:
             # With a DirectConnection this sees only what it leaves to the library (a
             # fragmented message), and the end of the connection.
             async for frame in conn:
                 if self.cluster is None:
-                    self._on_message(client, frame)
+                    if self._on_message(client, frame):
+                        await self._finish_job(client)
                 else:
                     await self.cluster.handle(client, frame)
         except ConnectionClosed:
@@ -583,16 +602,45 @@ class CompanionServer:
             rcvd = conn.close_code if conn.close_code is not None else "none"
             log.info("%s disconnected (close code %s)", client.client_id, rcvd)
 
-    def _on_message(self, client: hub_mod.Client, message: Message) -> None:
-        """One message, inside the transport's data_received (DirectConnection)."""
+    def _on_direct(self, client: hub_mod.Client, conn: DirectConnection,
+                   message: Message) -> None:
+        """One message, inside the transport's data_received (DirectConnection). A big batch
+        goes on in later turns of the loop; the connection keeps what follows until then."""
+        if self._on_message(client, message):
+            conn.hold()
+            self._spawn(self._finish_job(client, conn))
+
+    def _on_message(self, client: hub_mod.Client, message: Message) -> bool:
+        """One message to the hub, its answers sent; True when it left work for
+        :meth:`_finish_job` (``client.job``)."""
         try:
             _deliver(self.hub.handle(client, message, time.time(), mono=time.monotonic()))
-            if self.hub.uncommitted and not self._commit_scheduled:
-                # After every message read in this loop step: they share one commit.
-                self._commit_scheduled = True
-                self._loop.call_soon(self._commit)
+            self._schedule_commit()
         except Exception:  # noqa: BLE001 - never into the transport: it would drop the link
             log.exception("internal error delivering the answers to %s", client.client_id)
+        return client.job is not None
+
+    async def _finish_job(self, client: hub_mod.Client,
+                          conn: Optional[DirectConnection] = None) -> None:
+        """The rest of a big batch, one step per turn of the event loop (other clients are
+        served in between); then what ``conn`` kept meanwhile, in order."""
+        try:
+            while client.job is not None:
+                await asyncio.sleep(0)
+                _deliver(self.hub.resume(client, time.time()))
+                self._schedule_commit()
+        except Exception:  # noqa: BLE001 - the connection goes on; say why
+            log.exception("internal error storing a batch from %s", client.client_id)
+            client.job = None
+        finally:
+            if conn is not None:
+                conn.release()
+
+    def _schedule_commit(self) -> None:
+        if self.hub.uncommitted and not self._commit_scheduled:
+            # After every message read in this loop step: they share one commit.
+            self._commit_scheduled = True
+            self._loop.call_soon(self._commit)
 
     def _commit(self) -> None:
         """The store's group commit (with --db), then the answers that waited for it."""

@@ -215,6 +215,9 @@ class Cluster:
                 log.exception("cluster lookup failed; handled as a single node")
                 view = None
         self._deliver(self._hub.handle(client, text, time.time(), view, time.monotonic()))
+        while client.job is not None:  # a big batch: a step per turn of the loop
+            await asyncio.sleep(0)
+            self._deliver(self._hub.resume(client, time.time()))
         if view is not None:
             self._after(view)
         if (msg is not None and client.identity.is_device and msg.get("type") == "subscribe"
