@@ -258,3 +258,48 @@ def test_a_big_batch_is_handled_a_step_at_a_time_and_acked_after_the_last(tmp_pa
     hub.commit()
     assert len(hub.telemetry("d2")) == 999 and again is not None
     hub.close()
+
+
+def test_one_device_flooding_the_store_evicts_only_its_own_rows(tmp_path):
+    """The issue's attack, scaled down: with a store file, a device that sends far more
+    than the store holds loses its own oldest rows; another device's rows all stay."""
+    import sqlite3
+
+    from agent.server.hub import HubSettings
+    from hubkit import handle_all
+
+    path = str(tmp_path / "store.db")
+    hub = Hub(path, HubSettings(max_rows=2000, max_rows_per_device=500,
+                                samples_per_minute=10**6))
+    quiet, flood = join(hub, "quiet"), join(hub, "flood")
+    for i in range(50):
+        hub.handle(quiet, telemetry(f"q-{i}", "quiet"), NOW)
+    hub.commit()
+    for b in range(10):  # 10,000 samples: 20 times this device's bound
+        handle_all(hub, flood, batch(f"b{b}", "flood", [f"f-{b}-{i}" for i in range(1000)]))
+        hub.commit()
+    assert [r["id"] for r in hub.telemetry("quiet")] == [f"q-{i}" for i in range(50)]
+    kept = [r["id"] for r in hub.telemetry("flood")]
+    assert 500 <= len(kept) <= 600 and kept[-1] == "f-9-999"  # its newest, in order
+    hub.close()
+    on_disk = sqlite3.connect(path).execute(
+        "SELECT device_id, COUNT(*) FROM telemetry GROUP BY device_id").fetchall()
+    assert dict(on_disk) == {"quiet": 50, "flood": len(kept)}
+
+
+def test_past_the_whole_store_s_bound_the_largest_devices_give_up_their_oldest_first():
+    from agent.server.hub import HubSettings
+
+    hub = Hub(settings=HubSettings(max_rows=1000, max_rows_per_device=600,
+                                   rate_limit_per_minute=10**6, samples_per_minute=10**6))
+    small, big, bigger = join(hub, "small"), join(hub, "big"), join(hub, "bigger")
+    for i in range(100):
+        hub.handle(small, telemetry(f"s-{i}", "small"), NOW)
+    for name, client, n in (("big", big, 450), ("bigger", bigger, 600)):
+        for i in range(n):
+            hub.handle(client, telemetry(f"{name}-{i}", name), NOW)
+    counts = {d: len(hub.telemetry(d)) for d in ("small", "big", "bigger")}
+    assert counts["small"] == 100  # never touched
+    assert sum(counts.values()) <= 1000 + 100  # the bound, and the slack between trims
+    assert hub.telemetry("bigger")[-1]["id"] == "bigger-599"  # the oldest went
+    assert counts["bigger"] < 600

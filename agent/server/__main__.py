@@ -26,6 +26,12 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=8765, help="port to bind (default 8765; 0 = any)")
     ap.add_argument("--db", default=":memory:",
                     help="SQLite file that keeps received telemetry (default: in memory)")
+    ap.add_argument("--max-rows-per-device", type=int, default=10_000,
+                    help="telemetry rows each device keeps in the store; its oldest go "
+                    "first (default 10000)")
+    ap.add_argument("--max-rows", type=int, default=100_000,
+                    help="telemetry rows in the whole store, a last resort: the largest "
+                    "devices' oldest go first (default 100000)")
     ap.add_argument("--secret-file", help="file holding the JWT secret "
                     "(default: $NEXUS_JWT_SECRET)")
     ap.add_argument("--ping-interval", type=float, default=30.0,
@@ -96,7 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     inbox = SignalInbox(STOP_SIGNALS)
     args = _serve_args(argv)
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
-    for name in ("dedupe_s", "rate_limit", "samples_per_minute", "max_operator_connections"):
+    for name in ("dedupe_s", "rate_limit", "samples_per_minute", "max_operator_connections",
+                 "max_rows", "max_rows_per_device"):
         if getattr(args, name) <= 0:
             print(f"nexus-server: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
@@ -126,7 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                               redis_url=args.redis, node_id=args.node_id,
                               dedupe_s=args.dedupe_s, loop=args.loop,
                               samples_per_minute=args.samples_per_minute,
-                              max_operator_connections=args.max_operator_connections)
+                              max_operator_connections=args.max_operator_connections,
+                              max_rows=args.max_rows,
+                              max_rows_per_device=args.max_rows_per_device)
     try:
         server = CompanionServer(settings, secret)
     except ImportError as exc:  # --loop uvloop without uvloop installed

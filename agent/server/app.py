@@ -76,6 +76,8 @@ class ServerSettings:
     rate_limit_per_minute: int = 100  # messages, per identity (hub.Budget)
     samples_per_minute: int = 30_000  # telemetry samples (batch items), per device identity
     max_operator_connections: int = 8  # per operator identity
+    max_rows: int = 100_000  # telemetry rows in the store, as a last resort
+    max_rows_per_device: int = 10_000  # rows each device keeps (its oldest go first)
     max_message_bytes: int = p.MAX_MESSAGE_BYTES
     offer_batches: bool = True  # telemetry.batch in the welcome (docs/protocol.md)
     close_timeout_s: float = 2.0
@@ -443,7 +445,8 @@ class CompanionServer:
             settings.rate_limit_per_minute, settings.samples_per_minute,
             settings.max_operator_connections,
             batch=hub_mod.DEFAULT_BATCH_OFFER if settings.offer_batches else None,
-            group_commit=not settings.redis_url))
+            group_commit=not settings.redis_url, max_rows=settings.max_rows,
+            max_rows_per_device=settings.max_rows_per_device))
         self._commit_scheduled = False
         self._stop_lock = threading.Lock()
         self._stopped = False

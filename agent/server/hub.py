@@ -34,8 +34,10 @@ Rules and guarantees:
   which the server calls once per event-loop step. An ack still means "on
   disk"; a step's frames share one commit (one WAL sync instead of one each).
   In memory every write commits at once and nothing is held.
-* The store is SQLite (``:memory:`` unless a file is given), bounded to
-  ``max_rows`` telemetry rows: the oldest are deleted past that. Waiting
+* The store is SQLite (``:memory:`` unless a file is given), bounded per
+  device (``max_rows_per_device``: that device's oldest rows are deleted past
+  it, so one device never evicts another's) and as a whole (``max_rows``, the
+  last resort: the largest devices' oldest rows go first). Waiting
   commands and result routes are bounded too (``MAX_PENDING_COMMANDS``,
   ``MAX_ROUTES``): nothing a client sends grows memory without limit.
 * Several nodes (``cluster.py``) share a fleet through Redis; the hub does no
@@ -68,6 +70,7 @@ RATE_WINDOW_S = 60.0  # the budget refills its whole size in this long
 _encode = functools.partial(p.encode, limit=p.MAX_SERVER_MESSAGE_BYTES)
 MAX_PENDING_COMMANDS = 1000  # commands waiting (ttl_s) for a device to connect
 MAX_ROUTES = 10_000  # commands delivered whose result the operator still awaits
+TRIM_SLACK = 100  # rows a store bound may run over between two trims (Hub._trim)
 
 log = logging.getLogger("nexus.server")
 
@@ -191,7 +194,11 @@ class HubSettings:
     batch_step_items: int = 100
     # telemetry.batch, offered in every welcome; None offers nothing (the guide's protocol)
     batch: p.BatchOffer | None = DEFAULT_BATCH_OFFER
+    # The store's bounds (docs/design.md, "Fair storage"): each device keeps at most
+    # max_rows_per_device rows (its oldest go first), so one device never evicts another's;
+    # max_rows for the whole store is the last resort, taken from the largest devices.
     max_rows: int = 100_000
+    max_rows_per_device: int = 10_000
     # With a store file: commit in groups (see the module's rules). A cluster node commits
     # every write at once: it tells the other nodes "stored" right after handle().
     group_commit: bool = True
@@ -265,7 +272,11 @@ class Hub:
         self._in_transaction = False
         self._held: Outgoing = []  # answers waiting for the commit (group commit only)
         self._held_closes: Closes = []
-        self._inserts = 0
+        # Rows per device, kept beside the store (read once when it opens): the bounds are
+        # checked without a query per insert.
+        self._rows: Dict[str, int] = dict(self._db.execute(
+            "SELECT device_id, COUNT(*) FROM telemetry GROUP BY device_id").fetchall())
+        self._total = sum(self._rows.values())
         self._view: ClusterView | None = None  # set for one handle() call, under the lock
 
     # ------------------------------------------------------------------ connections
@@ -367,6 +378,9 @@ class Hub:
                               len(out))
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
+                self._rows = dict(self._db.execute(  # the rows as they are again
+                    "SELECT device_id, COUNT(*) FROM telemetry GROUP BY device_id").fetchall())
+                self._total = sum(self._rows.values())
                 return [], closes
         return out, closes
 
@@ -592,7 +606,7 @@ class Hub:
             view.stored.append((device_id, msg_id))
         if cur.rowcount != 1:
             return None
-        self._trim(now)
+        self._trim(device_id)
         if view is None and not self._listeners.get("telemetry"):
             return []  # nobody to tell (the usual case for a fleet without operators)
         update = dict(payload, message_id=msg_id, sample_time=sample_time)
@@ -777,12 +791,34 @@ class Hub:
         error = p.make_error(p.DEVICE_OFFLINE, message, now, command_id)
         return [(operator.peer, _encode(error))]
 
-    def _trim(self, now: float) -> None:
-        self._inserts += 1
-        if self._inserts % 1000 == 0:
-            self._write(
-                "DELETE FROM telemetry WHERE rowid <= "
-                "(SELECT MAX(rowid) FROM telemetry) - ?", (self.settings.max_rows,))
+    def _trim(self, device_id: str) -> None:
+        """One row more for ``device_id``: its oldest rows go past its own bound, and the
+        largest devices' oldest past the store's. Each bound is let run over by
+        TRIM_SLACK rows between trims, so a trim costs one DELETE per TRIM_SLACK inserts."""
+        self._rows[device_id] = self._rows.get(device_id, 0) + 1
+        self._total += 1
+        own = self.settings.max_rows_per_device
+        if self._rows[device_id] > own + TRIM_SLACK:
+            self._delete_oldest(device_id, self._rows[device_id] - own)
+        if self._total > self.settings.max_rows + TRIM_SLACK:
+            # Last resort (more devices than the store has room for at their own bound):
+            # the largest give up their oldest rows first, never a small device for a big one.
+            while self._total > self.settings.max_rows:
+                largest = max(self._rows, key=self._rows.__getitem__)
+                second = max((n for d, n in self._rows.items() if d != largest), default=0)
+                excess = self._total - self.settings.max_rows
+                # Down to the next largest, or at least TRIM_SLACK rows (many devices tied).
+                self._delete_oldest(largest, min(excess, max(self._rows[largest] - second,
+                                                             TRIM_SLACK)))
+
+    def _delete_oldest(self, device_id: str, count: int) -> None:
+        cur = self._write(
+            "DELETE FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry "
+            "WHERE device_id = ? ORDER BY rowid LIMIT ?)", (device_id, count))
+        self._rows[device_id] -= cur.rowcount
+        self._total -= cur.rowcount
+        if self._rows[device_id] <= 0:
+            del self._rows[device_id]
 
     # ------------------------------------------------------------------ inspection
 
