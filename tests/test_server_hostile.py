@@ -256,9 +256,9 @@ def test_only_a_device_on_a_node_offering_batches_may_send_more_than_64_kib(serv
 # ---------------------------------------------------------------- one identity, one budget
 
 
-def closed_with(peer: Peer, timeout: float = 5.0) -> Optional[int]:
-    """The close code the server sends ``peer`` within ``timeout`` (None if it does not;
-    pings and other messages are skipped)."""
+def closed_with(peer: Peer, timeout: float = 5.0, seen: Optional[list] = None) -> Optional[int]:
+    """The close code the server sends ``peer`` within ``timeout`` (None if it does not);
+    the messages before it are appended to ``seen``, pings skipped."""
     import websocket
 
     deadline = time.monotonic() + timeout
@@ -269,6 +269,8 @@ def closed_with(peer: Peer, timeout: float = 5.0) -> Optional[int]:
             return None
         if opcode == websocket.ABNF.OPCODE_CLOSE:
             return close_code(data)
+        if opcode == websocket.ABNF.OPCODE_TEXT and seen is not None:
+            seen.append(json.loads(data))
     return None
 
 
@@ -337,3 +339,23 @@ def test_batch_items_count_against_the_identity_s_sample_budget():
         assert again.request(batch("b4", 400))["error"]["code"] == "RATE_LIMITED"
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- expiry
+
+
+def test_a_connection_is_closed_with_4000_when_its_token_expires(server):
+    """The page's 12-hour operator token was an unlimited session: now the server ends
+    every connection at its token's exp, with AUTH_FAILED then 4000."""
+    device = Peer(server.url, mint("dev-exp", ttl=2))
+    assert device.recv()["type"] == "connected"
+    telemetry = {"type": "telemetry", "id": "t1", "timestamp": "2025-11-03T01:53:54.518Z",
+                 "payload": {"device_id": "dev-exp", "metrics": {"cpu_usage": 1.0}}}
+    assert device.request(telemetry)["type"] == "ack"
+    start = time.monotonic()
+    seen: list = []
+    assert closed_with(device, 5, seen) == p.CLOSE_AUTH_FAILED
+    assert time.monotonic() - start < 4.0
+    assert [m["error"] for m in seen if m["type"] == "error"] == [
+        {"code": "AUTH_FAILED", "message": "Token expired"}]
+    assert server.hub.telemetry("dev-exp")[-1]["id"] == "t1"

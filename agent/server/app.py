@@ -581,6 +581,10 @@ class CompanionServer:
         _deliver(self.hub.online(client, time.time()))  # events.update for the fleet page
         if isinstance(conn, DirectConnection):
             conn.start(functools.partial(self._on_direct, client, conn))
+        # The token's exp is wall-clock time; the wait for it is on the loop's monotonic
+        # clock, so a step of the wall clock neither ends a session early nor extends it.
+        expiry = self._loop.call_later(max(0.0, identity.expires - time.time()),
+                                       self._expired, peer)
         try:
             # With a DirectConnection this sees only what it leaves to the library (a
             # fragmented message), and the end of the connection.
@@ -593,6 +597,7 @@ class CompanionServer:
         except ConnectionClosed:
             pass
         finally:
+            expiry.cancel()
             if isinstance(conn, DirectConnection):
                 conn.stop()
             _deliver(self.hub.disconnect(client, time.time()))
@@ -604,6 +609,13 @@ class CompanionServer:
             peer.cancel()
             rcvd = conn.close_code if conn.close_code is not None else "none"
             log.info("%s disconnected (close code %s)", client.client_id, rcvd)
+
+    def _expired(self, peer: SendQueue) -> None:
+        """The token's exp has passed: AUTH_FAILED, then 4000, as for a token refused at
+        connect (the client needs a new one)."""
+        log.info("%s: its token expired; closing it with %d", peer.name, p.CLOSE_AUTH_FAILED)
+        peer.send(p.encode(p.make_error(p.AUTH_FAILED, "Token expired", time.time())))
+        peer.close(p.CLOSE_AUTH_FAILED, "Token expired")
 
     def _on_direct(self, client: hub_mod.Client, conn: DirectConnection,
                    message: Message) -> None:
