@@ -303,3 +303,27 @@ def test_past_the_whole_store_s_bound_the_largest_devices_give_up_their_oldest_f
     assert sum(counts.values()) <= 1000 + 100  # the bound, and the slack between trims
     assert hub.telemetry("bigger")[-1]["id"] == "bigger-599"  # the oldest went
     assert counts["bigger"] < 600
+
+
+def test_rate_budgets_and_command_waits_follow_the_monotonic_clock_not_the_wall_clock():
+    """The wall clock steps back an hour (the issue: every client got RATE_LIMITED and
+    1008 at once), or ahead an hour: neither changes a rate budget or a ttl_s wait."""
+    from agent.server.hub import HubSettings
+    from agent.server.tokens import Identity
+    from hubkit import FakePeer
+
+    hub = Hub(settings=HubSettings(rate_limit_per_minute=5))
+    device, _ = hub.connect(Identity("d1", "device", NOW + 7200), FakePeer(), NOW, 1000.0)
+    operator, _ = hub.connect(Identity("op", "operator", NOW + 7200), FakePeer(), NOW, 1000.0)
+    for i in range(40):  # 4 a minute, under the limit of 5
+        wall = NOW + 15 * i - (3600 if i >= 20 else 0)
+        (_, text), = hub.handle(device, json.dumps({"type": "ping", "id": f"p{i}"}), wall,
+                                mono=1000.0 + 15 * i)
+        assert json.loads(text)["type"] == "pong", (i, text)
+    assert device.peer.closed == []
+    command = json.dumps({"type": "command", "id": "c1", "payload": {
+        "device_id": "d9", "name": "reboot", "ttl_s": 30}})
+    assert hub.handle(operator, command, NOW, mono=2000.0) == []
+    assert hub.tick(NOW + 3600, mono=2001.0) == []  # an hour ahead on the wall: still waits
+    (_, text), = hub.tick(NOW + 3600, mono=2031.0)
+    assert json.loads(text)["error"]["code"] == "DEVICE_OFFLINE"

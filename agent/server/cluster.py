@@ -308,11 +308,14 @@ class Cluster:
     def _park(self, delivery: Dict[str, Any], expires: float) -> None:
         key = f"nexus:parked:{delivery['device_id']}"
         entry = json.dumps({"origin": self.node, "expires": expires, "delivery": delivery})
-        keep = int(expires - time.time()) + 60
+        left = expires - time.time()
+        keep = int(left) + 60
         self._send("rpush", key, entry)
         self._send("expire", key, keep, nx=True)
         self._send("expire", key, keep, gt=True)
-        self._parked[delivery["command_id"]] = (key, entry, expires)
+        # The entry's expiry is wall-clock time (other hosts read it); this node's own wait
+        # for it is on the monotonic clock.
+        self._parked[delivery["command_id"]] = (key, entry, time.monotonic() + left)
 
     async def _device_arrived(self, device_id: str) -> None:
         """A device subscribed to commands here: register it, deliver what waits for it."""
@@ -339,9 +342,9 @@ class Cluster:
             self._deliver(out or [])
 
     async def _expire_parked(self) -> None:
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
         for command_id, (key, entry, expires) in list(self._parked.items()):
-            if expires > now:
+            if expires > mono:
                 continue
             del self._parked[command_id]
             try:

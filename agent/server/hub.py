@@ -155,7 +155,7 @@ class Client:
 class PendingCommand:
     request: p.CommandRequest
     operator_id: str
-    expires: float
+    expires: float  # on the monotonic clock (Hub.handle's mono)
 
 
 @dataclass
@@ -278,6 +278,7 @@ class Hub:
             "SELECT device_id, COUNT(*) FROM telemetry GROUP BY device_id").fetchall())
         self._total = sum(self._rows.values())
         self._view: ClusterView | None = None  # set for one handle() call, under the lock
+        self._mono = 0.0  # the monotonic clock of the handle() call under way
 
     # ------------------------------------------------------------------ connections
 
@@ -416,7 +417,7 @@ class Hub:
                 return self._rate_error(client, env.id, now)
             p.check_client_envelope(env)  # the handler validates the payload (only once)
             with self._lock:
-                self._view = view
+                self._view, self._mono = view, mono
                 try:
                     return self._dispatch(client, env, now)
                 finally:
@@ -638,8 +639,9 @@ class Hub:
         if view is not None:  # waits in Redis for whichever node the device reaches first
             view.parked.append((_delivery(request), now + request.ttl_s))
             return []
+        # On the monotonic clock: a step of the wall clock neither expires it nor keeps it.
         self._pending[request.command_id] = PendingCommand(request, client.client_id,
-                                                           now + request.ttl_s)
+                                                           self._mono + request.ttl_s)
         return []
 
     def _command_result(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
@@ -714,7 +716,7 @@ class Hub:
     def _deliver_pending(self, device_id: str, now: float) -> Outgoing:
         out: Outgoing = []
         for command_id, pending in list(self._pending.items()):
-            if pending.request.device_id == device_id and pending.expires > now:
+            if pending.request.device_id == device_id and pending.expires > self._mono:
                 del self._pending[command_id]
                 out += self._broadcast("commands", _delivery(pending.request), now)
         return out
@@ -729,7 +731,7 @@ class Hub:
                         if k not in self._identities and b.refill(mono)]:
                 del self._budgets[key]
             for command_id, pending in list(self._pending.items()):
-                if pending.expires <= now:
+                if pending.expires <= mono:
                     del self._pending[command_id]
                     self._unroute(pending.request.device_id, command_id)
                     operator = self._clients.get(pending.operator_id)
