@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -22,7 +23,16 @@ from clusterkit import (
     missing,
     node,
 )
-from helpers import AgentProcess, connected, mint, outbox_ids, stored, wait_for, write_config
+from helpers import (
+    AgentProcess,
+    Peer,
+    connected,
+    mint,
+    outbox_ids,
+    stored,
+    wait_for,
+    write_config,
+)
 from nodejs import INTEROP
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=f"cluster tests need {missing()}")
@@ -309,3 +319,66 @@ def test_healthz_says_when_a_node_is_cut_off_from_redis_and_it_comes_back_by_its
     assert "redis back" in srv.log()
     srv.stop()
     redis.kill()
+
+
+def test_the_shipped_nginx_config_logs_no_token(tmp_path):
+    """deploy/nginx/nexus.conf in front of a node that is down (nginx logs an error with
+    the request line) and one that is up: no log file holds the ?token= the page sends."""
+    from helpers import free_port
+
+    live = node(RedisProcess(tmp_path / "redis").url, "L")
+    folder = tmp_path / "nginx"
+    folder.mkdir()
+    port = free_port()
+    conf = DEPLOY_CONF.read_text()
+    for line in conf.splitlines():  # TLS and the example nodes: this machine's instead
+        if line.strip().startswith(("ssl_certificate", "server 10.0.0.")):
+            conf = conf.replace(line + "\n", "")
+    conf = conf.replace("listen 443 ssl;", f"listen 127.0.0.1:{port};").replace(
+        "upstream nexus_nodes {", f"upstream nexus_nodes {{\n    server 127.0.0.1:{free_port()}"
+        f" max_fails=1 fail_timeout=10s;\n    server 127.0.0.1:{live.port};").replace(
+        "/var/log/nginx/", f"{folder}/")
+    (folder / "nginx.conf").write_text(
+        f"worker_processes 1;\nerror_log {folder}/main-error.log info;\npid {folder}/pid;\n"
+        "events { worker_connections 64; }\nhttp {\n"
+        + "".join(f"    {kind}_temp_path {folder}/{kind};\n"
+                  for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + conf + "\n}\n")
+    proc = subprocess.Popen(["nginx" if shutil.which("nginx") else "/usr/sbin/nginx", "-p",
+                             str(folder), "-e", str(folder / "main-error.log"), "-c",
+                             str(folder / "nginx.conf"), "-g", "daemon off; master_process off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        wait_for(lambda: _answers(port), 10, what="nginx listening")
+        # Eight tokens: the balancing hash sends some to the dead node first (nginx logs
+        # that refusal with the request line, then tries the live one).
+        issued = [mint(f"dev-logged-{i}") for i in range(8)]
+        for token in issued:
+            peer = Peer(url, token, header=False)
+            assert peer.recv()["type"] == "connected"
+            peer.close()
+        # Each connection's line, once it has ended (or, with a config that leaks it,
+        # the token in nginx's own error log).
+        wait_for(lambda: _read(folder / "nexus-access.log").count("/v1/ws") >= len(issued)
+                 or "token=" in _read(folder / "main-error.log"), 10, what="the log lines")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        live.stop()
+    logs = {f.name: f.read_text() for f in folder.glob("*.log")}
+    for name, text in logs.items():
+        assert "token=" not in text and not any(t in text for t in issued), (name, text[-2000:])
+    assert "GET /v1/ws HTTP/1.1" in logs["nexus-access.log"], logs
+
+
+def _read(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _answers(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -60,6 +60,10 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                     help="event loop: uvloop when installed (auto, the default; it comes with "
                     "the 'server' extra), or insist on one")
+    ap.add_argument("--print-page-token", action="store_true",
+                    help="print the fleet page's URL with a fresh operator token even when "
+                    "stdout is not a terminal (by default it is printed only on a terminal: "
+                    "under systemd stdout goes to the journal, which others may read)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every connection event")
     return ap.parse_args(argv)
 
@@ -147,9 +151,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     server.start()
     print(f"nexus-server listening on {server.url}", flush=True)  # first line: tests parse it
-    # The fleet page, with a fresh operator token in the fragment (never in a request line).
-    page_token = mint(secret, PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
-    print(f"page: {page_url(server.url, page_token)}", flush=True)
+    # The fleet page, with a fresh operator token in the fragment (never in a request line),
+    # only where a person reads it: a 12-hour operator token in a journal or a log file is
+    # a credential anyone who reads that file may use.
+    if args.print_page_token or sys.stdout.isatty():
+        page_token = mint(secret, PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
+        print(f"page: {page_url(server.url, page_token)}", flush=True)
+    else:
+        print(f"page: {page_url(server.url, '')[:-len('#token=')]} (its token is printed only "
+              "on a terminal or with --print-page-token; or mint one with 'nexus-server token "
+              "--operator NAME')", flush=True)
     print(f"event loop: {server.loop_name}", flush=True)  # bench/fleet.py reports it
     while not inbox.wait(None):
         pass
