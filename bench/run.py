@@ -24,6 +24,10 @@
 6. Two nodes behind nginx (bench/cluster.py, short): 1,000 devices against one
    node and against two ``--redis`` nodes behind nginx, and the latency the
    cross-node fan-out adds (skipped without redis-server and nginx).
+7. Hostile neighbours (bench/hostile.py, short): 1,000 honest devices at 1 msg/s,
+   quiet and then beside 400 half-open handshakes, a token reconnecting and
+   flooding, and 1,000-item batches at the sample budget (6 s each, loopback):
+   honest p99 against 2x the quiet p99, and the server's RSS against its bound.
 
 Prints a table; exits non-zero only if something failed to run.
 """
@@ -278,7 +282,11 @@ def main() -> int:
     print()
     import cluster  # bench/cluster.py: two nodes behind nginx against one
 
-    return status or cluster.main(["--devices", "1000", "--seconds", "8"])
+    status = status or cluster.main(["--devices", "1000", "--seconds", "8"])
+    print()
+    import hostile  # bench/hostile.py: honest devices beside attackers, one at a time
+
+    return status or hostile.main(["--devices", "1000", "--phase-seconds", "6"])
 
 
 if __name__ == "__main__":

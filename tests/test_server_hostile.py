@@ -359,3 +359,23 @@ def test_a_connection_is_closed_with_4000_when_its_token_expires(server):
     assert [m["error"] for m in seen if m["type"] == "error"] == [
         {"code": "AUTH_FAILED", "message": "Token expired"}]
     assert server.hub.telemetry("dev-exp")[-1]["id"] == "t1"
+
+
+def test_a_token_that_flooded_is_refused_at_once_when_it_reconnects():
+    """Past twice its budget a flooder is closed (1008) and its flood is no longer read; a
+    new connection of the same token is closed with 1008 before its welcome (and does not
+    take over anything) until the budget has refilled."""
+    srv = in_process(rate_limit_per_minute=5)
+    try:
+        flood = connected(srv.url, "dev-flood")
+        for i in range(40):
+            flood.send({"type": "ping", "id": f"f{i}"})
+        assert closed_with(flood) == p.CLOSE_POLICY
+        again = Peer(srv.url, mint("dev-flood"))
+        seen: list = []
+        assert closed_with(again, 5, seen) == p.CLOSE_POLICY
+        assert seen == []  # no welcome
+        other = connected(srv.url, "dev-calm")  # others are served
+        assert other.request({"type": "ping", "id": "p"})["type"] == "pong"
+    finally:
+        srv.stop()

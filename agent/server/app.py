@@ -96,7 +96,7 @@ class ServerSettings:
     # Before authentication (docs/performance.md, "Worst case per connection"):
     handshake_timeout_s: float = 5.0  # TCP accept to the end of the WebSocket handshake
     max_unauthenticated: int = 1024  # connections whose token is not checked yet
-    unauthenticated_bytes: int = 16 << 20  # what they may have sent, between them
+    unauthenticated_bytes: int = 4 << 20  # what they may have sent, between them
 
 
 LOOPS = ("auto", "uvloop", "asyncio")
@@ -153,6 +153,11 @@ class Admission:
         if self.count >= self.max_count:
             self._drop("connections")
             return False
+        if self.bytes >= self.max_bytes:
+            # Full of requests that never end: drop at accept, before reading a byte
+            # (reading what each sends first costs more than the whole check).
+            self._drop("bytes")
+            return False
         self.waiting.add(conn)
         return True
 
@@ -186,15 +191,22 @@ class GuardedConnection(ServerConnection):
         super().__init__(*args, **kwargs)
         self._admission = admission
         self._counted = False
+        self._refused = False
         self._received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
         self._counted = self._admission.enter(self)
         if not self._counted:
-            self.transport.abort()  # before a byte is read: costs nothing more
+            # Before the library sets the connection up (its handshake task, its buffers):
+            # a refused connection costs an accept and a close, nothing more.
+            self._refused = True
+            cast(asyncio.Transport, transport).abort()
+            return
+        super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._counted:
             self._received += len(data)
             if not self._admission.received(len(data)):
@@ -210,8 +222,14 @@ class GuardedConnection(ServerConnection):
             self._admission.leave(self, self._received)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._refused:
+            return  # never set up (connection_made)
         self.admitted()
         super().connection_lost(exc)
+
+    def eof_received(self) -> None:
+        if not self._refused:
+            super().eof_received()
 
 
 class SendQueue:
@@ -290,6 +308,10 @@ class SendQueue:
 
     def _begin_close(self, code: int, reason: str, flush: bool) -> None:
         if self._closer is None:
+            if code == p.CLOSE_POLICY:
+                # A flood: read no more of it (its close answer included; the close
+                # timeout ends it), so what it keeps sending costs nothing.
+                self.conn.transport.pause_reading()
             self._closer = asyncio.ensure_future(self._close(code, reason, flush))
 
     async def _write(self) -> None:
@@ -573,6 +595,18 @@ class CompanionServer:
         await self._serve_client(conn, identity)
 
     async def _serve_client(self, conn: ServerConnection, identity: tokens.Identity) -> None:
+        if self.hub.exhausted(identity, time.monotonic()):
+            # A token that flooded and reconnects: no welcome, no takeover of its other
+            # connection; closed as its last connection was (1008), until its budget refills.
+            log.info("%s %s is over its rate budget: connection refused with %d",
+                     identity.role, identity.subject, p.CLOSE_POLICY)
+            conn.transport.pause_reading()
+            try:
+                await asyncio.wait_for(conn.close(p.CLOSE_POLICY, "rate limit exceeded"),
+                                       self.settings.close_timeout_s)
+            except asyncio.TimeoutError:
+                conn.transport.abort()
+            return
         peer = SendQueue(conn, self.settings, f"{identity.role} {identity.subject}")
         client, welcome = self.hub.connect(identity, peer, time.time(), time.monotonic())
         peer.name = f"{client.client_id} ({peer.name})"

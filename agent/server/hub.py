@@ -309,6 +309,16 @@ class Hub:
                                                            self.settings.batch))
         return client, _encode(welcome)
 
+    def exhausted(self, identity: Identity, mono: float) -> bool:
+        """The identity spent twice its message budget and has not refilled past it: a new
+        connection of it is closed at once (1008), before its welcome."""
+        with self._lock:
+            budget = self._budgets.get((identity.role, identity.subject))
+            if budget is None:
+                return False
+            budget.refill(mono)
+            return budget.messages < 0
+
     def online(self, client: Client, now: float) -> Outgoing:
         """``events.update`` ``device.online`` when ``client`` is a device (after its welcome)."""
         return self._presence(client, "device.online", now)
@@ -404,6 +414,10 @@ class Hub:
                 view: ClusterView | None, mono: float) -> Outgoing:
         # Every frame counts, even a malformed one.
         over_rate = not client.budget.take_message(mono)
+        if over_rate and client.budget.exhausted:
+            # Past twice the limit: closed, and the flood it keeps sending costs no decoding.
+            self._close_client(client, p.CLOSE_POLICY, "rate limit exceeded")
+            return []
         env: p.Envelope | None = None
         if _too_big(text):
             # The frame limit lets a batch through; everything else keeps 64 KiB.
