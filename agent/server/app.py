@@ -74,7 +74,7 @@ class ServerSettings:
     ping_interval_s: float = 30.0
     ping_timeout_s: float = 30.0
     rate_limit_per_minute: int = 100  # messages, per identity (hub.Budget)
-    samples_per_minute: int = 30_000  # telemetry samples (batch items), per device identity
+    samples_per_minute: int = 40_000  # telemetry samples (batch items), per device identity
     max_operator_connections: int = 8  # per operator identity
     max_rows: int = 100_000  # telemetry rows in the store, as a last resort
     max_rows_per_device: int = 10_000  # rows each device keeps (its oldest go first)

@@ -185,9 +185,10 @@ DEFAULT_BATCH_OFFER = p.BatchOffer(p.MAX_BATCH_ITEMS, p.MAX_BATCH_BYTES)
 class HubSettings:
     # Per identity (device or operator), across its connections and reconnects:
     rate_limit_per_minute: int = 100  # messages, the guide's figure
-    # Telemetry samples (a batch counts its items): 30,000 a minute, 500 a second, drains a
-    # day offline at 1 s (86,400 samples) in under 3 minutes (docs/protocol.md, section 5).
-    samples_per_minute: int = 30_000
+    # Telemetry samples (a batch counts its items): 40,000 a minute (667 a second) drains a
+    # day offline at 1 s (86,400 samples) in 2 min 10 s, above nexus-agent's own drain pace
+    # (about 32,500 a minute: docs/performance.md) so it never meets RATE_LIMITED.
+    samples_per_minute: int = 40_000
     max_operator_connections: int = 8  # per operator identity; the oldest is closed past it
     # Batch items checked and stored per call (about 2.5 ms of work with a watcher): the
     # rest waits for Hub.resume, so other clients are served in between.
