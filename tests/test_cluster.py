@@ -382,3 +382,45 @@ def _answers(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_cluster_reader_survives_a_failure_of_its_own_and_starts_again(tmp_path, caplog):
+    """Not a bad message this time but a bug in the reader's own round (here: the registry
+    refresh raising once): logged, the reader starts again, the node is back in the
+    cluster and relays what other nodes publish."""
+    import logging
+
+    from helpers import SECRET
+
+    from agent.server.app import CompanionServer, ServerSettings
+
+    caplog.set_level(logging.INFO, logger="nexus.server.cluster")
+    redis = RedisProcess(tmp_path / "redis")
+    srv = CompanionServer(ServerSettings(port=0, redis_url=redis.url, node_id="S",
+                                         close_timeout_s=0.2), SECRET.encode())
+    listeners, calls = srv.hub.command_listeners, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the registry refresh")
+        return listeners()
+
+    srv.hub.command_listeners = failing_once  # type: ignore[method-assign]
+    srv.start()
+    try:
+        wait_for(lambda: len(calls) >= 2 and srv.health()[0], 15,
+                 what="the reader to start again and the node to be healthy")
+        assert "the cluster reader failed" in caplog.text
+        assert "a bug in the registry refresh" in caplog.text
+        op = connected(srv.url, "gina", "operator")
+        subscribe(op, "telemetry")
+        update = {"device_id": "dev-far", "metrics": {"cpu_usage": 1.0},
+                  "message_id": "far-1", "sample_time": "2025-11-03T01:53:54.518Z"}
+        assert redis.client().publish("nexus:bc", json.dumps(
+            {"from": "other", "kind": "broadcast", "channel": "telemetry",
+             "payload": update})) == 1
+        assert op.recv_type("telemetry.update")["payload"]["message_id"] == "far-1"
+    finally:
+        srv.stop()
+        redis.kill()
