@@ -19,8 +19,10 @@ is the I/O around them:
   ``max_delay_s``, reset only after a connection that worked (welcome received,
   at least one ack or pong) and stayed up for ``STABLE_S``: a server that acks
   once and closes sees the delays grow like any other failure. A refused token
-  (close 4000, HTTP 401/403) backs off at the cap and is logged once until it
-  changes.
+  (close 4000, HTTP 401/403; also when it expires during a connection) backs
+  off at the cap and is logged once until it changes, unless the token file
+  already holds another token (a provisioning script rotated it): that one is
+  tried after the base delay.
 * What the server sends is bounded: a frame over ``MAX_INCOMING_MESSAGE`` is
   refused before its payload is read, and so is a fragmented message whose
   parts add up to more. Frames are read one at a time with a timeout that ends
@@ -414,6 +416,7 @@ class Transport:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._auth_refused_logged = False
+        self._token_used = ""  # the token of the last connection attempt
         self._ws_module: Any = None
         self.worked = False
         self._hurry = threading.Event()
@@ -453,7 +456,11 @@ class Transport:
                 self._note_auth_refused(str(exc))
                 cap = self.config.reconnect.max_delay_s
                 self._after_connection(str(exc))
-                stop.wait(self.rng.uniform(cap / 2, cap))
+                if self._token_rotated():
+                    log.info("the token file holds a new token; trying it")
+                    stop.wait(self.config.reconnect.base_delay_s)
+                else:
+                    stop.wait(self.rng.uniform(cap / 2, cap))
                 continue
             except (ConnectionLost, OSError, ProtocolError) as exc:
                 self._after_connection(str(exc))
@@ -498,6 +505,13 @@ class Transport:
             self.set_aside(oldest, f"the server closed the connection {count} times in a row "
                            f"while it was the oldest message in flight ({reason})")
 
+    def _token_rotated(self) -> bool:
+        """The token file (or NEXUS_TOKEN) holds another token than the one refused."""
+        try:
+            return auth.read_token(self.config.server.token_file) != self._token_used
+        except AuthError:
+            return False
+
     def _note_auth_refused(self, reason: str) -> None:
         if not self._auth_refused_logged:
             log.error("the server refused the token (%s); retrying about every %.0f s; check "
@@ -510,6 +524,7 @@ class Transport:
     def _open(self) -> Any:
         server = self.config.server
         token = auth.read_token(server.token_file)  # re-read on every connect (rotation)
+        self._token_used = token
         self.health.update(token_expires=auth.expiry(token))
         if self._ws_module is None:
             self._ws_module = import_websocket(server.url)
