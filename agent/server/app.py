@@ -13,7 +13,13 @@ Rules:
   and the client is closed with 1013 (try again later), logged once.
 * Authentication happens after the WebSocket handshake, exactly as the
   platform guide does it: a bad token gets an ``error`` with ``AUTH_FAILED``,
-  then close code 4000.
+  then close code 4000; so does a connection whose token's ``exp`` passes
+  (a timer on the loop's monotonic clock). An identity over its rate budget
+  is closed with 1008 right after the handshake, and a client closed with
+  1008 is read no more.
+* A big batch is stored in steps (``Hub.resume``), one per turn of the loop;
+  the connection keeps the frames that follow it (``DirectConnection.hold``)
+  until its ack is out, so answers keep their order.
 * Memory is bounded before authentication: at most ``MAX_HEADERS`` request
   headers of ``MAX_HEADER_LINE`` bytes, a handshake finished within
   ``handshake_timeout_s``, and at most ``max_unauthenticated`` connections

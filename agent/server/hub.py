@@ -13,6 +13,10 @@ Rules and guarantees:
   subscriber gets the same text (the same message id).
 * Each frame is decoded once and its payload validated once (by the handler of
   its type); the time stamps a frame's answers share are formatted once.
+* No call holds its caller for long: a ``telemetry.batch`` is checked and
+  stored ``batch_step_items`` items at a time; ``handle`` takes the first step
+  and leaves the rest in ``client.job`` for :meth:`Hub.resume`, which the
+  caller runs in later turns of its event loop (the ack comes after the last).
 * Telemetry is stored by (device id, message id): a resend of a pair already
   stored is acked again but neither stored nor broadcast twice (delivery is
   at-least-once on the wire, exactly-once in the store). Ids are the devices'
