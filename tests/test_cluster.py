@@ -153,6 +153,23 @@ def _db(nodes, name):
     return args[args.index("--db") + 1]
 
 
+def test_a_cluster_node_keeps_64_kib_for_operators_and_the_batch_size_for_devices(cluster):
+    """A cluster node reads through the library's queue (not DirectConnection): the limits
+    by role hold there too."""
+    _, nodes, _ = cluster
+    items = [{"id": f"big-{i}", "timestamp": "2025-11-03T01:53:54.518Z",
+              "metrics": {"cpu_usage": 1.0, "x" * 200: 2.0}} for i in range(400)]
+    batch = {"type": "telemetry.batch", "id": "big", "payload": {"device_id": "dev-big",
+                                                                 "items": items}}
+    assert 64 * 1024 < len(json.dumps(batch)) < 768 * 1024
+    operator = Peer(nodes["A"].url, mint("hank", "operator"))
+    assert operator.recv()["type"] == "connected"
+    operator.send(batch)
+    assert operator.close_code() == 1009
+    device = connected(nodes["A"].url, "dev-big")
+    assert device.request(batch)["payload"]["stored"] == 400
+
+
 def test_commands_reach_devices_anywhere_or_say_device_offline(cluster):
     redis, nodes, _ = cluster
     op = connected(nodes["A"].url, "carol", "operator")
