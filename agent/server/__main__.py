@@ -26,6 +26,12 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=8765, help="port to bind (default 8765; 0 = any)")
     ap.add_argument("--db", default=":memory:",
                     help="SQLite file that keeps received telemetry (default: in memory)")
+    ap.add_argument("--handshake-timeout", type=float, default=5.0,
+                    help="seconds from TCP accept to the end of the WebSocket handshake "
+                    "(default 5)")
+    ap.add_argument("--max-unauthenticated", type=int, default=1024,
+                    help="connections whose token is not checked yet; past it new ones are "
+                    "dropped at accept (default 1024)")
     ap.add_argument("--max-rows-per-device", type=int, default=10_000,
                     help="telemetry rows each device keeps in the store; its oldest go "
                     "first (default 10000)")
@@ -107,7 +113,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _serve_args(argv)
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
     for name in ("dedupe_s", "rate_limit", "samples_per_minute", "max_operator_connections",
-                 "max_rows", "max_rows_per_device"):
+                 "max_rows", "max_rows_per_device", "handshake_timeout",
+                 "max_unauthenticated"):
         if getattr(args, name) <= 0:
             print(f"nexus-server: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
@@ -139,7 +146,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                               samples_per_minute=args.samples_per_minute,
                               max_operator_connections=args.max_operator_connections,
                               max_rows=args.max_rows,
-                              max_rows_per_device=args.max_rows_per_device)
+                              max_rows_per_device=args.max_rows_per_device,
+                              handshake_timeout_s=args.handshake_timeout,
+                              max_unauthenticated=args.max_unauthenticated)
     try:
         server = CompanionServer(settings, secret)
     except ImportError as exc:  # --loop uvloop without uvloop installed
