@@ -62,6 +62,7 @@ CLOSE_TOO_BIG = 1009  # a message over the size limit
 CLOSE_INTERNAL = 1011  # keepalive timeout or server fault
 CLOSE_TRY_AGAIN = 1013  # server side: the client did not read and its send queue filled
 CLOSE_AUTH_FAILED = 4000  # as the platform guide: after an AUTH_FAILED error
+CLOSE_REPLACED = 4001  # server side: a newer connection of the same identity took over
 
 # Limits a peer must respect (the companion server enforces them).
 MAX_MESSAGE_BYTES = 64 * 1024  # what a client may send, and what the agent stores
@@ -73,8 +74,13 @@ MAX_ID_CHARS = 128
 MAX_DEVICE_ID_CHARS = 128
 MAX_METRICS = 256
 MAX_FILTERS = 16
+MAX_FILTER_BYTES = 1024  # a subscription's filters as compact JSON (UTF-8)
+MAX_SUBSCRIPTIONS = 16  # per client
 MAX_COMMAND_ARGS = 32
 MAX_ARG_CHARS = 1024
+# The dotted path an error names (``payload.metrics.<key>``) is cut to this: a key may be
+# long, and an answer must stay within the limit whatever the client sent.
+MAX_FIELD_CHARS = 256
 
 COMMAND_STATUSES = ("succeeded", "failed", "rejected", "timed_out")
 
@@ -92,6 +98,10 @@ CLIENT_TYPES = ("ping", "subscribe", "unsubscribe", "telemetry", "command", "com
 # MAX_MESSAGE_BYTES.
 MAX_BATCH_ITEMS = 1000
 MAX_BATCH_BYTES = 768 * 1024
+# One item is held to what a single telemetry message may carry: its payload
+# ({"device_id", "metrics"}, compact JSON, UTF-8) at most MAX_MESSAGE_BYTES, so its
+# broadcast fits MAX_SERVER_MESSAGE_BYTES like any other.
+MAX_BATCH_ITEM_BYTES = MAX_MESSAGE_BYTES
 
 
 # --------------------------------------------------------------------------- time and ids
@@ -208,7 +218,7 @@ def make_error(code: str, message: str, now: float, msg_id: str | None = None,
                field_path: str | None = None) -> Envelope:
     error: dict[str, Any] = {"code": code, "message": message}
     if field_path:
-        error["field"] = field_path
+        error["field"] = field_path[:MAX_FIELD_CHARS]
     return Envelope("error", msg_id, format_timestamp(now), error=error)
 
 
@@ -387,6 +397,10 @@ def parse_subscription(env: Envelope, need_filters: bool = True) -> Subscription
             if not (value is None or isinstance(value, (str, int, float, bool))):
                 raise RemoteProtocolError(INVALID_MESSAGE, "a filter value must be a scalar",
                                           f"payload.filters.{key}", env.id)
+        # Kept for the life of the connection: bounded like everything a client leaves.
+        if len(dumps(filters).encode("utf-8")) > MAX_FILTER_BYTES:
+            raise RemoteProtocolError(INVALID_MESSAGE, f"over {MAX_FILTER_BYTES} bytes as JSON",
+                                      "payload.filters", env.id)
     return Subscription(channel, filters)
 
 
@@ -487,23 +501,65 @@ def batch_item_text(msg_id: str, timestamp: str, metrics: Mapping[str, Any]) -> 
 def parse_telemetry_batch(env: Envelope, max_items: int = MAX_BATCH_ITEMS) -> TelemetryBatch:
     """A batch: the envelope must be right (else RemoteProtocolError); each bad item is
     named in ``rejected`` (``payload.items.3.metrics.cpu_usage``) and the rest is kept."""
+    device_id, raw = parse_batch_head(env, max_items)
+    items: list[BatchItem] = []
+    rejected: list[ItemRejected] = []
+    for index, item in enumerate(raw):
+        parsed = parse_batch_item(item, index, env.id)
+        if isinstance(parsed, ItemRejected):
+            rejected.append(parsed)
+        else:
+            items.append(parsed)
+    return TelemetryBatch(device_id, items, rejected)
+
+
+def parse_batch_head(env: Envelope, max_items: int = MAX_BATCH_ITEMS) -> tuple[str, list[Any]]:
+    """What a batch must have as a whole (else RemoteProtocolError): its device id and its
+    items, not checked yet (:func:`parse_batch_item` checks each; a server may spread
+    them over several steps)."""
     p = _payload(env)
     device_id = _short_str(p, "device_id", "payload", env.id, MAX_DEVICE_ID_CHARS)
     raw = _get(p, "items", (list,), "payload", env.id)
     if not 0 < len(raw) <= max_items:
         raise RemoteProtocolError(INVALID_MESSAGE, f"must hold 1 to {max_items} items",
                                   "payload.items", env.id)
-    items: list[BatchItem] = []
-    rejected: list[ItemRejected] = []
-    for index, item in enumerate(raw):
-        try:
-            items.append(_batch_item(item, f"payload.items.{index}", env.id))
-        except RemoteProtocolError as exc:
-            item_id = item.get("id") if isinstance(item, dict) else None
-            rejected.append(ItemRejected(index, item_id if isinstance(item_id, str) and
-                                         _is_unicode(item_id) else None,
-                                         exc.field or f"payload.items.{index}", exc.message))
-    return TelemetryBatch(device_id, items, rejected)
+    return device_id, raw
+
+
+def parse_batch_item(item: Any, index: int, msg_id: str | None) -> BatchItem | ItemRejected:
+    """Item ``index`` of a batch, checked like a telemetry payload, or why it is refused."""
+    try:
+        return _batch_item(item, f"payload.items.{index}", msg_id)
+    except RemoteProtocolError as exc:
+        return item_rejected(index, item, exc.field or f"payload.items.{index}", exc.message)
+
+
+def item_rejected(index: int, item: Any, field_path: str, message: str) -> ItemRejected:
+    """The ack's entry for a refused item. Its id is echoed cut to MAX_ID_CHARS (an id too
+    long is one reason to refuse it) and the field to MAX_FIELD_CHARS, so that the entry's
+    size is bounded whatever the item held; a client matches rejections by index."""
+    item_id = item.get("id") if isinstance(item, dict) else None
+    return ItemRejected(index, item_id[:MAX_ID_CHARS] if isinstance(item_id, str) and
+                        _is_unicode(item_id) else None, field_path[:MAX_FIELD_CHARS], message)
+
+
+def rejected_list(rejected: list[ItemRejected], budget: int) -> list[dict[str, Any]]:
+    """The ack's ``rejected`` list, at most ``budget`` bytes of JSON: every entry in full
+    while the rest still fit as ``{"index": N}``, then the rest as ``{"index": N}`` only
+    (1,000 of those take 14 KB), so an ack always fits and names every refused item."""
+    short = [len(str(r.index)) + 11 for r in rejected]  # '{"index":N},'
+    reserve, used, out = sum(short), 2, []
+    for entry, small in zip(rejected, short):
+        reserve -= small
+        full = entry.to_dict()
+        size = len(dumps(full).encode("utf-8")) + 1
+        if used + size + reserve <= budget:
+            out.append(full)
+            used += size
+        else:
+            out.append({"index": entry.index})
+            used += small
+    return out
 
 
 def _batch_item(item: Any, path: str, msg_id: str | None) -> BatchItem:

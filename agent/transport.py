@@ -20,8 +20,10 @@ acted on. This module is the I/O around them:
   ``max_delay_s``, reset only after a connection that worked (welcome received,
   at least one ack or pong) and stayed up for ``STABLE_S``: a server that acks
   once and closes sees the delays grow like any other failure. A refused token
-  (close 4000, HTTP 401/403) backs off at the cap and is logged once until it
-  changes.
+  (close 4000, HTTP 401/403; also when it expires during a connection) backs
+  off at the cap and is logged once until it changes, unless the token file
+  already holds another token (a provisioning script rotated it, or the server
+  renewed it): that one is tried after the base delay.
 * Through an HTTP proxy (``server.proxy``, else the environment's): only the
   connect options differ (``proxy_options``: websocket-client's CONNECT
   tunnel); a failure names the proxy and backs off like any other.
@@ -326,6 +328,7 @@ class Transport:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._auth_refused_logged = False
+        self._token_used = ""  # the token of the last connection attempt
         self._ws_module: Any = None
         self.worked = False
         self._hurry = threading.Event()
@@ -366,7 +369,11 @@ class Transport:
                 self._note_auth_refused(str(exc))
                 cap = self.config.reconnect.max_delay_s
                 self._after_connection(str(exc))
-                stop.wait(self.rng.uniform(cap / 2, cap))
+                if self._token_rotated():
+                    log.info("the token file holds a new token; trying it")
+                    stop.wait(self.config.reconnect.base_delay_s)
+                else:
+                    stop.wait(self.rng.uniform(cap / 2, cap))
                 continue
             except (ConnectionLost, OSError, ProtocolError) as exc:
                 self._after_connection(str(exc))
@@ -447,6 +454,13 @@ class Transport:
                         "(%s); batches hold at most %d bytes from now on", size, reason,
                         self.batch_bytes)
 
+    def _token_rotated(self) -> bool:
+        """The token file (or NEXUS_TOKEN) holds another token than the one refused."""
+        try:
+            return auth.read_token(self.config.server.token_file) != self._token_used
+        except AuthError:
+            return False
+
     def _note_auth_refused(self, reason: str) -> None:
         if not self._auth_refused_logged:
             log.error("the server refused the token (%s); retrying about every %.0f s; check "
@@ -480,6 +494,7 @@ class Transport:
         certificate and no token file, no $NEXUS_TOKEN)."""
         server = self.config.server
         token = auth.check_credentials(server.token_file, server.client_key)
+        self._token_used = token or ""
         self.health.update(token_expires=None if token is None else auth.expiry(token))
         return token
 

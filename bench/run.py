@@ -28,6 +28,10 @@
    against one per point; one poll of 100 registers over TCP on loopback against a bare
    pymodbus read; the agent with a 50-point device at 1 s beside the same agent
    without Modbus, in the same window (skipped without pymodbus).
+8. Hostile neighbours (bench/hostile.py, short): 1,000 honest devices at 1 msg/s,
+   quiet and then beside 400 half-open handshakes, a token reconnecting and
+   flooding, and 1,000-item batches at the sample budget (6 s each, loopback):
+   honest p99 against 2x the quiet p99, and the server's RSS against its bound.
 
 Prints a table; exits non-zero only if something failed to run.
 """
@@ -288,7 +292,11 @@ def main() -> int:
     print()
     import cluster  # bench/cluster.py: two nodes behind nginx against one
 
-    return status or cluster.main(["--devices", "1000", "--seconds", "8"])
+    status = status or cluster.main(["--devices", "1000", "--seconds", "8"])
+    print()
+    import hostile  # bench/hostile.py: honest devices beside attackers, one at a time
+
+    return status or hostile.main(["--devices", "1000", "--phase-seconds", "6"])
 
 
 if __name__ == "__main__":

@@ -24,3 +24,12 @@ class FakePeer:
 def join(hub: Hub, subject: str, role: str = "device"):
     client, _ = hub.connect(Identity(subject, role, NOW + 3600), FakePeer(), NOW)
     return client
+
+
+def handle_all(hub: Hub, client, text: str, now: float = NOW):
+    """``hub.handle``, then ``hub.resume`` until a big batch is all handled (what the server
+    does over several turns of its event loop)."""
+    out = hub.handle(client, text, now)
+    while client.job is not None:
+        out += hub.resume(client, now)
+    return out

@@ -290,3 +290,26 @@ def test_a_lost_connection_is_in_the_status_file_at_once(tmp_path):
         assert status["last_error"]
     finally:
         agent.stop()
+
+
+def test_a_token_that_expires_mid_connection_is_replaced_by_the_rotated_one(tmp_path):
+    """The server closes the connection with 4000 when the token's exp passes; a
+    provisioning script has meanwhile written a new token to the file: the agent tries
+    it after its base delay, not after its 30 s cap, and telemetry flows again."""
+    db = tmp_path / "server.db"
+    srv = ServerProcess(db=str(db))
+    config = write_config(tmp_path, srv.url, token=mint("device-001", ttl=3),
+                          reconnect={"base_delay_s": 0.2, "max_delay_s": 30})
+    agent = AgentProcess(config)
+    try:
+        wait_for(lambda: stored(db), 10, what="telemetry with the first token")
+        (tmp_path / "token").write_text(mint("device-001", ttl=3600) + "\n")
+        wait_for(lambda: "Token expired" in agent.log(), 10, what="the expiry close")
+        closed_at = len(stored(db))
+        start = time.monotonic()
+        wait_for(lambda: len(stored(db)) > closed_at + 2, 10, what="telemetry again")
+        assert time.monotonic() - start < 8.0  # well under the 15-30 s of the cap
+        assert "eyJ" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+        srv.stop()

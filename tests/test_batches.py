@@ -91,6 +91,58 @@ def test_a_batch_for_another_device_or_without_items_is_refused_whole(server):
     assert server.hub.telemetry() == []
 
 
+def test_an_item_over_64_kib_rejects_itself_and_the_others_are_stored_and_broadcast(server):
+    """An 80 KB item is refused (it could never be broadcast: other nodes and operators would
+    choke on it); the items around it are stored and broadcast."""
+    operator = connected(server.url, "ops", "operator")
+    operator.request({"type": "subscribe", "id": "s", "payload": {"channel": "telemetry"}})
+    device = connected(server.url)
+    big = {f"k{i:03d}-" + "x" * 400: float(i) for i in range(200)}  # about 82 KB of metrics
+    msg = batch_msg("b1", ["e-0", "e-1", "e-2"])
+    msg["payload"]["items"][1]["metrics"] = big
+    ack = device.request(msg)
+    assert ack["type"] == "ack", ack
+    assert ack["payload"]["stored"] == 2
+    (rejected,) = ack["payload"]["rejected"]
+    assert (rejected["index"], rejected["id"], rejected["field"]) == (1, "e-1", "payload.items.1")
+    assert [r["id"] for r in server.hub.telemetry()] == ["e-0", "e-2"]
+    assert [operator.recv_type("telemetry.update")["payload"]["message_id"]
+            for _ in range(2)] == ["e-0", "e-2"]
+
+
+def test_a_200000_character_id_is_echoed_cut_and_the_good_items_are_acked(server):
+    """A refused item's id is echoed cut to 128 characters: the ack fits, so the good items
+    stored before and after it are acked, not lost behind a whole-batch error."""
+    device = connected(server.url)
+    long_id = "L" * 200_000
+    ack = device.request(batch_msg("b1", ["e-0", long_id, "e-2"]))
+    assert ack["type"] == "ack", ack.get("error")
+    assert ack["payload"]["stored"] == 2
+    (rejected,) = ack["payload"]["rejected"]
+    assert rejected["index"] == 1 and rejected["id"] == "L" * p.MAX_ID_CHARS
+    assert [r["id"] for r in server.hub.telemetry()] == ["e-0", "e-2"]
+
+
+def test_a_thousand_refused_items_still_get_an_ack_within_the_limit_naming_each(server):
+    """Every entry of `rejected` in full (a 128-character id, a field path cut to 256
+    characters) would take about 420 KB: the ack lists every index, in full while they
+    fit, and stays within what a client must accept."""
+    device = connected(server.url)
+    ids = [f"{i:04d}" + "i" * 124 for i in range(1000)]
+    msg = batch_msg("b1", ids)
+    for item in msg["payload"]["items"]:
+        item["metrics"] = {"m" * 300: "not a number"}
+    device.send(msg)
+    text = device.ws.recv()
+    assert len(text.encode()) <= p.MAX_SERVER_MESSAGE_BYTES
+    ack = __import__("json").loads(text)
+    assert ack["type"] == "ack" and ack["payload"]["stored"] == 0, ack.get("error")
+    rejected = ack["payload"]["rejected"]
+    assert [r["index"] for r in rejected] == list(range(1000))
+    assert rejected[0]["id"] == ids[0] and len(rejected[0]["field"]) == p.MAX_FIELD_CHARS
+    assert "field" not in rejected[-1]  # past the room: the index alone
+
+
 def test_a_batch_counts_once_against_the_rate_limit():
     from agent.server.app import CompanionServer, ServerSettings
 

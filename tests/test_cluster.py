@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -22,7 +23,16 @@ from clusterkit import (
     missing,
     node,
 )
-from helpers import AgentProcess, connected, mint, outbox_ids, stored, wait_for, write_config
+from helpers import (
+    AgentProcess,
+    Peer,
+    connected,
+    mint,
+    outbox_ids,
+    stored,
+    wait_for,
+    write_config,
+)
 from nodejs import INTEROP
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=f"cluster tests need {missing()}")
@@ -116,13 +126,48 @@ def test_resend_to_the_other_node_is_acked_and_not_stored_twice(cluster, tmp_pat
              for r in stored(_db(nodes, name), "dev-twice")]
     assert sorted(union) == ["twice-1", "twice-2"]
     r = redis.client()
-    assert r.get("nexus:seen:twice-1") == "stored:A"
-    assert 0 < r.ttl("nexus:seen:twice-1") <= 600  # the dedupe window's retention
+    assert r.get("nexus:seen:dev-twice:twice-1") == "stored:A"
+    assert 0 < r.ttl("nexus:seen:dev-twice:twice-1") <= 600  # the dedupe window's retention
+
+
+def test_two_devices_with_the_same_message_id_on_two_nodes_are_both_stored(cluster):
+    """Ids are unique per device only: the cluster-wide dedupe is on (device_id, id)."""
+    redis, nodes, _ = cluster
+    on_a, on_b = connected(nodes["A"].url, "dev-pair-a"), connected(nodes["B"].url, "dev-pair-b")
+    op = connected(nodes["B"].url, "erin", "operator")
+    subscribe(op, "telemetry")
+    assert on_a.request(telemetry("same-1", "dev-pair-a"))["type"] == "ack"
+    assert on_b.request(telemetry("same-1", "dev-pair-b"))["type"] == "ack"
+    seen = {(u["payload"]["device_id"], u["payload"]["message_id"])
+            for u in (op.recv_type("telemetry.update") for _ in range(2))}
+    assert seen == {("dev-pair-a", "same-1"), ("dev-pair-b", "same-1")}
+    assert [r["id"] for r in stored(_db(nodes, "A"), "dev-pair-a")] == ["same-1"]
+    assert [r["id"] for r in stored(_db(nodes, "B"), "dev-pair-b")] == ["same-1"]
+    r = redis.client()
+    assert wait_for(lambda: r.get("nexus:seen:dev-pair-b:same-1"), 5) == "stored:B"
+    assert r.get("nexus:seen:dev-pair-a:same-1") == "stored:A"
 
 
 def _db(nodes, name):
     args = nodes[name].proc.args
     return args[args.index("--db") + 1]
+
+
+def test_a_cluster_node_keeps_64_kib_for_operators_and_the_batch_size_for_devices(cluster):
+    """A cluster node reads through the library's queue (not DirectConnection): the limits
+    by role hold there too."""
+    _, nodes, _ = cluster
+    items = [{"id": f"big-{i}", "timestamp": "2025-11-03T01:53:54.518Z",
+              "metrics": {"cpu_usage": 1.0, "x" * 200: 2.0}} for i in range(400)]
+    batch = {"type": "telemetry.batch", "id": "big", "payload": {"device_id": "dev-big",
+                                                                 "items": items}}
+    assert 64 * 1024 < len(json.dumps(batch)) < 768 * 1024
+    operator = Peer(nodes["A"].url, mint("hank", "operator"))
+    assert operator.recv()["type"] == "connected"
+    operator.send(batch)
+    assert operator.close_code() == 1009
+    device = connected(nodes["A"].url, "dev-big")
+    assert device.request(batch)["payload"]["stored"] == 400
 
 
 def test_commands_reach_devices_anywhere_or_say_device_offline(cluster):
@@ -234,3 +279,165 @@ def test_redis_restart_under_load_no_node_crashes_and_each_serves_its_own(tmp_pa
         assert agents[name].stop() == 0
         nodes[name].stop()
     redis.kill()
+
+
+def healthz(port: int):
+    """(status, body) of GET /healthz on a node."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_messages_on_redis_that_cannot_be_handled_are_skipped_and_the_node_keeps_serving(
+        tmp_path):
+    """Deep JSON, a broadcast too big to relay, not JSON, not an object: each is logged,
+    counted and skipped; cross-node telemetry still reaches the node's operators."""
+    redis, nodes, _ = two_nodes(tmp_path)
+    op = connected(nodes["B"].url, "frank", "operator")
+    subscribe(op, "telemetry")
+    r = redis.client()
+    big = {"device_id": "x", "metrics": {f"k{i}-" + "x" * 400: 1.0 for i in range(200)}}
+    for bad in ("[" * 100_000 + "]" * 100_000, json.dumps(
+            {"from": "A", "kind": "broadcast", "channel": "telemetry", "payload": big}),
+            "not json", "[1, 2]", json.dumps({"from": "A", "kind": "result", "payload": 3})):
+        assert r.publish("nexus:bc", bad) >= 1
+    dev = connected(nodes["A"].url, "dev-after-bad")
+    assert dev.request(telemetry("after-1", "dev-after-bad"))["type"] == "ack"
+    assert op.recv_type("telemetry.update")["payload"]["message_id"] == "after-1"
+    log = wait_for(lambda: nodes["B"].log() if nodes["B"].log().count(
+        "skipped a cluster message") >= 4 else "", 5, what="the bad messages logged")
+    assert "RecursionError" in log and "LocalProtocolError" in log, log[-3000:]
+    assert "Task exception was never retrieved" not in log
+    assert healthz(nodes["B"].port)[0] == 200
+    for srv in nodes.values():
+        srv.stop()
+    redis.kill()
+
+
+def test_healthz_says_when_a_node_is_cut_off_from_redis_and_it_comes_back_by_itself(tmp_path):
+    redis = RedisProcess(tmp_path / "redis")
+    srv = node(redis.url, "H")
+    in_cluster(srv)
+    status, body = healthz(srv.port)
+    assert (status, body) == (200, "ok: in the cluster as H\n")
+    redis.kill()
+    status, body = wait_for(lambda: (lambda a: a if a[0] == 503 else None)(healthz(srv.port)),
+                            15, what="/healthz to say 503")
+    assert "redis unreachable" in body
+    dev = connected(srv.url, "dev-alone")  # still serving its own clients meanwhile
+    assert dev.request(telemetry("alone-1", "dev-alone"))["type"] == "ack"
+    redis.start()
+    wait_for(lambda: healthz(srv.port)[0] == 200, 20, what="/healthz back to 200")
+    assert "redis back" in srv.log()
+    srv.stop()
+    redis.kill()
+
+
+def test_the_shipped_nginx_config_logs_no_token(tmp_path):
+    """deploy/nginx/nexus.conf in front of a node that is down (nginx logs an error with
+    the request line) and one that is up: no log file holds the ?token= the page sends."""
+    from helpers import free_port
+
+    live = node(RedisProcess(tmp_path / "redis").url, "L")
+    folder = tmp_path / "nginx"
+    folder.mkdir()
+    port = free_port()
+    conf = DEPLOY_CONF.read_text()
+    for line in conf.splitlines():  # TLS and the example nodes: this machine's instead
+        if line.strip().startswith(("ssl_certificate", "server 10.0.0.")):
+            conf = conf.replace(line + "\n", "")
+    conf = conf.replace("listen 443 ssl;", f"listen 127.0.0.1:{port};").replace(
+        "upstream nexus_nodes {", f"upstream nexus_nodes {{\n    server 127.0.0.1:{free_port()}"
+        f" max_fails=1 fail_timeout=10s;\n    server 127.0.0.1:{live.port};").replace(
+        "/var/log/nginx/", f"{folder}/")
+    (folder / "nginx.conf").write_text(
+        f"worker_processes 1;\nerror_log {folder}/main-error.log info;\npid {folder}/pid;\n"
+        "events { worker_connections 64; }\nhttp {\n"
+        + "".join(f"    {kind}_temp_path {folder}/{kind};\n"
+                  for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + conf + "\n}\n")
+    proc = subprocess.Popen(["nginx" if shutil.which("nginx") else "/usr/sbin/nginx", "-p",
+                             str(folder), "-e", str(folder / "main-error.log"), "-c",
+                             str(folder / "nginx.conf"), "-g", "daemon off; master_process off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url = f"ws://127.0.0.1:{port}/v1/ws"
+        wait_for(lambda: _answers(port), 10, what="nginx listening")
+        # Eight tokens: the balancing hash sends some to the dead node first (nginx logs
+        # that refusal with the request line, then tries the live one).
+        issued = [mint(f"dev-logged-{i}") for i in range(8)]
+        for token in issued:
+            peer = Peer(url, token, header=False)
+            assert peer.recv()["type"] == "connected"
+            peer.close()
+        # Each connection's line, once it has ended (or, with a config that leaks it,
+        # the token in nginx's own error log).
+        wait_for(lambda: _read(folder / "nexus-access.log").count("/v1/ws") >= len(issued)
+                 or "token=" in _read(folder / "main-error.log"), 10, what="the log lines")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        live.stop()
+    logs = {f.name: f.read_text() for f in folder.glob("*.log")}
+    for name, text in logs.items():
+        assert "token=" not in text and not any(t in text for t in issued), (name, text[-2000:])
+    assert "GET /v1/ws HTTP/1.1" in logs["nexus-access.log"], logs
+
+
+def _read(path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _answers(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_cluster_reader_survives_a_failure_of_its_own_and_starts_again(tmp_path, caplog):
+    """Not a bad message this time but a bug in the reader's own round (here: the registry
+    refresh raising once): logged, the reader starts again, the node is back in the
+    cluster and relays what other nodes publish."""
+    import logging
+
+    from helpers import SECRET
+
+    from agent.server.app import CompanionServer, ServerSettings
+
+    caplog.set_level(logging.INFO, logger="nexus.server.cluster")
+    redis = RedisProcess(tmp_path / "redis")
+    srv = CompanionServer(ServerSettings(port=0, redis_url=redis.url, node_id="S",
+                                         close_timeout_s=0.2), SECRET.encode())
+    listeners, calls = srv.hub.command_listeners, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the registry refresh")
+        return listeners()
+
+    srv.hub.command_listeners = failing_once  # type: ignore[method-assign]
+    srv.start()
+    try:
+        wait_for(lambda: len(calls) >= 2 and srv.health()[0], 15,
+                 what="the reader to start again and the node to be healthy")
+        assert "the cluster reader failed" in caplog.text
+        assert "a bug in the registry refresh" in caplog.text
+        op = connected(srv.url, "gina", "operator")
+        subscribe(op, "telemetry")
+        update = {"device_id": "dev-far", "metrics": {"cpu_usage": 1.0},
+                  "message_id": "far-1", "sample_time": "2025-11-03T01:53:54.518Z"}
+        assert redis.client().publish("nexus:bc", json.dumps(
+            {"from": "other", "kind": "broadcast", "channel": "telemetry",
+             "payload": update})) == 1
+        assert op.recv_type("telemetry.update")["payload"]["message_id"] == "far-1"
+    finally:
+        srv.stop()
+        redis.kill()

@@ -101,7 +101,8 @@ def test_page_url_carries_the_token_in_the_fragment():
 
 
 def test_nexus_server_prints_the_page_url_after_the_listening_line():
-    srv = ServerProcess()  # it parsed the first line, unchanged: "nexus-server listening on"
+    # stdout is a pipe here: the token is printed only when asked
+    srv = ServerProcess(0, "--print-page-token")  # the first line is unchanged: "listening on"
     assert srv.proc.stdout is not None
     line = srv.proc.stdout.readline().strip()
     prefix = f"page: http://127.0.0.1:{srv.port}/#token="
@@ -190,7 +191,7 @@ def _run_command(browser, name: str, args: str = "") -> None:
 
 
 def test_fleet_page_in_headless_chromium(tmp_path, browser):
-    srv = ServerProcess()
+    srv = ServerProcess(0, "--print-page-token")
     assert srv.proc.stdout is not None
     line = srv.proc.stdout.readline()  # the line after "listening on"
     assert line.startswith("page: http://127.0.0.1:")
@@ -286,3 +287,39 @@ def test_command_arguments_are_split_as_a_shell_does(server, browser):
         got = browser.eval(f"(() => {{ try {{ parseArgs({json.dumps(text)}); return 'ok'; }} "
                            "catch (e) { return e.message; } })()")
         assert words in got, got
+
+
+def test_nexus_server_prints_the_page_token_only_on_a_terminal_or_when_asked():
+    """Under systemd stdout goes to the journal, where the adm group reads it: no token
+    there. On a terminal (a person started it) the page's URL comes with its token."""
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, child_env, free_port
+
+    srv = ServerProcess()  # stdout is a pipe
+    assert srv.proc.stdout is not None
+    line = srv.proc.stdout.readline()
+    assert line.startswith(f"page: http://127.0.0.1:{srv.port}/ ") and "token=" not in line
+    assert "--print-page-token" in line
+    assert srv.stop() == 0
+    main, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "agent.server", "--port", str(free_port())],
+                            stdout=child, stderr=subprocess.DEVNULL, env=child_env(), cwd=REPO)
+    os.close(child)
+    out = b""
+    deadline = time.monotonic() + 20
+    try:
+        while b"page: " not in out or not out.split(b"page: ", 1)[1].count(b"\n"):
+            assert time.monotonic() < deadline, out
+            if select.select([main], [], [], 0.5)[0]:
+                out += os.read(main, 4096)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        os.close(main)
+    page_line = out.split(b"page: ", 1)[1].split(b"\n", 1)[0].decode()
+    assert "/#token=ey" in page_line, out

@@ -275,6 +275,34 @@ def test_command_waits_for_its_device_within_ttl_then_result_is_relayed(server):
     assert relayed["id"] == "cmd-wait" and relayed["payload"] == result
 
 
+def test_a_device_cannot_answer_a_command_sent_to_another(server):
+    """cmd-42 goes to device B; device A's forged result (with A's own device_id) is
+    FORBIDDEN, never reaches the operator, and B's real result is relayed."""
+    op = connected(server.url, "alice", "operator")
+    forger, target = connected(server.url, "device-a"), connected(server.url, "device-b")
+    for device in (forger, target):
+        device.request({"type": "subscribe", "id": "s", "payload": {"channel": "commands"}})
+    op.send({"type": "command", "id": "cmd-42", "payload": {
+        "device_id": "device-b", "name": "reboot", "args": {}}})
+    assert target.recv_type("commands.update")["payload"]["command_id"] == "cmd-42"
+
+    def result(device: str, status: str) -> dict:
+        return {"command_id": "cmd-42", "device_id": device, "status": status,
+                "exit_code": 0, "stdout": device, "stderr": "", "duration_ms": 1}
+
+    forged = forger.request({"type": "command.result", "id": "f-1",
+                             "payload": result("device-a", "succeeded")})
+    assert forged["error"] == {"code": "FORBIDDEN", "field": "payload.command_id",
+                               "message": "command cmd-42 was not sent to this device"}
+    real = target.request({"type": "command.result", "id": "r-1",
+                           "payload": result("device-b", "failed")})
+    assert real["type"] == "ack"
+    relayed = op.recv_type("command.result")  # the first and only one: B's
+    assert relayed["id"] == "cmd-42" and relayed["payload"]["stdout"] == "device-b"
+    assert relayed["payload"]["status"] == "failed"
+    assert op.request({"type": "ping", "id": "p"})["type"] == "pong"  # nothing else came
+
+
 def test_command_ttl_expiry_is_device_offline(server):
     op = connected(server.url, "alice", "operator")
     op.send({"type": "command", "id": "cmd-exp", "payload": {

@@ -26,6 +26,18 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--port", type=int, default=8765, help="port to bind (default 8765; 0 = any)")
     ap.add_argument("--db", default=":memory:",
                     help="SQLite file that keeps received telemetry (default: in memory)")
+    ap.add_argument("--handshake-timeout", type=float, default=5.0,
+                    help="seconds from TCP accept to the end of the WebSocket handshake "
+                    "(default 5)")
+    ap.add_argument("--max-unauthenticated", type=int, default=1024,
+                    help="connections whose token is not checked yet; past it new ones are "
+                    "dropped at accept (default 1024)")
+    ap.add_argument("--max-rows-per-device", type=int, default=10_000,
+                    help="telemetry rows each device keeps in the store; its oldest go "
+                    "first (default 10000)")
+    ap.add_argument("--max-rows", type=int, default=100_000,
+                    help="telemetry rows in the whole store, a last resort: the largest "
+                    "devices' oldest go first (default 100000)")
     ap.add_argument("--secret-file", help="file holding the JWT secret "
                     "(default: $NEXUS_JWT_SECRET)")
     ap.add_argument("--ping-interval", type=float, default=30.0,
@@ -33,7 +45,14 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--ping-timeout", type=float, default=30.0,
                     help="seconds to wait for a pong before closing (default 30)")
     ap.add_argument("--rate-limit", type=int, default=100,
-                    help="messages per client per minute (default 100)")
+                    help="messages a minute per identity (a device or an operator token's "
+                    "subject, across its connections; default 100)")
+    ap.add_argument("--samples-per-minute", type=int, default=40_000,
+                    help="telemetry samples a minute per device, batch items included "
+                    "(default 40000: a day offline at 1 s drains in 2 min 10 s)")
+    ap.add_argument("--max-operator-connections", type=int, default=8,
+                    help="connections per operator identity; a newer one closes the oldest "
+                    "(4001; default 8)")
     ap.add_argument("--no-batches", action="store_true",
                     help="do not offer telemetry.batch (serve the guide's protocol only)")
     ap.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// (with --tls-key)")
@@ -47,6 +66,10 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                     help="event loop: uvloop when installed (auto, the default; it comes with "
                     "the 'server' extra), or insist on one")
+    ap.add_argument("--print-page-token", action="store_true",
+                    help="print the fleet page's URL with a fresh operator token even when "
+                    "stdout is not a terminal (by default it is printed only on a terminal: "
+                    "under systemd stdout goes to the journal, which others may read)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log every connection event")
     return ap.parse_args(argv)
 
@@ -89,9 +112,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     inbox = SignalInbox(STOP_SIGNALS)
     args = _serve_args(argv)
     setup_logging(logging.INFO if args.verbose else logging.WARNING)
-    if args.dedupe_s <= 0:
-        print("nexus-server: --dedupe-s must be positive", file=sys.stderr)
-        return 2
+    for name in ("dedupe_s", "rate_limit", "samples_per_minute", "max_operator_connections",
+                 "max_rows", "max_rows_per_device", "handshake_timeout",
+                 "max_unauthenticated"):
+        if getattr(args, name) <= 0:
+            print(f"nexus-server: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
     try:
         from .app import CompanionServer, ServerSettings
         from .page import PAGE_SUBJECT, PAGE_TOKEN_TTL_S, page_url
@@ -116,7 +142,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                               args.ping_timeout, args.rate_limit, tls_cert=args.tls_cert,
                               tls_key=args.tls_key, offer_batches=not args.no_batches,
                               redis_url=args.redis, node_id=args.node_id,
-                              dedupe_s=args.dedupe_s, loop=args.loop)
+                              dedupe_s=args.dedupe_s, loop=args.loop,
+                              samples_per_minute=args.samples_per_minute,
+                              max_operator_connections=args.max_operator_connections,
+                              max_rows=args.max_rows,
+                              max_rows_per_device=args.max_rows_per_device,
+                              handshake_timeout_s=args.handshake_timeout,
+                              max_unauthenticated=args.max_unauthenticated)
     try:
         server = CompanionServer(settings, secret)
     except ImportError as exc:  # --loop uvloop without uvloop installed
@@ -128,9 +160,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     server.start()
     print(f"nexus-server listening on {server.url}", flush=True)  # first line: tests parse it
-    # The fleet page, with a fresh operator token in the fragment (never in a request line).
-    page_token = mint(secret, PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
-    print(f"page: {page_url(server.url, page_token)}", flush=True)
+    # The fleet page, with a fresh operator token in the fragment (never in a request line),
+    # only where a person reads it: a 12-hour operator token in a journal or a log file is
+    # a credential anyone who reads that file may use.
+    if args.print_page_token or sys.stdout.isatty():
+        page_token = mint(secret, PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
+        print(f"page: {page_url(server.url, page_token)}", flush=True)
+    else:
+        print(f"page: {page_url(server.url, '')[:-len('#token=')]} (its token is printed only "
+              "on a terminal or with --print-page-token; or mint one with 'nexus-server token "
+              "--operator NAME')", flush=True)
     print(f"event loop: {server.loop_name}", flush=True)  # bench/fleet.py reports it
     while not inbox.wait(None):
         pass

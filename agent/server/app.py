@@ -13,7 +13,20 @@ Rules:
   and the client is closed with 1013 (try again later), logged once.
 * Authentication happens after the WebSocket handshake, exactly as the
   platform guide does it: a bad token gets an ``error`` with ``AUTH_FAILED``,
-  then close code 4000.
+  then close code 4000; so does a connection whose token's ``exp`` passes
+  (a timer on the loop's monotonic clock). An identity over its rate budget
+  is closed with 1008 right after the handshake, and a client closed with
+  1008 is read no more.
+* A big batch is stored in steps (``Hub.resume``), one per turn of the loop;
+  the connection keeps the frames that follow it (``DirectConnection.hold``)
+  until its ack is out, so answers keep their order.
+* Memory is bounded before authentication: at most ``MAX_HEADERS`` request
+  headers of ``MAX_HEADER_LINE`` bytes, a handshake finished within
+  ``handshake_timeout_s``, and at most ``max_unauthenticated`` connections
+  holding at most ``unauthenticated_bytes`` between them until their token is
+  checked (:class:`Admission`); past either, a new connection is dropped at
+  once. After it, a message may be 64 KiB (close 1009 past it), except from a
+  device on a node that offers batches (the offer's ``max_bytes``).
 * The library enforces the size limit (close 1009) and the heartbeat: a ping
   every ``ping_interval`` seconds, and a connection that has not answered
   within ``ping_timeout`` is closed (1011). Compression is off: it would cost
@@ -37,12 +50,14 @@ import asyncio
 import collections
 import functools
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Deque, List, Optional, Set, Tuple, Union, cast
 from urllib.parse import parse_qs, urlsplit
 
+import websockets.http11
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
@@ -64,7 +79,11 @@ class ServerSettings:
     db: str = ":memory:"
     ping_interval_s: float = 30.0
     ping_timeout_s: float = 30.0
-    rate_limit_per_minute: int = 100
+    rate_limit_per_minute: int = 100  # messages, per identity (hub.Budget)
+    samples_per_minute: int = 40_000  # telemetry samples (batch items), per device identity
+    max_operator_connections: int = 8  # per operator identity
+    max_rows: int = 100_000  # telemetry rows in the store, as a last resort
+    max_rows_per_device: int = 10_000  # rows each device keeps (its oldest go first)
     max_message_bytes: int = p.MAX_MESSAGE_BYTES
     offer_batches: bool = True  # telemetry.batch in the welcome (docs/protocol.md)
     close_timeout_s: float = 2.0
@@ -80,6 +99,10 @@ class ServerSettings:
     node_id: str = ""  # default host-pid
     dedupe_s: int = 600  # how long a stored telemetry id is remembered cluster-wide
     loop: str = "auto"  # "auto" (uvloop when installed), "uvloop" or "asyncio"
+    # Before authentication (docs/performance.md, "Worst case per connection"):
+    handshake_timeout_s: float = 5.0  # TCP accept to the end of the WebSocket handshake
+    max_unauthenticated: int = 1024  # connections whose token is not checked yet
+    unauthenticated_bytes: int = 4 << 20  # what they may have sent, between them
 
 
 LOOPS = ("auto", "uvloop", "asyncio")
@@ -100,6 +123,119 @@ def new_loop(choice: str) -> Tuple[asyncio.AbstractEventLoop, str]:
         else:
             return uvloop.new_event_loop(), f"uvloop {uvloop.__version__}"
     return asyncio.new_event_loop(), "asyncio"
+
+
+# The request the handshake reads: the library's defaults (128 headers of 8 KiB, taken from
+# WEBSOCKETS_MAX_NUM_HEADERS / WEBSOCKETS_MAX_LINE_LENGTH) let one stranger park 1 MiB
+# before sending a token. A device or a browser sends about 15 short headers; a token in
+# the request line (?token=) is a few hundred bytes. websockets.http11 reads these two
+# module constants at each request, so they are set once for the process, here.
+MAX_HEADERS = 32
+MAX_HEADER_LINE = 4096
+websockets.http11.MAX_NUM_HEADERS = MAX_HEADERS
+websockets.http11.MAX_LINE_LENGTH = MAX_HEADER_LINE
+
+
+class Admission:
+    """Connections not authenticated yet: counted from TCP accept to the token's verdict,
+    with every byte they sent meanwhile. Past ``max_count`` connections or ``max_bytes``
+    between them, a new connection (or the one whose bytes went over) is dropped at once:
+    strangers that never finish a handshake cannot hold more than that, whatever their
+    number, and they are dropped at ``handshake_timeout_s`` anyway."""
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.waiting: Set[GuardedConnection] = set()  # counted now (stop() aborts them)
+        self.bytes = 0
+        self.dropped = 0
+        self._logged = -math.inf
+
+    @property
+    def count(self) -> int:
+        return len(self.waiting)
+
+    def enter(self, conn: GuardedConnection) -> bool:
+        if self.count >= self.max_count:
+            self._drop("connections")
+            return False
+        if self.bytes >= self.max_bytes:
+            # Full of requests that never end: drop at accept, before reading a byte
+            # (reading what each sends first costs more than the whole check).
+            self._drop("bytes")
+            return False
+        self.waiting.add(conn)
+        return True
+
+    def received(self, size: int) -> bool:
+        """``size`` more bytes from a connection still counted; False when over the budget."""
+        self.bytes += size
+        if self.bytes > self.max_bytes:
+            self._drop("bytes")
+            return False
+        return True
+
+    def leave(self, conn: GuardedConnection, size: int) -> None:
+        self.waiting.discard(conn)
+        self.bytes -= size
+
+    def _drop(self, what: str) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._logged >= 10.0:  # a flood is logged every 10 s, not per connection
+            self._logged = now
+            log.warning("too many connections not authenticated yet (%d, %d bytes; the "
+                        "limit on %s was reached): dropping new ones (%d so far)",
+                        self.count, self.bytes, what, self.dropped)
+
+
+class GuardedConnection(ServerConnection):
+    """A connection counted by an :class:`Admission` until :meth:`admitted` (its token was
+    checked) or until it ends."""
+
+    def __init__(self, *args: Any, admission: Admission, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admission = admission
+        self._counted = False
+        self._refused = False
+        self._received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._counted = self._admission.enter(self)
+        if not self._counted:
+            # Before the library sets the connection up (its handshake task, its buffers):
+            # a refused connection costs an accept and a close, nothing more.
+            self._refused = True
+            cast(asyncio.Transport, transport).abort()
+            return
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._counted:
+            self._received += len(data)
+            if not self._admission.received(len(data)):
+                self.admitted()
+                self.transport.abort()
+                return
+        super().data_received(data)
+
+    def admitted(self) -> None:
+        """The token was checked (either way): no longer counted. Idempotent."""
+        if self._counted:
+            self._counted = False
+            self._admission.leave(self, self._received)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._refused:
+            return  # never set up (connection_made)
+        self.admitted()
+        super().connection_lost(exc)
+
+    def eof_received(self) -> None:
+        if not self._refused:
+            super().eof_received()
 
 
 class SendQueue:
@@ -178,6 +314,10 @@ class SendQueue:
 
     def _begin_close(self, code: int, reason: str, flush: bool) -> None:
         if self._closer is None:
+            if code == p.CLOSE_POLICY:
+                # A flood: read no more of it (its close answer included; the close
+                # timeout ends it), so what it keeps sending costs nothing.
+                self.conn.transport.pause_reading()
             self._closer = asyncio.ensure_future(self._close(code, reason, flush))
 
     async def _write(self) -> None:
@@ -207,15 +347,16 @@ class SendQueue:
             self.conn.transport.abort()
 
 
+HEALTH_PATH = "/healthz"  # for a load balancer: 200, or 503 while cut off from the cluster
 Message = Union[str, bytes]
-EARLY_FRAMES = 16  # frames held for a client still being authenticated; then reading pauses
+EARLY_FRAMES = 4  # frames held for a client still being authenticated; then reading pauses
 # DirectConnection overrides process_event, an internal method of websockets' asyncio
 # Connection (13 and later). A release without it gets the library's own path: slower,
 # the same behaviour.
 DIRECT_READS = callable(getattr(ServerConnection, "process_event", None))
 
 
-class DirectConnection(ServerConnection):
+class DirectConnection(GuardedConnection):
     """A connection that hands every whole message to ``sink`` as soon as it is parsed,
     inside ``data_received``: no message queue, no task wake-up per message.
 
@@ -233,15 +374,33 @@ class DirectConnection(ServerConnection):
         super().__init__(*args, **kwargs)
         self.sink: Optional[Callable[[Message], None]] = None
         self.direct = True
-        self._early: List[Message] = []
+        self._early: List[Message] = []  # before start(), and while held, in order
+        self._holding = False
+        self._paused = False
 
     def start(self, sink: Callable[[Message], None]) -> None:
-        early, self._early = self._early, []
         self.sink = sink
-        for message in early:
-            sink(message)
-        if len(early) >= EARLY_FRAMES:
+        self.release()
+
+    def hold(self) -> None:
+        """Keep the frames that arrive, in order, until :meth:`release` (the message before
+        them is still being worked on: a big batch); reading pauses meanwhile."""
+        self._holding = True
+        self._pause()
+
+    def release(self) -> None:
+        """Hand over what was kept, in order (a frame may hold again), then read on."""
+        self._holding = False
+        while self._early and not self._holding and self.sink is not None:
+            self.sink(self._early.pop(0))
+        if not self._holding and self._paused:
+            self._paused = False
             self.transport.resume_reading()
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
 
     def stop(self) -> None:
         self.sink = None
@@ -265,12 +424,12 @@ class DirectConnection(ServerConnection):
                 return
         else:
             message = bytes(event.data)
-        if self.sink is None:
-            if self.protocol.state in (State.CLOSING, State.CLOSED):
+        if self.sink is None or self._holding:
+            if self.sink is None and self.protocol.state in (State.CLOSING, State.CLOSED):
                 return  # closing before it was served (bad token): nobody will read these
             self._early.append(message)
-            if len(self._early) == EARLY_FRAMES:
-                self.transport.pause_reading()
+            if len(self._early) >= EARLY_FRAMES:
+                self._pause()
             return
         self.sink(message)
 
@@ -311,14 +470,17 @@ class CompanionServer:
         self.settings = settings
         self._secret = secret
         self.hub = Hub(settings.db, HubSettings(
-            settings.rate_limit_per_minute,
+            settings.rate_limit_per_minute, settings.samples_per_minute,
+            settings.max_operator_connections,
             batch=hub_mod.DEFAULT_BATCH_OFFER if settings.offer_batches else None,
-            group_commit=not settings.redis_url))
+            group_commit=not settings.redis_url, max_rows=settings.max_rows,
+            max_rows_per_device=settings.max_rows_per_device))
         self._commit_scheduled = False
         self._stop_lock = threading.Lock()
         self._stopped = False
         self._loop, self.loop_name = new_loop(settings.loop)
         self._tasks: Set[asyncio.Task[None]] = set()  # strong references to background tasks
+        self.admission = Admission(settings.max_unauthenticated, settings.unauthenticated_bytes)
         self.cluster: Any = None
         if settings.redis_url:
             from .cluster import Cluster, ClusterSettings  # the 'cluster' extra (redis-py)
@@ -340,10 +502,14 @@ class CompanionServer:
         return await serve(
             self._handle, self.settings.host, self.settings.port,
             process_request=self._check_path,
-            # A telemetry.batch may be larger than other messages; the hub closes any other
-            # message over max_message_bytes with 1009 itself.
-            max_size=max(self.settings.max_message_bytes, p.MAX_BATCH_BYTES)
-            if self.settings.offer_batches else self.settings.max_message_bytes,
+            # Until the token says "device" on a node that offers batches (_serve_client).
+            max_size=self.settings.max_message_bytes,
+            # A stranger gets this long from accept to the end of its handshake (TLS's own
+            # handshake included): an idle or trickling one is dropped then.
+            open_timeout=self.settings.handshake_timeout_s,
+            # Frames held for a client that is being served (a cluster node awaits Redis
+            # per message): few, each up to max_size.
+            max_queue=EARLY_FRAMES,
             ping_interval=self.settings.ping_interval_s,
             ping_timeout=self.settings.ping_timeout_s,
             close_timeout=self.settings.close_timeout_s,
@@ -355,8 +521,10 @@ class CompanionServer:
             backlog=1024,  # a reconnect storm arrives all at once
             # One node: messages go to the hub as they are parsed. A cluster node awaits
             # Redis per message, so it reads through the library's queue.
-            create_connection=(DirectConnection if self.cluster is None and DIRECT_READS
-                               else None),
+            # (A factory: websockets only calls it; its annotation asks for a class.)
+            create_connection=cast(Any, functools.partial(
+                DirectConnection if self.cluster is None and DIRECT_READS
+                else GuardedConnection, admission=self.admission)),
         )
 
     @property
@@ -381,8 +549,21 @@ class CompanionServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def health(self) -> Tuple[bool, str]:
+        """(healthy, why), as ``GET /healthz`` answers it: a cluster node cut off from Redis
+        (or whose reader stopped) is not healthy; a single node always is while it serves."""
+        if self.cluster is None:
+            return True, "serving as a single node"
+        healthy, why = self.cluster.health()
+        return healthy, why
+
     def _check_path(self, conn: ServerConnection, request: Any) -> Any:
         path = urlsplit(request.path).path
+        if path == HEALTH_PATH:
+            healthy, why = self.health()
+            return page.plain(200 if healthy else 503,
+                              "OK" if healthy else "Service Unavailable",
+                              f"{'ok' if healthy else 'unhealthy'}: {why}\n")
         if path != p.PATH:
             # The fleet page's static files (page.py); no data, so no token needed.
             return page.response(path) or conn.respond(404, f"the Nexus endpoint is {p.PATH}\n")
@@ -391,7 +572,7 @@ class CompanionServer:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            _deliver(self.hub.tick(time.time()))
+            _deliver(self.hub.tick(time.time(), time.monotonic()))
 
     async def _handle(self, conn: ServerConnection) -> None:
         try:
@@ -400,6 +581,8 @@ class CompanionServer:
                 raise AuthError("Missing authentication token")
             identity = tokens.verify(token, self._secret)
         except AuthError as exc:
+            if isinstance(conn, GuardedConnection):
+                conn.admitted()  # its close is bounded by close_timeout
             log.info("auth failed from %s: %s", conn.remote_address, exc)
             error = p.make_error(p.AUTH_FAILED, str(exc), time.time())
             try:
@@ -408,28 +591,53 @@ class CompanionServer:
                 return
             await conn.close(p.CLOSE_AUTH_FAILED, "Authentication failed")
             return
+        if isinstance(conn, GuardedConnection):
+            conn.admitted()
+        if identity.is_device and self.settings.offer_batches:
+            # Read at the start of each frame: the next frame may be a batch. Everyone else
+            # keeps max_message_bytes (websockets: protocol.max_message_size).
+            conn.protocol.max_message_size = max(self.settings.max_message_bytes,
+                                                 p.MAX_BATCH_BYTES)
         await self._serve_client(conn, identity)
 
     async def _serve_client(self, conn: ServerConnection, identity: tokens.Identity) -> None:
+        if self.hub.exhausted(identity, time.monotonic()):
+            # A token that flooded and reconnects: no welcome, no takeover of its other
+            # connection; closed as its last connection was (1008), until its budget refills.
+            log.info("%s %s is over its rate budget: connection refused with %d",
+                     identity.role, identity.subject, p.CLOSE_POLICY)
+            conn.transport.pause_reading()
+            try:
+                await asyncio.wait_for(conn.close(p.CLOSE_POLICY, "rate limit exceeded"),
+                                       self.settings.close_timeout_s)
+            except asyncio.TimeoutError:
+                conn.transport.abort()
+            return
         peer = SendQueue(conn, self.settings, f"{identity.role} {identity.subject}")
-        client, welcome = self.hub.connect(identity, peer, time.time())
+        client, welcome = self.hub.connect(identity, peer, time.time(), time.monotonic())
         peer.name = f"{client.client_id} ({peer.name})"
         log.info("%s connected", peer.name)
         peer.send(welcome)
         _deliver(self.hub.online(client, time.time()))  # events.update for the fleet page
         if isinstance(conn, DirectConnection):
-            conn.start(functools.partial(self._on_message, client))
+            conn.start(functools.partial(self._on_direct, client, conn))
+        # The token's exp is wall-clock time; the wait for it is on the loop's monotonic
+        # clock, so a step of the wall clock neither ends a session early nor extends it.
+        expiry = self._loop.call_later(max(0.0, identity.expires - time.time()),
+                                       self._expired, peer)
         try:
             # With a DirectConnection this sees only what it leaves to the library (a
             # fragmented message), and the end of the connection.
             async for frame in conn:
                 if self.cluster is None:
-                    self._on_message(client, frame)
+                    if self._on_message(client, frame):
+                        await self._finish_job(client)
                 else:
                     await self.cluster.handle(client, frame)
         except ConnectionClosed:
             pass
         finally:
+            expiry.cancel()
             if isinstance(conn, DirectConnection):
                 conn.stop()
             _deliver(self.hub.disconnect(client, time.time()))
@@ -442,16 +650,52 @@ class CompanionServer:
             rcvd = conn.close_code if conn.close_code is not None else "none"
             log.info("%s disconnected (close code %s)", client.client_id, rcvd)
 
-    def _on_message(self, client: hub_mod.Client, message: Message) -> None:
-        """One message, inside the transport's data_received (DirectConnection)."""
+    def _expired(self, peer: SendQueue) -> None:
+        """The token's exp has passed: AUTH_FAILED, then 4000, as for a token refused at
+        connect (the client needs a new one)."""
+        log.info("%s: its token expired; closing it with %d", peer.name, p.CLOSE_AUTH_FAILED)
+        peer.send(p.encode(p.make_error(p.AUTH_FAILED, "Token expired", time.time())))
+        peer.close(p.CLOSE_AUTH_FAILED, "Token expired")
+
+    def _on_direct(self, client: hub_mod.Client, conn: DirectConnection,
+                   message: Message) -> None:
+        """One message, inside the transport's data_received (DirectConnection). A big batch
+        goes on in later turns of the loop; the connection keeps what follows until then."""
+        if self._on_message(client, message):
+            conn.hold()
+            self._spawn(self._finish_job(client, conn))
+
+    def _on_message(self, client: hub_mod.Client, message: Message) -> bool:
+        """One message to the hub, its answers sent; True when it left work for
+        :meth:`_finish_job` (``client.job``)."""
         try:
-            _deliver(self.hub.handle(client, message, time.time()))
-            if self.hub.uncommitted and not self._commit_scheduled:
-                # After every message read in this loop step: they share one commit.
-                self._commit_scheduled = True
-                self._loop.call_soon(self._commit)
+            _deliver(self.hub.handle(client, message, time.time(), mono=time.monotonic()))
+            self._schedule_commit()
         except Exception:  # noqa: BLE001 - never into the transport: it would drop the link
             log.exception("internal error delivering the answers to %s", client.client_id)
+        return client.job is not None
+
+    async def _finish_job(self, client: hub_mod.Client,
+                          conn: Optional[DirectConnection] = None) -> None:
+        """The rest of a big batch, one step per turn of the event loop (other clients are
+        served in between); then what ``conn`` kept meanwhile, in order."""
+        try:
+            while client.job is not None:
+                await asyncio.sleep(0)
+                _deliver(self.hub.resume(client, time.time()))
+                self._schedule_commit()
+        except Exception:  # noqa: BLE001 - the connection goes on; say why
+            log.exception("internal error storing a batch from %s", client.client_id)
+            client.job = None
+        finally:
+            if conn is not None:
+                conn.release()
+
+    def _schedule_commit(self) -> None:
+        if self.hub.uncommitted and not self._commit_scheduled:
+            # After every message read in this loop step: they share one commit.
+            self._commit_scheduled = True
+            self._loop.call_soon(self._commit)
 
     def _commit(self) -> None:
         """The store's group commit (with --db), then the answers that waited for it."""
@@ -474,6 +718,9 @@ class CompanionServer:
         # Connections still authenticating; the library closes them with the code given.
         for conn in self._server.connections:
             self._spawn(conn.close(p.CLOSE_NORMAL, "Server shutting down"))
+        for guarded in list(self.admission.waiting):  # a handshake not finished: no close code
+            if guarded.request is None or guarded.protocol.state is not State.OPEN:
+                guarded.transport.abort()
         try:
             await asyncio.wait_for(self._server.wait_closed(), self.settings.close_timeout_s + 1)
         except asyncio.TimeoutError:

@@ -25,7 +25,8 @@ Rules and guarantees (docs/design.md, "Several nodes"):
     (MULTI: LRANGE + DEL); the operator's node, at expiry, takes its entry
     back with LREM: 1 removed means never delivered -> DEVICE_OFFLINE. A Redis
     restart without persistence loses parked commands.
-  - stored-once: ``nexus:seen:<message id>``: ``SET NX GET`` with the value
+  - stored-once: ``nexus:seen:<device id>:<message id>`` (:func:`seen_key`; a
+    message id is unique per device only): ``SET NX GET`` with the value
     ``claim:<node>`` and a short lease before the hub stores, then ``stored:<node>``
     for ``dedupe_s`` once stored. A resend of a stored id is acked and dropped;
     of an id claimed by another node and not yet stored, this node waits for
@@ -35,7 +36,14 @@ Rules and guarantees (docs/design.md, "Several nodes"):
 * Redis unreachable: logged once ("redis unreachable; serving local clients
   only"), every frame goes to the hub without a view (a single node), and a
   supervisor reconnects with capped backoff ("redis back"), re-subscribes and
-  re-registers its devices.
+  re-registers its devices. :meth:`Cluster.health` says so (the server's
+  ``GET /healthz`` answers 503 meanwhile).
+* Nothing another node (or anyone who can publish on Redis) sends can silence
+  this one: each message read from Redis is handled on its own, and one that
+  fails for any reason is logged, counted (``bad_messages``) and skipped. The
+  supervisor (:meth:`Cluster.run`) survives any error of its reader: it logs
+  it and starts again after the backoff. A reader that stops making rounds
+  (stuck, or dead) turns the health answer to 503 within a few seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -149,6 +158,18 @@ class Cluster:
         self._ever_up = False
         self._parked: Dict[str, Tuple[str, str, float]] = {}  # command id -> key, entry, expires
         self._tasks: set[asyncio.Task[None]] = set()
+        self.bad_messages = 0  # messages from Redis that could not be handled (skipped)
+        self._sessions = 0  # sessions with Redis that got as far as subscribing
+        self._last_round = -math.inf  # time.monotonic() of the reader's last good round
+
+    def health(self) -> Tuple[bool, str]:
+        """(healthy, why): in the cluster and its reader making rounds."""
+        if not self.up:
+            return False, "redis unreachable; serving local clients only"
+        stale = time.monotonic() - self._last_round
+        if stale > 3 * self.settings.health_interval_s + 2 * self.settings.op_timeout_s:
+            return False, f"the cluster reader made no round for {stale:.0f} s"
+        return True, f"in the cluster as {self.node}"
 
     # ------------------------------------------------------------------ state
 
@@ -193,7 +214,10 @@ class Cluster:
             except Exception:  # noqa: BLE001 - a cluster bug must not cost the connection
                 log.exception("cluster lookup failed; handled as a single node")
                 view = None
-        self._deliver(self._hub.handle(client, text, time.time(), view))
+        self._deliver(self._hub.handle(client, text, time.time(), view, time.monotonic()))
+        while client.job is not None:  # a big batch: a step per turn of the loop
+            await asyncio.sleep(0)
+            self._deliver(self._hub.resume(client, time.time()))
         if view is not None:
             self._after(view)
         if (msg is not None and client.identity.is_device and msg.get("type") == "subscribe"
@@ -206,7 +230,8 @@ class Cluster:
         if client.identity.is_device and kind in ("telemetry", p.TELEMETRY_BATCH):
             ids = _telemetry_ids(msg)
             if ids:
-                view.duplicates = frozenset(await self._claim(ids))
+                # The device is the token's (the hub refuses a frame for another device).
+                view.duplicates = frozenset(await self._claim(client.identity.subject, ids))
         elif not client.identity.is_device and kind == "command":
             payload = msg.get("payload")
             device = payload.get("device_id") if isinstance(payload, dict) else None
@@ -217,8 +242,8 @@ class Cluster:
         return view
 
     def _after(self, view: ClusterView) -> None:
-        for msg_id in view.stored:
-            self._send("set", f"nexus:seen:{msg_id}", f"stored:{self.node}",
+        for device_id, msg_id in view.stored:
+            self._send("set", seen_key(device_id, msg_id), f"stored:{self.node}",
                        ex=self.settings.dedupe_s)
         for channel, payload in view.published:
             self._send("publish", BROADCASTS, json.dumps(
@@ -234,32 +259,33 @@ class Cluster:
 
     # ------------------------------------------------------------------ stored once
 
-    async def _claim(self, ids: List[str]) -> List[str]:
-        """The ids another node stored (or stores meanwhile); the others are ours to store."""
+    async def _claim(self, device_id: str, ids: List[str]) -> List[str]:
+        """The ids of ``device_id`` another node stored (or stores meanwhile); the others
+        are ours to store."""
         lease = self.settings.lease_s
+        keys = [seen_key(device_id, i) for i in ids]
         answers = await asyncio.gather(*(self._call(
-            "set", f"nexus:seen:{i}", f"claim:{self.node}", nx=True, get=True, ex=lease)
-            for i in ids))
+            "set", key, f"claim:{self.node}", nx=True, get=True, ex=lease) for key in keys))
         duplicates = []
-        for msg_id, old in zip(ids, answers):
+        for msg_id, key, old in zip(ids, keys, answers):
             if old is None or old == f"claim:{self.node}":
                 continue  # ours (a resend still in flight here: the hub's own store decides)
-            if old.startswith("stored:") or not await self._outwait(msg_id):
+            if old.startswith("stored:") or not await self._outwait(key):
                 duplicates.append(msg_id)
         return duplicates
 
-    async def _outwait(self, msg_id: str) -> bool:
-        """Another node claimed ``msg_id`` and has not stored it yet: True once this node may
-        store it (that node's lease ran out: it died before storing), False once stored."""
-        key = f"nexus:seen:{msg_id}"
+    async def _outwait(self, key: str) -> bool:
+        """Another node claimed ``key`` and has not stored its sample yet: True once this
+        node may store it (that node's lease ran out: it died before storing), False once
+        stored."""
         deadline = time.monotonic() + self.settings.lease_s + 1.0
         while time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             old = await self._call("set", key, f"claim:{self.node}", nx=True, get=True,
                                    ex=self.settings.lease_s)
             if old is None:
-                log.warning("message %s: the node that claimed it did not store it within "
-                            "%d s; storing it here", msg_id, self.settings.lease_s)
+                log.warning("%s: the node that claimed it did not store it within %d s; "
+                            "storing it here", key, self.settings.lease_s)
                 return True
             if old.startswith("stored:"):
                 return False
@@ -275,17 +301,21 @@ class Cluster:
             receivers = 0
         if not receivers:
             self._deliver(self._hub.command_failed(
-                delivery["command_id"], f"device {delivery['device_id']} is not connected "
+                delivery["device_id"], delivery["command_id"],
+                f"device {delivery['device_id']} is not connected "
                 "(its node is gone; set payload.ttl_s to wait for it)", time.time()))
 
     def _park(self, delivery: Dict[str, Any], expires: float) -> None:
         key = f"nexus:parked:{delivery['device_id']}"
         entry = json.dumps({"origin": self.node, "expires": expires, "delivery": delivery})
-        keep = int(expires - time.time()) + 60
+        left = expires - time.time()
+        keep = int(left) + 60
         self._send("rpush", key, entry)
         self._send("expire", key, keep, nx=True)
         self._send("expire", key, keep, gt=True)
-        self._parked[delivery["command_id"]] = (key, entry, expires)
+        # The entry's expiry is wall-clock time (other hosts read it); this node's own wait
+        # for it is on the monotonic clock.
+        self._parked[delivery["command_id"]] = (key, entry, time.monotonic() + left)
 
     async def _device_arrived(self, device_id: str) -> None:
         """A device subscribed to commands here: register it, deliver what waits for it."""
@@ -312,9 +342,9 @@ class Cluster:
             self._deliver(out or [])
 
     async def _expire_parked(self) -> None:
-        now = time.time()
+        now, mono = time.time(), time.monotonic()
         for command_id, (key, entry, expires) in list(self._parked.items()):
-            if expires > now:
+            if expires > mono:
                 continue
             del self._parked[command_id]
             try:
@@ -322,9 +352,9 @@ class Cluster:
             except Unreachable:
                 removed = 1  # not known to be delivered
             if removed:
-                device = key.rsplit(":", 1)[1]
+                device = key.split(":", 2)[2]
                 self._deliver(self._hub.command_failed(
-                    command_id, f"device {device} did not connect before the command's "
+                    device, command_id, f"device {device} did not connect before the command's "
                     "ttl_s ran out", now))
 
     def disconnected(self, client: Client) -> None:
@@ -351,49 +381,64 @@ class Cluster:
             self._deliver(self._hub.deliver_result(payload, now))
         elif kind == "offline":
             self._deliver(self._hub.command_failed(
-                payload["command_id"], f"device {payload['device_id']} is not connected "
+                payload["device_id"], payload["command_id"],
+                f"device {payload['device_id']} is not connected "
                 "(set payload.ttl_s to wait for it)", now))
 
     # ------------------------------------------------------------------ supervisor
 
     async def run(self) -> None:
-        """Connect, listen, refresh the registry; on any Redis failure, back off and retry."""
+        """Connect, listen, refresh the registry; on any failure, back off and retry."""
         delay = 0.2
         while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await asyncio.wait_for(self._redis.ping(), self.settings.op_timeout_s)
-                await asyncio.wait_for(pubsub.subscribe(BROADCASTS, self._inbox),
-                                       self.settings.op_timeout_s)
-                if self._ever_up and not self.up:
-                    log.warning("redis back at %s; node %s in the cluster again",
-                                _safe_url(self.settings.url), self.node)
-                    # Devices that subscribed meanwhile: register them, deliver what waits.
-                    for device in self._hub.command_listeners():
-                        self._spawn(self._device_arrived(device))
-                else:
-                    log.info("node %s joined the cluster at %s", self.node,
-                             _safe_url(self.settings.url))
-                self.up, self._ever_up, delay = True, True, 0.2
-                await self._serve(pubsub)
-            except _REDIS_ERRORS + (Unreachable,) as exc:
-                self._went_down(exc)
-            finally:
-                try:
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)
-                    if not self.up:
-                        # Pooled connections to a Redis that restarted are all broken: each
-                        # would fail once more after it is back (and be logged as an outage).
-                        await asyncio.wait_for(self._redis.connection_pool.disconnect(), 1.0)
-                except Exception:  # noqa: BLE001 - the connection is already broken
-                    pass
+            sessions = self._sessions
+            await self._session()
+            if self._sessions != sessions:
+                delay = 0.2  # it was connected: the next try comes soon
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _session(self) -> None:
+        """One session with Redis: subscribe, serve until something fails, clean up. Never
+        raises but CancelledError: whatever ends it, the supervisor starts another."""
+        pubsub = self._redis.pubsub()
+        try:
+            await asyncio.wait_for(self._redis.ping(), self.settings.op_timeout_s)
+            await asyncio.wait_for(pubsub.subscribe(BROADCASTS, self._inbox),
+                                   self.settings.op_timeout_s)
+            if self._ever_up and not self.up:
+                log.warning("redis back at %s; node %s in the cluster again",
+                            _safe_url(self.settings.url), self.node)
+                # Devices that subscribed meanwhile: register them, deliver what waits.
+                for device in self._hub.command_listeners():
+                    self._spawn(self._device_arrived(device))
+            else:
+                log.info("node %s joined the cluster at %s", self.node,
+                         _safe_url(self.settings.url))
+            self.up, self._ever_up = True, True
+            self._sessions += 1
+            self._last_round = time.monotonic()
+            await self._serve(pubsub)
+        except _REDIS_ERRORS + (Unreachable,) as exc:
+            self._went_down(exc)
+        except Exception:  # noqa: BLE001 - a bug must not end the reader: logged, retried
+            log.exception("the cluster reader failed; serving local clients only until it "
+                          "is back")
+            self.up = False
+        finally:
+            try:
+                await asyncio.wait_for(pubsub.aclose(), 1.0)
+                if not self.up:
+                    # Pooled connections to a Redis that restarted are all broken: each
+                    # would fail once more after it is back (and be logged as an outage).
+                    await asyncio.wait_for(self._redis.connection_pool.disconnect(), 1.0)
+            except Exception:  # noqa: BLE001 - the connection is already broken
+                pass
 
     async def _serve(self, pubsub: Any) -> None:
         """Deliver what other nodes send; refresh the registry and check Redis meanwhile."""
         refresh_every = self.settings.registry_ttl_s / 3
-        refreshed = 0.0
+        refreshed = -math.inf
         while True:
             if time.monotonic() - refreshed >= refresh_every:
                 await self._refresh()
@@ -403,13 +448,22 @@ class Cluster:
             while time.monotonic() < deadline:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
                 if msg is not None and msg.get("type") == "message":
-                    try:
-                        self._received(msg["data"])
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        log.warning("ignored a malformed cluster message: %.200s", msg["data"])
+                    self._received_one(msg["data"])
             await self._call("ping")
             if not self.up:
                 raise Unreachable("a command failed meanwhile")
+            self._last_round = time.monotonic()
+
+    def _received_one(self, data: Any) -> None:
+        """One message from Redis, on its own: whatever it holds (not JSON, nested too deep
+        to parse, a payload too big to relay), a failure costs that message only."""
+        try:
+            self._received(data)
+        except Exception as exc:  # noqa: BLE001 - logged, counted, skipped
+            self.bad_messages += 1
+            log.warning("skipped a cluster message that could not be handled (%s: %.100s; "
+                        "%d so far): %.200s", type(exc).__name__, exc, self.bad_messages,
+                        data)
 
     async def _refresh(self) -> None:
         devices = self._hub.command_listeners()
@@ -423,6 +477,18 @@ class Cluster:
             await asyncio.wait_for(self._redis.aclose(), 1.0)
         except Exception:  # noqa: BLE001 - stopping anyway
             pass
+
+
+def seen_key(device_id: str, msg_id: str) -> str:
+    """``nexus:seen:<device id>:<message id>``, the stored-once marker of one sample.
+
+    ``%`` and ``:`` in the device id are escaped (``%25``, ``%3A``), so the first ``:``
+    after the prefix always ends the device id and two different pairs never share a key
+    (unescaped, device ``a:b`` with id ``c`` and device ``a`` with id ``b:c`` would). The
+    message id needs no escaping: it is all that follows.
+    """
+    device = device_id.replace("%", "%25").replace(":", "%3A")
+    return f"nexus:seen:{device}:{msg_id}"
 
 
 def _peek(text: str | bytes) -> Optional[Dict[str, Any]]:

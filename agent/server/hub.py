@@ -13,21 +13,35 @@ Rules and guarantees:
   subscriber gets the same text (the same message id).
 * Each frame is decoded once and its payload validated once (by the handler of
   its type); the time stamps a frame's answers share are formatted once.
-* Telemetry is stored by message id: a resend of an id already stored is acked
-  again but neither stored nor broadcast twice (delivery is at-least-once on the
-  wire, exactly-once in the store).
+* No call holds its caller for long: a ``telemetry.batch`` is checked and
+  stored ``batch_step_items`` items at a time; ``handle`` takes the first step
+  and leaves the rest in ``client.job`` for :meth:`Hub.resume`, which the
+  caller runs in later turns of its event loop (the ack comes after the last).
+* Telemetry is stored by (device id, message id): a resend of a pair already
+  stored is acked again but neither stored nor broadcast twice (delivery is
+  at-least-once on the wire, exactly-once in the store). Ids are the devices'
+  own: two devices may well send the same id, and both samples are kept.
 * Every client error is answered with an ``error`` whose code is one of
   ``protocol.ERROR_CODES`` and whose message names the field; the connection
   stays open. Only a client that keeps sending past twice its rate limit is
   closed (1008).
+* One identity, one budget. A device has one live connection: a new one takes
+  over and the older is closed with 4001 (``CLOSE_REPLACED``); an operator
+  identity has at most ``max_operator_connections``, the oldest closed with
+  4001 past that. The rate budget (:class:`Budget`: messages, and telemetry
+  samples, batch items included) belongs to the identity, shared by its
+  connections and kept across reconnects until it has refilled. Windows use
+  the caller's monotonic ``mono``, never the wall clock.
 * With a store file, writes are committed in groups: the first write after a
   commit opens a transaction, and everything ``handle`` would answer (acks,
   errors, broadcasts, closes) is held until the caller's :meth:`Hub.commit`,
   which the server calls once per event-loop step. An ack still means "on
   disk"; a step's frames share one commit (one WAL sync instead of one each).
   In memory every write commits at once and nothing is held.
-* The store is SQLite (``:memory:`` unless a file is given), bounded to
-  ``max_rows`` telemetry rows: the oldest are deleted past that. Waiting
+* The store is SQLite (``:memory:`` unless a file is given), bounded per
+  device (``max_rows_per_device``: that device's oldest rows are deleted past
+  it, so one device never evicts another's) and as a whole (``max_rows``, the
+  last resort: the largest devices' oldest rows go first). Waiting
   commands and result routes are bounded too (``MAX_PENDING_COMMANDS``,
   ``MAX_ROUTES``): nothing a client sends grows memory without limit.
 * Several nodes (``cluster.py``) share a fleet through Redis; the hub does no
@@ -40,7 +54,6 @@ Rules and guarantees:
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import logging
@@ -49,18 +62,19 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Deque, Dict, List, Protocol, Tuple
+from typing import Any, Dict, List, Protocol, Tuple
 
 from .. import protocol as p
 from ..errors import ProtocolError
 from .tokens import Identity
 
-RATE_WINDOW_S = 60.0
+RATE_WINDOW_S = 60.0  # the budget refills its whole size in this long
 # What the server sends may be a little larger than what it accepts: a broadcast wraps an
 # accepted message in a new envelope (see protocol.MAX_SERVER_MESSAGE_BYTES).
 _encode = functools.partial(p.encode, limit=p.MAX_SERVER_MESSAGE_BYTES)
 MAX_PENDING_COMMANDS = 1000  # commands waiting (ttl_s) for a device to connect
 MAX_ROUTES = 10_000  # commands delivered whose result the operator still awaits
+TRIM_SLACK = 100  # rows a store bound may run over between two trims (Hub._trim)
 
 log = logging.getLogger("nexus.server")
 
@@ -78,19 +92,74 @@ Closes = List[Tuple[Peer, int, str]]  # (peer, close code, reason), after its Ou
 
 
 @dataclass
+class BatchJob:
+    """A telemetry.batch being stored a step at a time (``Hub.resume``)."""
+
+    env: p.Envelope
+    device_id: str
+    raw: List[Any]  # the items as received; each is checked in its step
+    view: ClusterView | None
+    next: int = 0  # the first item not handled yet
+    stored: int = 0
+    rejected: List[p.ItemRejected] = field(default_factory=list)
+
+
+class Budget:
+    """An identity's rate budget: two token buckets, ``messages`` (every frame) and
+    ``samples`` (telemetry samples: a single message is one, a batch one per item), each
+    holding at most its size per minute and refilling at that rate, continuously, on a
+    monotonic clock. A bucket may go below zero: a frame is refused (RATE_LIMITED) while
+    ``messages`` is negative, and the client is closed (1008) once it is below minus its
+    size, that is, past twice the limit."""
+
+    def __init__(self, messages: int, samples: int, mono: float) -> None:
+        self.sizes = (float(messages), float(samples))
+        self.messages, self.samples = self.sizes
+        self._at = mono
+
+    def refill(self, mono: float) -> bool:
+        """Bring both buckets to ``mono``; True when both are full (an idle identity)."""
+        elapsed = max(0.0, mono - self._at)  # never backwards, whatever the caller passes
+        self._at = max(self._at, mono)
+        messages, samples = self.sizes
+        self.messages = min(messages, self.messages + elapsed * messages / RATE_WINDOW_S)
+        self.samples = min(samples, self.samples + elapsed * samples / RATE_WINDOW_S)
+        return self.messages >= messages and self.samples >= samples
+
+    def take_message(self, mono: float) -> bool:
+        """One frame: False when over the budget (the frame is not handled)."""
+        self.refill(mono)
+        self.messages -= 1
+        return self.messages >= 0
+
+    def take_samples(self, count: int) -> bool:
+        """``count`` samples, all or none (after ``take_message`` for the same frame)."""
+        if count > self.samples:
+            return False
+        self.samples -= count
+        return True
+
+    @property
+    def exhausted(self) -> bool:
+        """Past twice the message limit: close."""
+        return self.messages < -self.sizes[0]
+
+
+@dataclass
 class Client:
     client_id: str
     identity: Identity
     peer: Peer
+    budget: Budget
     subscriptions: List[p.Subscription] = field(default_factory=list)
-    recent: Deque[float] = field(default_factory=collections.deque)
+    job: BatchJob | None = None  # a batch whose items are still being stored (Hub.resume)
 
 
 @dataclass
 class PendingCommand:
     request: p.CommandRequest
     operator_id: str
-    expires: float
+    expires: float  # on the monotonic clock (Hub.handle's mono)
 
 
 @dataclass
@@ -98,10 +167,12 @@ class ClusterView:
     """One frame's dealings with the other nodes: filled in before ``Hub.handle`` by the
     cluster layer, and by the hub during it. Plain data: the hub never awaits anything."""
 
-    duplicates: frozenset = frozenset()  # telemetry ids another node stored: ack, drop
+    # ids of this frame's device that another node stored: ack, drop (a frame has one device)
+    duplicates: frozenset = frozenset()
     device_nodes: Dict[str, str] = field(default_factory=dict)  # device_id -> its node
     # written by the hub:
-    stored: List[str] = field(default_factory=list)  # ids stored here, now or before
+    # (device_id, id) stored here, now or before
+    stored: List[Tuple[str, str]] = field(default_factory=list)
     published: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)  # (channel, payload)
     forward: List[Tuple[str, Dict[str, Any]]] = field(default_factory=list)  # (node, delivery)
     parked: List[Tuple[Dict[str, Any], float]] = field(default_factory=list)  # (delivery, expires)
@@ -116,10 +187,23 @@ DEFAULT_BATCH_OFFER = p.BatchOffer(p.MAX_BATCH_ITEMS, p.MAX_BATCH_BYTES)
 
 @dataclass(frozen=True)
 class HubSettings:
-    rate_limit_per_minute: int = 100
+    # Per identity (device or operator), across its connections and reconnects:
+    rate_limit_per_minute: int = 100  # messages, the guide's figure
+    # Telemetry samples (a batch counts its items): 40,000 a minute (667 a second) drains a
+    # day offline at 1 s (86,400 samples) in 2 min 10 s, above nexus-agent's own drain pace
+    # (about 32,500 a minute: docs/performance.md) so it never meets RATE_LIMITED.
+    samples_per_minute: int = 40_000
+    max_operator_connections: int = 8  # per operator identity; the oldest is closed past it
+    # Batch items checked and stored per call (about 2.5 ms of work with a watcher): the
+    # rest waits for Hub.resume, so other clients are served in between.
+    batch_step_items: int = 100
     # telemetry.batch, offered in every welcome; None offers nothing (the guide's protocol)
     batch: p.BatchOffer | None = DEFAULT_BATCH_OFFER
+    # The store's bounds (docs/design.md, "Fair storage"): each device keeps at most
+    # max_rows_per_device rows (its oldest go first), so one device never evicts another's;
+    # max_rows for the whole store is the last resort, taken from the largest devices.
     max_rows: int = 100_000
+    max_rows_per_device: int = 10_000
     # With a store file: commit in groups (see the module's rules). A cluster node commits
     # every write at once: it tells the other nodes "stored" right after handle().
     group_commit: bool = True
@@ -171,35 +255,74 @@ class Hub:
         self._lock = threading.Lock()
         self._clock = Clock()
         self._clients: Dict[str, Client] = {}
-        # device id -> its connections (client_id -> client): presence without a fleet scan
-        self._devices: Dict[str, Dict[str, Client]] = {}
+        # (role, subject) -> its connections (client_id -> client, oldest first): presence
+        # and takeover without a fleet scan
+        self._identities: Dict[Tuple[str, str], Dict[str, Client]] = {}
+        self._budgets: Dict[Tuple[str, str], Budget] = {}  # kept until refilled (tick)
         self._pending: Dict[str, PendingCommand] = {}  # command_id -> waiting for its device
-        self._routes: Dict[str, str] = {}  # command_id -> operator client_id awaiting the result
+        # (device_id, command_id) -> who awaits the result: an operator's client_id, or
+        # REMOTE + node. Keyed by the device too: only the device a command went to may
+        # answer it, and two operators' commands with one id to two devices do not collide.
+        self._routes: Dict[Tuple[str, str], str] = {}
+        self._routed: Dict[str, Dict[str, None]] = {}  # command_id -> devices it went to
         self._listeners: Dict[str, Dict[str, Client]] = {}  # channel -> client_id -> client
         # check_same_thread=False: every use is under self._lock.
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         if db_path != ":memory:":
             self._db.execute("PRAGMA journal_mode=WAL")
+        for table in _TABLES:
+            _rekey(self._db, table)
         self._db.executescript(_SCHEMA)
         self._group_commit = self.settings.group_commit and db_path != ":memory:"
         self._in_transaction = False
         self._held: Outgoing = []  # answers waiting for the commit (group commit only)
         self._held_closes: Closes = []
-        self._inserts = 0
+        # Rows per device, kept beside the store (read once when it opens): the bounds are
+        # checked without a query per insert.
+        self._rows: Dict[str, int] = dict(self._db.execute(
+            "SELECT device_id, COUNT(*) FROM telemetry GROUP BY device_id").fetchall())
+        self._total = sum(self._rows.values())
         self._view: ClusterView | None = None  # set for one handle() call, under the lock
+        self._mono = 0.0  # the monotonic clock of the handle() call under way
 
     # ------------------------------------------------------------------ connections
 
-    def connect(self, identity: Identity, peer: Peer, now: float) -> Tuple[Client, str]:
-        """Register a new authenticated connection; returns it and its welcome text."""
-        client = Client(p.new_id("client"), identity, peer)
+    def connect(self, identity: Identity, peer: Peer, now: float,
+                mono: float | None = None) -> Tuple[Client, str]:
+        """Register a new authenticated connection; returns it and its welcome text. The
+        identity's older connections it replaces are closed with 4001 (after what is held
+        for them)."""
+        key = (identity.role, identity.subject)
         with self._lock:
+            budget = self._budgets.get(key)
+            if budget is None:
+                budget = self._budgets[key] = Budget(
+                    self.settings.rate_limit_per_minute, self.settings.samples_per_minute,
+                    now if mono is None else mono)
+            client = Client(p.new_id("client"), identity, peer, budget)
             self._clients[client.client_id] = client
-            if identity.is_device:
-                self._devices.setdefault(identity.subject, {})[client.client_id] = client
+            mine = self._identities.setdefault(key, {})
+            keep = 0 if identity.is_device else self.settings.max_operator_connections - 1
+            replaced = list(mine.values())[:max(0, len(mine) - keep)]
+            mine[client.client_id] = client
+        for old in replaced:
+            log.info("%s %s: connection %s replaced by %s", identity.role, identity.subject,
+                     old.client_id, client.client_id)
+            self._close_client(old, p.CLOSE_REPLACED, "replaced by a newer connection of "
+                               f"this {identity.role}")
         welcome = p.make("connected", now, p.welcome_payload(client.client_id, now,
                                                            self.settings.batch))
         return client, _encode(welcome)
+
+    def exhausted(self, identity: Identity, mono: float) -> bool:
+        """The identity spent twice its message budget and has not refilled past it: a new
+        connection of it is closed at once (1008), before its welcome."""
+        with self._lock:
+            budget = self._budgets.get((identity.role, identity.subject))
+            if budget is None:
+                return False
+            budget.refill(mono)
+            return budget.messages < 0
 
     def online(self, client: Client, now: float) -> Outgoing:
         """``events.update`` ``device.online`` when ``client`` is a device (after its welcome)."""
@@ -212,13 +335,12 @@ class Hub:
             self._clients.pop(client.client_id, None)
             for listeners in self._listeners.values():
                 listeners.pop(client.client_id, None)
-            still = False
-            if client.identity.is_device:
-                others = self._devices.get(client.identity.subject, {})
-                others.pop(client.client_id, None)
-                still = bool(others)
-                if not still:
-                    self._devices.pop(client.identity.subject, None)
+            key = (client.identity.role, client.identity.subject)
+            others = self._identities.get(key, {})
+            others.pop(client.client_id, None)
+            still = bool(others)
+            if not still:
+                self._identities.pop(key, None)  # its budget stays until it has refilled
         if still or now is None:
             return []
         return self._presence(client, "device.offline", now)
@@ -237,11 +359,13 @@ class Hub:
     # ------------------------------------------------------------------ messages
 
     def handle(self, client: Client, text: str | bytes, now: float,
-               view: ClusterView | None = None) -> Outgoing:
+               view: ClusterView | None = None, mono: float | None = None) -> Outgoing:
         """Everything to send in answer to one frame from ``client``; with a ``view``, also
         what the other nodes of a cluster must hear about (written into it). With a store
-        file, while a write waits for :meth:`commit`, the answers wait with it (in order)."""
-        out = self._handle(client, text, now, view)
+        file, while a write waits for :meth:`commit`, the answers wait with it (in order).
+        ``now`` is the wall clock (time stamps); ``mono`` a monotonic clock for the rate
+        budget (``now`` when not given: tests)."""
+        out = self._handle(client, text, now, view, now if mono is None else mono)
         if self._in_transaction:
             with self._lock:
                 self._held += out
@@ -270,6 +394,9 @@ class Hub:
                               len(out))
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
+                self._rows = dict(self._db.execute(  # the rows as they are again
+                    "SELECT device_id, COUNT(*) FROM telemetry GROUP BY device_id").fetchall())
+                self._total = sum(self._rows.values())
                 return [], closes
         return out, closes
 
@@ -289,8 +416,13 @@ class Hub:
         return self._db.execute(sql, args)
 
     def _handle(self, client: Client, text: str | bytes, now: float,
-                view: ClusterView | None) -> Outgoing:
-        over_rate = self._over_rate(client, now)  # every frame counts, even a malformed one
+                view: ClusterView | None, mono: float) -> Outgoing:
+        # Every frame counts, even a malformed one.
+        over_rate = not client.budget.take_message(mono)
+        if over_rate and client.budget.exhausted:
+            # Past twice the limit: closed, and the flood it keeps sending costs no decoding.
+            self._close_client(client, p.CLOSE_POLICY, "rate limit exceeded")
+            return []
         env: p.Envelope | None = None
         if _too_big(text):
             # The frame limit lets a batch through; everything else keeps 64 KiB.
@@ -304,7 +436,7 @@ class Hub:
                 return self._rate_error(client, env.id, now)
             p.check_client_envelope(env)  # the handler validates the payload (only once)
             with self._lock:
-                self._view = view
+                self._view, self._mono = view, mono
                 try:
                     return self._dispatch(client, env, now)
                 finally:
@@ -325,22 +457,21 @@ class Hub:
                msg_id: str | None, field_path: str | None = None) -> Outgoing:
         return [(client.peer, _encode(p.make_error(code, message, now, msg_id, field_path)))]
 
-    def _over_rate(self, client: Client, now: float) -> bool:
-        """Count this frame in the client's sliding 60 s window; True when over the limit."""
-        recent = client.recent
-        while recent and recent[0] <= now - RATE_WINDOW_S:
-            recent.popleft()
-        recent.append(now)
-        return len(recent) > self.settings.rate_limit_per_minute
-
     def _rate_error(self, client: Client, msg_id: str | None, now: float) -> Outgoing:
         limit = self.settings.rate_limit_per_minute
-        if len(client.recent) > 2 * limit:
+        if client.budget.exhausted:
             # A client that ignores RATE_LIMITED would otherwise make us answer forever.
             self._close_client(client, p.CLOSE_POLICY, "rate limit exceeded")
             return []
-        return self._error(client, p.RATE_LIMITED, f"more than {limit} messages in 60 s; this "
-                           "message was not processed, send it again later", now, msg_id)
+        return self._error(client, p.RATE_LIMITED, f"more than {limit} messages a minute from "
+                           f"this {client.identity.role}; this message was not processed, "
+                           "send it again later", now, msg_id)
+
+    def _take_samples(self, client: Client, count: int, msg_id: str | None) -> None:
+        if not client.budget.take_samples(count):
+            raise ProtocolError(p.RATE_LIMITED, f"more than {self.settings.samples_per_minute}"
+                                f" telemetry samples a minute from this device; this message "
+                                "was not processed, send it again later", "payload", msg_id)
 
     def _dispatch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         handler = _HANDLERS[env.type]
@@ -364,9 +495,9 @@ class Hub:
             filters["device_id"] = own
         sub = p.Subscription(sub.channel, filters)
         if sub not in client.subscriptions:
-            if len(client.subscriptions) >= 2 * p.MAX_FILTERS:
-                raise ProtocolError(p.INVALID_MESSAGE, "too many subscriptions", "payload",
-                                    env.id)
+            if len(client.subscriptions) >= p.MAX_SUBSCRIPTIONS:
+                raise ProtocolError(p.INVALID_MESSAGE, f"more than {p.MAX_SUBSCRIPTIONS} "
+                                    "subscriptions on this connection", "payload", env.id)
             client.subscriptions.append(sub)
             self._listeners.setdefault(sub.channel, {})[client.client_id] = client
         out = self._reply(client, "subscribed", env, now,
@@ -384,32 +515,94 @@ class Hub:
     def _telemetry(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         data = p.parse_telemetry(env)
         self._check_sender(client, data.device_id, env.id)
+        self._take_samples(client, 1, env.id)
         assert env.id is not None and env.payload is not None
         out: Outgoing = [(client.peer, ack_text(env.id, self._clock(now)))]
         return out + (self._store(env.id, data.device_id, env.timestamp or
-                                  self._clock(now), env.payload, now) or [])
+                                  self._clock(now), env.payload, p.dumps(env.payload),
+                                  now) or [])
 
     def _telemetry_batch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
         """Every valid item stored and broadcast as if it came alone; one ack says what was
-        taken. A bad item rejects only itself (named by index and field in the ack)."""
+        taken. A bad item rejects only itself (named by index and field in the ack).
+
+        The items are checked and stored ``batch_step_items`` at a time: this call takes
+        the first step and leaves the rest in ``client.job`` for :meth:`resume`, so that no
+        single call holds the caller's event loop for long (docs/performance.md)."""
         offer = self.settings.batch
-        # Parsed before the offer is checked: a malformed batch is INVALID_MESSAGE either way.
-        batch = p.parse_telemetry_batch(env, offer.max_items if offer else p.MAX_BATCH_ITEMS)
+        # The head before the offer is checked: a malformed batch is INVALID_MESSAGE either
+        # way.
+        device_id, raw = p.parse_batch_head(env, offer.max_items if offer else
+                                            p.MAX_BATCH_ITEMS)
         if offer is None:
             raise ProtocolError(p.UNKNOWN_MESSAGE_TYPE, "telemetry.batch is not offered by "
                                 "this server; send single telemetry messages", "type", env.id)
-        self._check_sender(client, batch.device_id, env.id)
-        broadcasts: Outgoing = []
-        stored = 0
-        for item in batch.items:
-            new = self._store(item.id, batch.device_id, item.timestamp,
-                              {"device_id": batch.device_id, "metrics": item.metrics}, now)
-            stored += new is not None
-            broadcasts += new or []
-        ack = self._reply(client, "ack", env, now, {
-            "items": len(batch.items) + len(batch.rejected), "stored": stored,
-            "rejected": [r.to_dict() for r in batch.rejected]})
-        return ack + broadcasts
+        self._check_sender(client, device_id, env.id)
+        self._take_samples(client, len(raw), env.id)
+        # From here on nothing raises: once an item is stored the answer is the ack, which
+        # names every item refused and always fits (protocol.rejected_list).
+        client.job = BatchJob(env, device_id, raw, self._view)
+        return self._batch_step(client, now)
+
+    def _batch_step(self, client: Client, now: float) -> Outgoing:
+        """The next ``batch_step_items`` items of ``client.job``; the ack after the last."""
+        job = client.job
+        assert job is not None
+        out: Outgoing = []
+        end = min(len(job.raw), job.next + self.settings.batch_step_items)
+        for index in range(job.next, end):
+            item = p.parse_batch_item(job.raw[index], index, job.env.id)
+            if isinstance(item, p.ItemRejected):
+                job.rejected.append(item)
+                continue
+            new, refusal = self._store_item(job.device_id, index, item, now)
+            if refusal is not None:
+                job.rejected.append(refusal)
+            job.stored += new is not None
+            out += new or []
+        job.next = end
+        if end < len(job.raw):
+            return out
+        client.job = None
+        return out + self._reply(client, "ack", job.env, now, {
+            "items": len(job.raw), "stored": job.stored,
+            "rejected": p.rejected_list(job.rejected, p.MAX_MESSAGE_BYTES)})
+
+    def resume(self, client: Client, now: float) -> Outgoing:
+        """The next step of the batch ``client`` sent (``client.job``); call while it is
+        set, in later turns of the event loop. Held for the commit like :meth:`handle`."""
+        with self._lock:
+            job = client.job
+            if job is None:
+                return []
+            self._view = job.view
+            try:
+                out = self._batch_step(client, now)
+            finally:
+                self._view = None
+        if self._in_transaction:
+            with self._lock:
+                self._held += out
+            return []
+        return out
+
+    def _store_item(self, device_id: str, index: int, item: p.BatchItem,
+                    now: float) -> Tuple[Outgoing | None, p.ItemRejected | None]:
+        """One batch item: stored (its broadcasts, or None when stored before), or refused."""
+        payload = {"device_id": device_id, "metrics": item.metrics}
+        row = p.dumps(payload)
+        if len(row) * 4 > p.MAX_BATCH_ITEM_BYTES and \
+                len(row.encode("utf-8")) > p.MAX_BATCH_ITEM_BYTES:
+            return None, p.item_rejected(
+                index, {"id": item.id}, f"payload.items.{index}",
+                f"over {p.MAX_BATCH_ITEM_BYTES} bytes (device_id and metrics as JSON)")
+        try:
+            return self._store(item.id, device_id, item.timestamp, payload, row, now), None
+        except Exception:  # noqa: BLE001 - the ack must still say what was stored
+            log.exception("internal error storing item %d of a batch from %s", index,
+                          device_id)
+            return None, p.item_rejected(index, {"id": item.id}, f"payload.items.{index}",
+                                         "the server failed to store this item")
 
     def _check_sender(self, client: Client, device_id: str, msg_id: str | None) -> None:
         if not client.identity.is_device:
@@ -419,21 +612,21 @@ class Hub:
             raise ProtocolError(p.FORBIDDEN, "a device may only send telemetry for its own "
                                 "device_id", "payload.device_id", msg_id)
 
-    def _store(self, msg_id: str, device_id: str, sample_time: str, payload: Any,
+    def _store(self, msg_id: str, device_id: str, sample_time: str, payload: Any, row: str,
                now: float) -> Outgoing | None:
-        """Store one sample by id: its broadcasts when new, None when stored before."""
+        """Store one sample by (device, id): its broadcasts when new, None when stored before."""
         view = self._view
         if view is not None and msg_id in view.duplicates:
             return None  # another node of the cluster stored it
         cur = self._write(
             "INSERT OR IGNORE INTO telemetry (id, device_id, sample_time, received_at, payload)"
             " VALUES (?, ?, ?, ?, ?)",
-            (msg_id, device_id, sample_time, self._clock(now), json.dumps(payload)))
+            (msg_id, device_id, sample_time, self._clock(now), row))
         if view is not None:
-            view.stored.append(msg_id)
+            view.stored.append((device_id, msg_id))
         if cur.rowcount != 1:
             return None
-        self._trim(now)
+        self._trim(device_id)
         if view is None and not self._listeners.get("telemetry"):
             return []  # nobody to tell (the usual case for a fleet without operators)
         update = dict(payload, message_id=msg_id, sample_time=sample_time)
@@ -449,7 +642,7 @@ class Hub:
         if len(self._pending) >= MAX_PENDING_COMMANDS and request.ttl_s is not None:
             raise ProtocolError(p.RATE_LIMITED, f"{MAX_PENDING_COMMANDS} commands are already "
                                 "waiting for offline devices", "payload.ttl_s", env.id)
-        self._route(request.command_id, client.client_id)
+        self._route(request.device_id, request.command_id, client.client_id)
         if self._device_listening(request.device_id):
             return self._broadcast("commands", _delivery(request), now)
         view = self._view
@@ -458,14 +651,15 @@ class Hub:
             view.forward.append((node, _delivery(request)))  # the result comes back here
             return []
         if request.ttl_s is None:
-            self._routes.pop(request.command_id, None)
+            self._unroute(request.device_id, request.command_id)
             raise ProtocolError(p.DEVICE_OFFLINE, self._why_not_listening(request.device_id),
                                 "payload.device_id", env.id)
         if view is not None:  # waits in Redis for whichever node the device reaches first
             view.parked.append((_delivery(request), now + request.ttl_s))
             return []
+        # On the monotonic clock: a step of the wall clock neither expires it nor keeps it.
         self._pending[request.command_id] = PendingCommand(request, client.client_id,
-                                                           now + request.ttl_s)
+                                                           self._mono + request.ttl_s)
         return []
 
     def _command_result(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
@@ -473,6 +667,10 @@ class Hub:
         if not client.identity.is_device or result.device_id != client.identity.subject:
             raise ProtocolError(p.FORBIDDEN, "a device may only report its own commands",
                                 "payload.device_id", env.id)
+        if self._sent_elsewhere(result.device_id, result.command_id):
+            # Before anything is stored or popped: the real result still finds its route.
+            raise ProtocolError(p.FORBIDDEN, f"command {result.command_id} was not sent to "
+                                "this device", "payload.command_id", env.id)
         cur = self._write(
             "INSERT OR IGNORE INTO command_results (command_id, device_id, status, received_at,"
             " payload) VALUES (?, ?, ?, ?, ?)",
@@ -481,7 +679,7 @@ class Hub:
         out = self._reply(client, "ack", env, now)
         # Relayed once per pending request: a device's resend (same result, new message) finds
         # no route; an operator who asks again with the same id gets the stored result again.
-        route = self._routes.pop(result.command_id, "")
+        route = self._unroute(result.device_id, result.command_id)
         operator = self._clients.get(route)
         if cur.rowcount == 0:
             log.debug("command result %s was stored before", result.command_id)
@@ -507,15 +705,32 @@ class Hub:
                     break  # one copy per client, however many subscriptions match
         return out
 
-    def _route(self, command_id: str, target: str) -> None:
-        self._routes[command_id] = target
+    def _route(self, device_id: str, command_id: str, target: str) -> None:
+        self._unroute(device_id, command_id)  # a command id sent again: the newest route
+        self._routes[(device_id, command_id)] = target
+        self._routed.setdefault(command_id, {})[device_id] = None
         while len(self._routes) > MAX_ROUTES:  # results that never came: forget the oldest
-            del self._routes[next(iter(self._routes))]
+            self._unroute(*next(iter(self._routes)))
+
+    def _unroute(self, device_id: str, command_id: str) -> str:
+        """Forget the route of ``command_id`` to ``device_id``; who awaited it, or ""."""
+        target = self._routes.pop((device_id, command_id), "")
+        devices = self._routed.get(command_id)
+        if devices is not None:
+            devices.pop(device_id, None)
+            if not devices:
+                del self._routed[command_id]
+        return target
+
+    def _sent_elsewhere(self, device_id: str, command_id: str) -> bool:
+        """``command_id`` awaits a result from another device, and not from this one."""
+        devices = self._routed.get(command_id, {})
+        return bool(devices) and device_id not in devices
 
     def _why_not_listening(self, device_id: str) -> str:
         """DEVICE_OFFLINE's message: a connected device that never subscribed to commands (an
         agent without commands.allow) is not called offline."""
-        if self._devices.get(device_id):
+        if self._identities.get(("device", device_id)):
             return (f"device {device_id} is connected but takes no commands (it has not "
                     "subscribed to channel commands; an agent does so only with "
                     "commands.allow in its config)")
@@ -523,24 +738,29 @@ class Hub:
 
     def _device_listening(self, device_id: str) -> bool:
         return any(any(s.channel == "commands" for s in c.subscriptions)
-                   for c in self._devices.get(device_id, {}).values())
+                   for c in self._identities.get(("device", device_id), {}).values())
 
     def _deliver_pending(self, device_id: str, now: float) -> Outgoing:
         out: Outgoing = []
         for command_id, pending in list(self._pending.items()):
-            if pending.request.device_id == device_id and pending.expires > now:
+            if pending.request.device_id == device_id and pending.expires > self._mono:
                 del self._pending[command_id]
                 out += self._broadcast("commands", _delivery(pending.request), now)
         return out
 
-    def tick(self, now: float) -> Outgoing:
-        """Expire commands that waited too long for their device; call about once a second."""
+    def tick(self, now: float, mono: float | None = None) -> Outgoing:
+        """Expire commands that waited too long for their device, forget the budgets of
+        identities gone and refilled; call about once a second."""
         out: Outgoing = []
         with self._lock:
+            mono = now if mono is None else mono
+            for key in [k for k, b in self._budgets.items()
+                        if k not in self._identities and b.refill(mono)]:
+                del self._budgets[key]
             for command_id, pending in list(self._pending.items()):
-                if pending.expires <= now:
+                if pending.expires <= mono:
                     del self._pending[command_id]
-                    self._routes.pop(command_id, None)
+                    self._unroute(pending.request.device_id, command_id)
                     operator = self._clients.get(pending.operator_id)
                     if operator is not None:
                         error = p.make_error(p.DEVICE_OFFLINE, "device "
@@ -576,33 +796,58 @@ class Hub:
             if not self._device_listening(delivery["device_id"]):
                 return None
             if origin is not None:
-                self._route(delivery["command_id"], REMOTE + origin)
+                self._route(delivery["device_id"], delivery["command_id"], REMOTE + origin)
             return self._broadcast("commands", delivery, now)
 
     def deliver_result(self, result: Dict[str, Any], now: float) -> Outgoing:
         """A command's result from the device's node, for the operator here who asked."""
         command_id = str(result.get("command_id", ""))
         with self._lock:
-            operator = self._clients.get(self._routes.pop(command_id, ""))
+            operator = self._clients.get(self._unroute(str(result.get("device_id", "")),
+                                                       command_id))
         if operator is None:
             return []
         return [(operator.peer, _encode(p.make("command.result", now, result, command_id)))]
 
-    def command_failed(self, command_id: str, message: str, now: float) -> Outgoing:
-        """DEVICE_OFFLINE for the operator here who sent ``command_id`` (no node took it)."""
+    def command_failed(self, device_id: str, command_id: str, message: str,
+                       now: float) -> Outgoing:
+        """DEVICE_OFFLINE for the operator here who sent ``command_id`` to ``device_id`` (no
+        node took it)."""
         with self._lock:
-            operator = self._clients.get(self._routes.pop(command_id, ""))
+            operator = self._clients.get(self._unroute(device_id, command_id))
         if operator is None:
             return []
         error = p.make_error(p.DEVICE_OFFLINE, message, now, command_id)
         return [(operator.peer, _encode(error))]
 
-    def _trim(self, now: float) -> None:
-        self._inserts += 1
-        if self._inserts % 1000 == 0:
-            self._write(
-                "DELETE FROM telemetry WHERE rowid <= "
-                "(SELECT MAX(rowid) FROM telemetry) - ?", (self.settings.max_rows,))
+    def _trim(self, device_id: str) -> None:
+        """One row more for ``device_id``: its oldest rows go past its own bound, and the
+        largest devices' oldest past the store's. Each bound is let run over by
+        TRIM_SLACK rows between trims, so a trim costs one DELETE per TRIM_SLACK inserts."""
+        self._rows[device_id] = self._rows.get(device_id, 0) + 1
+        self._total += 1
+        own = self.settings.max_rows_per_device
+        if self._rows[device_id] > own + TRIM_SLACK:
+            self._delete_oldest(device_id, self._rows[device_id] - own)
+        if self._total > self.settings.max_rows + TRIM_SLACK:
+            # Last resort (more devices than the store has room for at their own bound):
+            # the largest give up their oldest rows first, never a small device for a big one.
+            while self._total > self.settings.max_rows:
+                largest = max(self._rows, key=self._rows.__getitem__)
+                second = max((n for d, n in self._rows.items() if d != largest), default=0)
+                excess = self._total - self.settings.max_rows
+                # Down to the next largest, or at least TRIM_SLACK rows (many devices tied).
+                self._delete_oldest(largest, min(excess, max(self._rows[largest] - second,
+                                                             TRIM_SLACK)))
+
+    def _delete_oldest(self, device_id: str, count: int) -> None:
+        cur = self._write(
+            "DELETE FROM telemetry WHERE rowid IN (SELECT rowid FROM telemetry "
+            "WHERE device_id = ? ORDER BY rowid LIMIT ?)", (device_id, count))
+        self._rows[device_id] -= cur.rowcount
+        self._total -= cur.rowcount
+        if self._rows[device_id] <= 0:
+            del self._rows[device_id]
 
     # ------------------------------------------------------------------ inspection
 
@@ -656,20 +901,54 @@ _HANDLERS = {
     "command.result": Hub._command_result,
 }
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS telemetry (
-    id TEXT PRIMARY KEY,
+# Message ids and command ids are unique per device only (docs/protocol.md): every key
+# holds the device id. {name}: a table is rebuilt under another name (_rekey).
+_TABLES = {
+    "telemetry": ("""
+CREATE TABLE IF NOT EXISTS {name} (
+    id TEXT NOT NULL,
     device_id TEXT NOT NULL,
     sample_time TEXT NOT NULL,
     received_at TEXT NOT NULL,
-    payload TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device_id);
-CREATE TABLE IF NOT EXISTS command_results (
-    command_id TEXT PRIMARY KEY,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (device_id, id)
+);""", ["device_id", "id"]),
+    "command_results": ("""
+CREATE TABLE IF NOT EXISTS {name} (
+    command_id TEXT NOT NULL,
     device_id TEXT NOT NULL,
     status TEXT NOT NULL,
     received_at TEXT NOT NULL,
-    payload TEXT NOT NULL
-);
+    payload TEXT NOT NULL,
+    PRIMARY KEY (device_id, command_id)
+);""", ["device_id", "command_id"]),
+}
+
+
+def _rekey(db: sqlite3.Connection, table: str) -> None:
+    """A store file written before ``table`` was keyed by the device too (``id`` or
+    ``command_id`` alone was the key): rebuilt once with the new key, every row and its
+    rowid (arrival order) kept, in one transaction."""
+    create, key = _TABLES[table]
+    info = db.execute(f"PRAGMA table_info({table})").fetchall()
+    pk = [name for _, name, *_rest, order in sorted(info, key=lambda r: r[5]) if order]
+    if not info or pk == key:
+        return  # no table yet, or already keyed by the pair
+    log.warning("store: re-keying %s by (%s); done once per file", table, ", ".join(key))
+    columns = ", ".join(row[1] for row in info)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(create.format(name=f"{table}_rekeyed"))
+        db.execute(f"INSERT INTO {table}_rekeyed (rowid, {columns}) "
+                   f"SELECT rowid, {columns} FROM {table}")
+        db.execute(f"DROP TABLE {table}")  # and its index; _SCHEMA makes it again
+        db.execute(f"ALTER TABLE {table}_rekeyed RENAME TO {table}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+_SCHEMA = "\n".join(create.format(name=table) for table, (create, _) in _TABLES.items()) + """
+CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device_id);
 """

@@ -61,6 +61,11 @@ def _response(status: int, reason: str, content_type: str, body: bytes) -> Respo
     return Response(status, reason, headers, body)
 
 
+def plain(status: int, reason: str, text: str) -> Response:
+    """A short plain-text answer (``/healthz``), with the same headers as the page's files."""
+    return _response(status, reason, "text/plain; charset=utf-8", text.encode())
+
+
 def response(path: str) -> Optional[Response]:
     """The answer for a GET of ``path`` (without query), or None if it is not a page file."""
     entry: Optional[Tuple[str, str]] = FILES.get(path)

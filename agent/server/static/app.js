@@ -77,7 +77,9 @@ function onClose(event) {
   if (event.code === 4000) { // AUTH_FAILED: a new token is needed, retrying would not help
     sessionStorage.removeItem("nexus-token");
     setConn("refused", "token refused");
-    askForToken("The server refused this token (expired, or signed with another secret).");
+    askForToken(event.reason === "Token expired"
+      ? "This token has expired: the server ended the session. Paste a new token."
+      : "The server refused this token (expired, or signed with another secret).");
     return;
   }
   setConn("closed", `disconnected (${event.code}); retrying in ${reconnectMs / 1000} s`);
