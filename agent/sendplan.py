@@ -110,6 +110,11 @@ def batch_item_text(record: Record, device_id: str) -> Optional[str]:
     except ValueError:
         return None
     if not isinstance(payload, dict) or payload.get("device_id") != device_id or \
-            set(payload) != {"device_id", "metrics"}:
+            "metrics" not in payload or not set(payload) <= _ITEM_KEYS:
         return None
-    return p.batch_item_text(record.id, record.ts, payload["metrics"])
+    return p.batch_item_text(record.id, record.ts, payload["metrics"], payload.get("source"),
+                             payload.get("tags"))
+
+
+# What a stored telemetry payload may hold to go in a batch item (anything else: alone).
+_ITEM_KEYS = frozenset(("device_id", "source", "metrics", "tags"))

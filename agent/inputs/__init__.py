@@ -64,7 +64,8 @@ class InputHealth:
     stuck: bool  # no progress for too long: the watchdog should get the agent restarted
 
 
-Store = Callable[[Sample], None]  # stores one sample; NotStored when the outbox cannot
+Store = Callable[[Sample], Optional[str]]  # stores one sample: its message id; NotStored
+# when the outbox cannot
 
 
 @dataclass(frozen=True)

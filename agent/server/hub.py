@@ -403,7 +403,7 @@ class Hub:
         stored = 0
         for item in batch.items:
             new = self._store(item.id, batch.device_id, item.timestamp,
-                              {"device_id": batch.device_id, "metrics": item.metrics}, now)
+                              item.payload(batch.device_id), now)
             stored += new is not None
             broadcasts += new or []
         ack = self._reply(client, "ack", env, now, {
