@@ -118,8 +118,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .store import StoreError
 
     setup_logging(getattr(logging, cfg.log_level.upper()))
+    from .errors import ConfigError
+
     try:
         agent = Agent(cfg)
+    except ConfigError as exc:  # an input's section that cannot be used (a socket path)
+        print(f"nexus-agent: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:  # state_dir not creatable or writable: a deployment error
         print(f"nexus-agent: config error: state_dir: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from .commands import CommandSpec, parse_allow_list
 from .errors import ConfigError
+from .inputs import check_sections
 
 MAX_CONFIG_CHARS = 1 << 20  # a real config is a few KB
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -86,6 +87,9 @@ class Config:
     commands: CommandsConfig = CommandsConfig()
     log_level: str = "info"
     source: str = ""  # the file it was loaded from
+    # The top-level ``inputs`` mapping: "inputs.<kind>" -> that input's checked section,
+    # checked by its own module (``inputs.check_sections``); empty: today's inputs only.
+    inputs: Mapping[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- checks
@@ -193,6 +197,7 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
               "lock": (_choice("exclusive", "shared"), False)},
     "reconnect": {"base_delay_s": (_number(0.01, 3600), False),
                   "max_delay_s": (_number(0.1, 86400), False)},
+    "inputs": {},  # passed as it is to inputs.check_sections: each kind checks its own
     "commands": {"allow": (_kind(dict), False),
                  "max_concurrent": (_number(1, 64, integer=True), False),
                  "max_queued": (_number(0, 1000, integer=True), False),
@@ -277,6 +282,7 @@ def build(raw: Any, source: str = "") -> Config:
         commands=CommandsConfig(allow=allow, **commands_raw),
         log_level=top.get("log_level", "info"),
         source=source,
+        inputs=check_sections(raw.get("inputs"), base_dir),
     )
 
 

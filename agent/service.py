@@ -119,9 +119,14 @@ class Agent:
 
             self.runner = CommandRunner(config.commands, config.device_id, config.state_dir,
                                         requests, self.mailbox)
-        env = InputEnv(config.state_dir, self._own_metrics, self.look)
-        self.inputs: List[Input] = list(inputs) if inputs is not None else \
-            build_inputs(sections_of(config), env)
+        env = InputEnv(config.state_dir, self._own_metrics, self.look, self.outbox.fill)
+        try:
+            self.inputs: List[Input] = list(inputs) if inputs is not None else \
+                build_inputs(sections_of(config), env)
+        except BaseException:  # a socket path that cannot be used: ConfigError, exit 78
+            self.outbox.close()
+            self.dir_lock.close()
+            raise
         self._inputs_stop = threading.Event()
         self._transport_stop = threading.Event()
         self._status_failing = False
@@ -251,6 +256,8 @@ class Agent:
         for _ in range(stops - 1):  # signals that came together, before the loop saw them
             self._count_stop("stop signal")
         self._inputs_stop.set()
+        for item in self.inputs:
+            item.wake()  # one blocked in a select (the ingest socket) looks at the Event
         deadline = time.monotonic() + 2.0  # for all inputs together
         for item in self.inputs:
             self._join(f"nexus-input-{item.source}", max(0.0, deadline - time.monotonic()))
@@ -350,6 +357,9 @@ class Agent:
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
             "restart_needed": self.restart_needed,
+            "inputs": [{"source": i.source, "samples": i.samples, "failures": i.failures,
+                        "refused": i.refused, "timeouts": i.timeouts,
+                        "last_success": i.last_success} for i in inputs],
         }
 
     def _drain(self, depth: int) -> Dict[str, Optional[float]]:
