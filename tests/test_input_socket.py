@@ -392,3 +392,59 @@ def test_ok_means_stored_a_kill_right_after_loses_nothing_and_the_server_gets_it
     finally:
         assert again.stop() == 0
         server.stop()
+
+
+def test_a_flooding_client_does_not_starve_the_system_inputs_samples(tmp_path):
+    """One client writes as fast as it can for 3 s; the system input's samples (every 0.2 s)
+    keep being stored and keep reaching the server promptly (live batches carry the flood
+    in order at the server's default pace of 100 messages a minute)."""
+    from helpers import stored
+
+    db = tmp_path / "server.db"
+    server = ServerProcess(db=str(db))
+    sock_path = tmp_path / "ingest.sock"
+    agent = AgentProcess(write_config(
+        tmp_path, server.url, server={"max_messages_per_minute": 90},
+        inputs={"socket": {"path": str(sock_path), "max_samples_per_s": 2000}}))
+    try:
+        wait_for(lambda: sock_path.exists() and agent.status().get("connected"), timeout=20,
+                 what="the agent connected with its socket")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(20)
+        sock.connect(str(sock_path))
+        oks = 0
+        end = time.monotonic() + 3.0
+        started = time.time()
+        while time.monotonic() < end:
+            sock.sendall(b"".join(b"flood n=%di\n" % i for i in range(200)))
+            got = b""
+            while got.count(b"\n") < 200:
+                got += sock.recv(65536)
+            oks += got.count(b"ok ")
+        sock.close()
+        assert oks >= 3000, oks  # the flood was stored (its rate limit: 2,000 a second)
+
+        def system_after_flood():
+            rows = [r for r in stored(db) if "source" not in r["payload"]]
+            return [r for r in rows if r["payload"]["metrics"].get("uptime_s") is not None
+                    and r["sample_time"] >= time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                          time.gmtime(started))]
+        system = wait_for(lambda: len(system_after_flood()) >= 15 and system_after_flood(),
+                          timeout=30, what="system samples taken during the flood")
+        assert len(system) >= 10
+        import sqlite3
+
+        from agent import protocol as p
+
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        delays = [p.parse_timestamp(received) - p.parse_timestamp(sampled) for received, sampled
+                  in con.execute("SELECT received_at, sample_time FROM telemetry WHERE id IN "
+                                 f"({','.join('?' * len(system))})", [r["id"] for r in system])]
+        con.close()
+        assert max(delays) < 3.0, delays  # behind at most a batch or two of the flood
+        apps = wait_for(lambda: len([r for r in stored(db) if "source" in r["payload"]])
+                        >= oks, timeout=60, what="every flooded sample at the server")
+        assert apps
+    finally:
+        assert agent.stop() == 0
+        server.stop()
