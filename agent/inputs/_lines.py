@@ -171,7 +171,9 @@ def _parse_json(text: str, now: float) -> Sample:
 
 def _split(text: str, seps: str) -> List[str]:
     """``text`` split at unescaped characters of ``seps`` (outside double quotes); the
-    escapes are kept (removed by :func:`_unescape`)."""
+    escapes are kept (removed by :func:`_unescape`). ``seps`` is one character."""
+    if "\\" not in text and '"' not in text:  # the usual line: no escapes, no quotes
+        return text.split(seps)
     parts: List[str] = []
     start, i, quoted = 0, 0, False
     while i < len(text):
@@ -190,7 +192,7 @@ def _split(text: str, seps: str) -> List[str]:
 
 
 def _unescape(text: str) -> str:
-    return re.sub(r"\\([,= \\])", r"\1", text)
+    return re.sub(r"\\([,= \\])", r"\1", text) if "\\" in text else text
 
 
 def _pair(text: str, field: str) -> Tuple[str, str]:
