@@ -6,9 +6,10 @@ Threads and what each owns:
   systemd notifications, the watchdog, the status file, reloads, and the
   shutdown sequence;
 * ``nexus-input-<source>``: one per input built from its config section by the
-  registry (``inputs/``; today ``nexus-input-system``, every
-  ``telemetry.interval_s``); each stores its samples through the mailbox
-  (outbox, then a wake-up of the transport), timestamp = sample time;
+  registry (``inputs/``: ``nexus-input-system`` every ``telemetry.interval_s``;
+  with an ``inputs`` section, ``nexus-input-socket`` and one per script);
+  each stores its samples through the mailbox (outbox, then a wake-up of the
+  transport), timestamp = sample time;
 * ``nexus-transport``: the socket (see ``transport.py``); command requests
   leave it through a ``queue.SimpleQueue`` to the command runner;
 * ``nexus-cmd-intake`` and ``nexus-cmd-N``: the command runner's intake (ledger,
@@ -21,7 +22,8 @@ another's methods back (docs/design.md, "Paths").
 Shutdown (SIGTERM/SIGINT), in this order, within about 5 s:
 
 * tell systemd STOPPING=1;
-* stop the inputs (no new messages);
+* stop the inputs (no new messages): set their Event, wake those that sleep in a
+  ``select`` (the ingest socket closes its clients and removes its file);
 * stop the transport: it waits up to 2 s for in-flight acks, then closes with 1000;
 * stop the command workers; close the ledger and the outbox (checkpointed).
 
