@@ -448,3 +448,19 @@ def test_a_flooding_client_does_not_starve_the_system_inputs_samples(tmp_path):
     finally:
         assert agent.stop() == 0
         server.stop()
+
+
+def test_a_bug_in_one_clients_turn_costs_that_client_not_the_input(running, caplog):
+    calls = []
+
+    def store(sample):
+        calls.append(sample)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return "e-1"
+
+    r = running(store=store)
+    assert exchange(r.client(), b"line3 a=1\n") == []  # closed without an answer
+    assert "a client's turn failed" in caplog.text
+    assert exchange(r.client(), b"line3 a=2\n") == ["ok e-1"]
+    assert r.thread.is_alive()

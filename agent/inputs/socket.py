@@ -282,7 +282,7 @@ class SocketInput(CountingInput):
                     elif key.data == "wake":
                         _drain(self._wake_r)
                     else:
-                        self._serve(key.data, events, store)
+                        self._serve_guarded(key.data, events, store)
                 self._close_idle(time.monotonic())
         finally:
             self.close()
@@ -312,6 +312,15 @@ class SocketInput(CountingInput):
             self.clients[sock.fileno()] = client
             assert self._sel is not None
             self._sel.register(sock, selectors.EVENT_READ, client)
+
+    def _serve_guarded(self, client: _Client, events: int, store: Store) -> None:
+        """One client's turn; a bug it triggers costs that client its connection, never
+        the input its thread (which the watchdog would take for a stuck agent)."""
+        try:
+            self._serve(client, events, store)
+        except Exception:  # noqa: BLE001 - one client must not end the ingest socket
+            log.exception("ingest socket: a client's turn failed; that client is closed")
+            self._drop(client)
 
     def _serve(self, client: _Client, events: int, store: Store) -> None:
         client.active = time.monotonic()
