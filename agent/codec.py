@@ -45,9 +45,11 @@ from .outbox import ID_MAX_CHARS, Row, Unreadable
 # Never change a dictionary or a code once released: rows written with it must still read.
 # A new dictionary gets a new leading byte (and an entry in _ZDICTS); a new type, a new code.
 
-# Preset dictionary of the deflate codec 1: a command result, then a telemetry sample with
-# the metrics in the order metrics.py and service.py write them (deflate finds the text at
-# the end of the dictionary at the shortest distances, so the most common goes last).
+# Preset dictionary of the deflate codec 1: a command result, then a telemetry sample
+# (deflate finds the text at the end of the dictionary at the shortest distances, so the
+# most common goes last). Its metric order is the one of the release that made it; the
+# sampler has since moved agent_rss_bytes to just after disk_state_usage (metrics.py), which
+# costs a match or two, never a wrong byte: a released dictionary is never edited.
 ZDICT_1 = (
     b'{"command_id":"","device_id":"","status":"succeeded","exit_code":0,"stdout":"",'
     b'"stderr":"","duration_ms":0}'

@@ -9,8 +9,16 @@ Every error carries what a person needs to act on it::
     │   └── RemoteProtocolError    the peer sent something invalid (its fault)
     ├── AuthError              a token that cannot be used (missing, unreadable, too open)
     ├── CommandRejected        a command request refused by the allow-list, with the reason
-    └── NotStored              a message the outbox could not store, and whether that is
-                               a lock being waited out
+    ├── NotStored              a message the outbox could not store, and whether that is
+    │                          a lock being waited out
+    └── StoreError             (store.py) a state file that cannot be used now: its path,
+                               the reason, and whether trying later may work
+
+Outside the tree, because they are control flow of one module and never reach a
+person as they are: ``transport.ConnectionLost`` (and ``AuthRefused``), which end
+one connection (the transport logs them and reconnects); ``provision.ProvisionError``
+(its message is printed by the ``provision`` command); ``cluster.Unreachable``
+(Redis did not answer; the node says so in its health).
 
 The module imports nothing, so every other module may import it.
 """

@@ -123,7 +123,7 @@ class CommandRunner:
         self._waiting = 0
         self._threads: List[threading.Thread] = []
 
-    def _recover(self) -> None:
+    def _report_interrupted(self) -> None:
         """Commands that were accepted but never finished: the agent stopped mid-run."""
         with self._lock:
             if self._db is None:  # closed before the intake began
@@ -151,7 +151,7 @@ class CommandRunner:
 
     def _intake_loop(self) -> None:
         try:
-            self._recover()
+            self._report_interrupted()
         except Exception:  # noqa: BLE001 - the requests must still be taken
             log.exception("cannot report the commands a restart cut short")
         while True:

@@ -121,7 +121,8 @@ class Agent:
 
             self.runner = CommandRunner(config.commands, config.device_id, config.state_dir,
                                         requests, self.mailbox)
-        env = InputEnv(config.state_dir, self._own_metrics, self.look, self.outbox.fill)
+        env = InputEnv(config.state_dir, self._own_metrics, self.facts_changed,
+                       self.outbox.fill)
         try:
             self.inputs: List[Input] = list(inputs) if inputs is not None else \
                 build_inputs(sections_of(config), env)
@@ -139,7 +140,7 @@ class Agent:
         self._look_r, self._look_w = os.pipe()
         os.set_blocking(self._look_r, False)
         os.set_blocking(self._look_w, False)
-        self.connection.on_fact = self.look
+        self.connection.on_fact = self.facts_changed
         self._stops = 0  # stop signals counted during shutdown
         self._inbox: Optional[SignalInbox] = None  # read by shutdown for more stop signals
         self._threads: Dict[str, threading.Thread] = {}
@@ -221,7 +222,7 @@ class Agent:
         self.shutdown(inbox, stops)
         return 0
 
-    def look(self) -> None:
+    def facts_changed(self) -> None:
         """Wake the main loop to look at the status facts (any thread; never a handler)."""
         try:
             os.write(self._look_w, b"x")

@@ -113,7 +113,7 @@ def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
     """
     deadline = time.monotonic() + lock_wait_s
     waiting_logged = False
-    set_aside = 0
+    replaced = 0  # corrupt files moved aside by this call
     while True:
         try:
             db = _connect(path, min(1.0, lock_wait_s), synchronous, page_size, exclusive)
@@ -143,10 +143,10 @@ def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
                 raise StoreError(path, f"cannot open or write it: {reason}"
                                  + (" (is state_dir writable by this user?)" if deployment
                                     else ""), temporary=not deployment) from None
-            if set_aside:
+            if replaced:
                 raise StoreError(path, f"a fresh file fails too: {exc}", temporary=True) from None
             set_aside_corrupt(path, str(exc), what)
-            set_aside += 1
+            replaced += 1
             # Loop: the fresh file opens like any other (and may itself be locked or fail).
 
 

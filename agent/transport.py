@@ -380,7 +380,7 @@ class Transport:
         else:
             log.info("cannot connect: %s", reason)
 
-    def set_aside(self, record_id: str, reason: str) -> None:
+    def refuse(self, record_id: str, reason: str) -> None:
         """Take a message the server will never accept out of the queue (logged, counted)."""
         if self.outbox.set_aside(record_id, reason):
             self.health.fact_changed()
@@ -395,7 +395,7 @@ class Transport:
         self._strikes = (oldest, count)
         if count >= STRIKES:
             self._strikes = ("", 0)
-            self.set_aside(oldest, f"the server closed the connection {count} times in a row "
+            self.refuse(oldest, f"the server closed the connection {count} times in a row "
                            f"while it was the oldest message in flight ({reason})")
 
     def _shrink_batches(self, size: int, reason: str) -> None:
@@ -526,7 +526,7 @@ class _Connection:
             try:
                 return Outgoing(record.id, record.envelope_text())
             except p.LocalProtocolError as exc:  # stored by an older version, or a bug
-                self.t.set_aside(record.id, f"over the protocol's size limit ({exc.message})")
+                self.t.refuse(record.id, f"over the protocol's size limit ({exc.message})")
 
     def _apply(self, events: List[Event]) -> None:
         """Carry out the session's events, in order: the one place they are acted on."""
@@ -538,7 +538,7 @@ class _Connection:
                 elif isinstance(event, Acked):
                     acked.extend(event.ids)
                 elif isinstance(event, Refused):
-                    self.t.set_aside(event.id, event.reason)
+                    self.t.refuse(event.id, event.reason)
                 elif isinstance(event, CommandArrived):
                     assert self.t.commands is not None
                     self.t.commands.put(event.request)

@@ -126,7 +126,7 @@ def test_a_fact_wakes_the_main_loop_a_counter_does_not(agent):
         assert _looks(agent) == 1
         record = agent.outbox.put("telemetry", {"device_id": "device-001", "metrics": {}},
                                   "2025-01-01T00:00:00.000Z")
-        agent.transport.set_aside(record.id, "test")  # set aside: a fact
+        agent.transport.refuse(record.id, "test")  # set aside: a fact
         assert _looks(agent) == 1
     finally:
         agent.outbox.close()
