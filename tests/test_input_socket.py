@@ -218,7 +218,7 @@ def test_rate_per_source_and_the_queue_share_refuse_and_say_so(running):
     assert answers[3].startswith("error rate: source line3 is over 3 samples a second")
     fill[0] = 0.5
     [answer] = exchange(r.client(), b"line6 a=1\n")
-    assert answer.startswith("error queue: application samples fill 50% of queue.max_bytes")
+    assert answer.startswith("error queue: the outbox is 50% full (inputs.socket.queue_share")
 
 
 def test_a_store_failure_is_an_error_line_and_counted(running):

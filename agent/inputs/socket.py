@@ -32,13 +32,14 @@ Section ``inputs.socket`` (:class:`SocketSection`). Rules:
 * **Fairness** (a flooding client never starves the system input): per source
   at most ``max_samples_per_s`` samples a second (a token bucket with a second's
   burst; over it: ``error rate: ...``, the line is not stored, the client
-  retries); and applications may fill at most ``queue_share`` of
-  ``queue.max_bytes`` (over it, while the server is unreachable:
-  ``error queue: ...``): the rest stays for the system input's samples and
-  command results, which the outbox would otherwise drop oldest-first to make
-  room. On the wire every stored message is in one order (the outbox's), so a
-  system sample waits only behind what was stored before it; the per-source
-  rate bounds that.
+  retries); and the socket takes samples only while the outbox is less than
+  ``queue_share`` full (of ``queue.max_bytes``, whatever fills it; over it,
+  when the server has been unreachable for long: ``error queue: ...``): the
+  rest stays for the system input's samples and command results, which the
+  outbox would otherwise drop oldest-first to make room. On the wire, live
+  records waiting together go as one batch when the server offers batches
+  (``sendplan.py``), so a system sample waits behind at most a batch of an
+  application's samples.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class SocketSection:
     max_line_bytes: int = 65536
     max_clients: int = 16
     max_samples_per_s: float = 1000.0  # per source
-    queue_share: float = 0.8  # of queue.max_bytes that application samples may fill
+    queue_share: float = 0.8  # samples taken while the outbox is less full than this
     idle_timeout_s: float = 300.0
 
 
@@ -399,9 +400,10 @@ class SocketInput(CountingInput):
                     f"({SECTION}.max_samples_per_s); not stored, send it again later")
         if self.queue_fill() >= self.settings.queue_share:
             self._refuse()
-            return (f"error queue: application samples fill {self.settings.queue_share:.0%} "
-                    f"of queue.max_bytes ({SECTION}.queue_share; is the server "
-                    "unreachable?); not stored, send it again later")
+            return (f"error queue: the outbox is {self.settings.queue_share:.0%} full "
+                    f"({SECTION}.queue_share of queue.max_bytes; is the server unreachable?); "
+                    "the rest is kept for the device's own samples: not stored, send it "
+                    "again later")
         try:
             msg_id = self.store_one(store, sample)
         except (ProtocolError, ValueError) as exc:  # over the wire's limits
