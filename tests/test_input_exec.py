@@ -180,3 +180,10 @@ def test_status_shows_each_inputs_last_success_failures_and_samples(tmp_path):
     finally:
         assert agent.stop() == 0
     assert agent.log().count("bad) exit 3") == 1  # once per change, not per run
+
+
+def test_the_kill_grace_it_allows_for_is_the_executors():
+    from agent import executor
+    from agent.inputs import exec as exec_input
+
+    assert exec_input.KILL_GRACE_S == executor.KILL_GRACE_S

@@ -28,9 +28,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
-from .. import executor
 from ..errors import ConfigError, ProtocolError
 from . import STUCK_GRACE_S, InputEnv, InputHealth, PolledInput, Sample, Store
 from . import _lines, _settings
@@ -39,6 +38,11 @@ SECTION = "inputs.exec"
 MAX_OUTPUT_BYTES = 65536  # of stdout, and of stderr, per run
 STDERR_LINES = 10
 RESERVED = ("system", "socket")  # the other inputs' names (threads are named by source)
+
+KILL_GRACE_S = 1.0  # executor.KILL_GRACE_S: SIGTERM to SIGKILL
+
+if TYPE_CHECKING:  # the executor (subprocess, selectors) is loaded only with a script input
+    from .. import executor
 
 log = logging.getLogger("nexus.inputs.exec")
 
@@ -109,7 +113,7 @@ class ExecInput(PolledInput):
         agent."""
         since = self._running_since
         stuck = since is not None and time.monotonic() - since > \
-            self.entry.timeout_s + executor.KILL_GRACE_S + 5.0 + STUCK_GRACE_S
+            self.entry.timeout_s + KILL_GRACE_S + 5.0 + STUCK_GRACE_S
         return replace(self.counted(None), stuck=stuck)
 
     def once(self, store: Store) -> None:
@@ -123,6 +127,8 @@ class ExecInput(PolledInput):
             self._running_since = None
 
     def _run(self, store: Store) -> None:
+        from .. import executor
+
         started = time.time()
         outcome = executor.run(self.entry.argv, self.entry.timeout_s, MAX_OUTPUT_BYTES)
         self._log_stderr(outcome.stderr)
@@ -153,6 +159,8 @@ class ExecInput(PolledInput):
                      len(lines) - STDERR_LINES)
 
     def _log_change(self, kind: str, outcome: executor.Outcome, bad: List[str]) -> None:
+        from ..executor import describe
+
         if kind == self.last_kind:
             return
         before, self.last_kind = self.last_kind, kind
@@ -165,7 +173,7 @@ class ExecInput(PolledInput):
         if kind == "cannot start":
             detail = f": {outcome.stderr[:300]}"
         log.error("input %s (%s) %s%s; counted in status (refused, timeouts), logged again "
-                  "when that changes", self.source, executor.describe(list(self.entry.argv)),
+                  "when that changes", self.source, describe(list(self.entry.argv)),
                   kind, detail)
 
     def configure(self, section: Any) -> None:
