@@ -17,10 +17,14 @@ Rules:
   for the status file), never by reading another module's state.
 * The registry: every module of this package whose name does not start with
   ``_`` is an input kind. It declares ``SECTION``, the name of the config
-  section it reads, and ``build(section, env)``, which returns an
-  :class:`Input`. Adding an input is one module here and one config section
-  (docs/design.md, "Adding an input"). A module is imported when the inputs are
-  built, so it must import heavy libraries inside ``build``, not at the top.
+  section it reads, on a line of its own (``SECTION = "inputs.socket"``: the
+  registry reads that line, and imports only the modules of the sections a
+  config has), and ``build(section, env)``, which returns an :class:`Input`
+  (or a list of them); a kind under the config's ``inputs`` mapping
+  (``inputs.<kind>``) also declares ``check(raw, key, base_dir)``. Adding an
+  input is one module here and one config section (docs/design.md, "Adding an
+  input"). A module is imported only when its section is in the config, and
+  even then it imports heavy libraries where it uses them, not at the top.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -228,23 +233,42 @@ Builder = Callable[[Any, InputEnv], Union[Input, List[Input]]]
 KINDS_PREFIX = "inputs."  # sections of the top-level ``inputs`` mapping: inputs.<kind>
 
 
-def _modules() -> Dict[str, ModuleType]:
-    """Config section name -> its input module, one per module of this package."""
-    kinds: Dict[str, ModuleType] = {}
-    for name in sorted(os.listdir(os.path.dirname(__file__))):
+_SECTION_LINE = re.compile(r'^SECTION = "([^"]+)"$', re.MULTILINE)
+
+
+def _sections() -> Dict[str, str]:
+    """Config section name -> the name of the module that reads it, one per module of
+    this package, read from each module's ``SECTION = "..."`` line without importing it:
+    the daemon imports only the inputs its config names (a module is code and memory
+    the agent carries for its whole run)."""
+    found: Dict[str, str] = {}
+    folder = os.path.dirname(__file__)
+    for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
         if ext != ".py" or stem.startswith("_"):
             continue
-        module = importlib.import_module(f"{__name__}.{stem}")
-        if module.SECTION in kinds:
-            raise RuntimeError(f"two inputs read config section {module.SECTION!r}")
-        kinds[module.SECTION] = module
-    return kinds
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            match = _SECTION_LINE.search(f.read())
+        if match is None:
+            raise RuntimeError(f"input module {stem} declares no SECTION = \"...\" line")
+        if match.group(1) in found:
+            raise RuntimeError(f"two inputs read config section {match.group(1)!r}")
+        found[match.group(1)] = stem
+    return found
+
+
+def _module(section: str, stem: str) -> ModuleType:
+    module = importlib.import_module(f"{__name__}.{stem}")
+    if section != module.SECTION:  # the line read is not the value the module has
+        raise RuntimeError(f"input module {stem}: SECTION is {module.SECTION!r}, its "
+                           f"SECTION line says {section!r}")
+    return module
 
 
 def registry() -> Dict[str, Builder]:
-    """Config section name -> the builder of its input, one per module of this package."""
-    return {section: module.build for section, module in _modules().items()}
+    """Config section name -> the builder of its input, one per module of this package
+    (every module imported: for tests and messages; the daemon uses :func:`build`)."""
+    return {section: _module(section, stem).build for section, stem in _sections().items()}
 
 
 def check_sections(raw: Any, base_dir: str) -> Dict[str, Any]:
@@ -256,24 +280,23 @@ def check_sections(raw: Any, base_dir: str) -> Dict[str, Any]:
     ``Config.inputs``."""
     if raw is None:
         return {}
-    modules = {name: m for name, m in _modules().items() if name.startswith(KINDS_PREFIX)}
+    stems = {name: stem for name, stem in _sections().items() if name.startswith(KINDS_PREFIX)}
+    kinds = ", ".join(sorted(n[len(KINDS_PREFIX):] for n in stems))
     if not isinstance(raw, dict):
-        raise ConfigError("inputs", "must be a mapping of input kinds ("
-                          f"{', '.join(sorted(n[len(KINDS_PREFIX):] for n in modules))})")
+        raise ConfigError("inputs", f"must be a mapping of input kinds ({kinds})")
     checked: Dict[str, Any] = {}
     for kind, section in raw.items():
         name = f"{KINDS_PREFIX}{kind}"
-        if name not in modules:
-            raise ConfigError(name, "unknown input kind (kinds: "
-                              f"{', '.join(sorted(n[len(KINDS_PREFIX):] for n in modules))})")
-        checked[name] = modules[name].check(section, name, base_dir)
+        if name not in stems:
+            raise ConfigError(name, f"unknown input kind (kinds: {kinds})")
+        checked[name] = _module(name, stems[name]).check(section, name, base_dir)
     return checked
 
 
 def sections_of(config: Any) -> Dict[str, Any]:
     """The config's sections that an input reads (section name -> its checked values):
     top-level ones (``telemetry``), then those of ``inputs`` (``inputs.socket``...)."""
-    sections = {name: getattr(config, name) for name in registry()
+    sections = {name: getattr(config, name) for name in _sections()
                 if "." not in name and getattr(config, name, None) is not None}
     sections.update(getattr(config, "inputs", None) or {})
     return sections
@@ -282,13 +305,13 @@ def sections_of(config: Any) -> Dict[str, Any]:
 def build(sections: Mapping[str, Any], env: InputEnv) -> List[Input]:
     """The inputs of the sections, in the order given (a builder may return several: one
     per entry of a list section). A section no input reads is a ConfigError naming it."""
-    kinds = registry()
+    stems = _sections()
     built: List[Input] = []
     for name, section in sections.items():
-        if name not in kinds:
+        if name not in stems:
             raise ConfigError(name, f"no input reads this section (inputs: "
-                              f"{', '.join(sorted(kinds))})")
-        made = kinds[name](section, env)
+                              f"{', '.join(sorted(stems))})")
+        made = _module(name, stems[name]).build(section, env)
         built.extend(made if isinstance(made, list) else [made])
     return built
 
