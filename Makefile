@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[server,cluster,test,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[server,cluster,modbus,test,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -6,6 +6,7 @@
     nexus-agent send --source S [--tag K=V] M=N  hand the agent a sample (or lines on stdin)
     nexus-agent provision --device-id ID ...    write config and token (fleet scripts)
     nexus-agent privileges [--config PATH]      print the polkit rule for the allow-list
+    nexus-agent modbus read [--config PATH] [NAME]  read the Modbus points once (commissioning)
 
 Exit codes: 0 success (also after one or two stop signals); 1 unhealthy
 (status), or a third stop signal while stopping (out at once); 75
@@ -53,7 +54,8 @@ def _daemon_args(argv: List[str]) -> DaemonArgs:
 
 def _parsed_daemon_args(argv: List[str]) -> DaemonArgs:
     ap = cli.parser("nexus-agent", "Nexus edge telemetry agent. "
-                    "Subcommands: status, send, provision, privileges (each has -h).")
+                    "Subcommands: status, send, provision, privileges, modbus read (each has "
+                    "-h).")
     ap.add_argument("--check-config", action="store_true",
                     help="check the config file and token, print the result, exit")
     args = ap.parse_args(argv)
@@ -64,9 +66,10 @@ def _token_problem(cfg: Config) -> Optional[str]:
     """What the token's claims say is wrong for this device (``auth.token_problem``)."""
     import time
 
-    from .auth import read_token, token_problem
+    from .auth import check_credentials, token_problem
 
-    problem = token_problem(read_token(cfg.server.token_file), cfg.device_id, time.time())
+    token = check_credentials(cfg.server.token_file, cfg.server.client_key)
+    problem = None if token is None else token_problem(token, cfg.device_id, time.time())
     if problem is None:
         return None
     source = f"token file {cfg.server.token_file}" if cfg.server.token_file else "NEXUS_TOKEN"
@@ -76,7 +79,7 @@ def _token_problem(cfg: Config) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     inbox = None
-    if argv[:1] not in (["status"], ["provision"], ["privileges"], ["send"]) and \
+    if argv[:1] not in (["status"], ["provision"], ["privileges"], ["modbus"], ["send"]) and \
             "--check-config" not in argv and not {"-h", "--help"} & set(argv):
         # The daemon, before anything slow: from here on SIGHUP, SIGTERM and SIGINT are
         # recorded (and acted on once it runs), never fatal.
@@ -99,6 +102,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .privileges import main as privileges_main
 
         return privileges_main(argv[1:])
+    if argv[:1] == ["modbus"]:
+        if argv[1:2] != ["read"]:
+            print("usage: nexus-agent modbus read [--config PATH] [NAME]", file=sys.stderr)
+            return 2
+        from .modbus_read import main as modbus_read_main
+
+        return modbus_read_main(argv[2:])
     args = _daemon_args(argv)
     cfg = cli.load_config(args.config, check_files=True)
     if cfg is None:
@@ -118,16 +128,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if problem:  # the daemon starts anyway: provisioning may replace the token while it runs
         print(f"nexus-agent: warning: {problem}; the server will refuse it until the token "
               "is replaced", file=sys.stderr)
+    from .errors import ConfigError
     from .logsetup import setup_logging
     from .service import Agent
     from .store import StoreError
 
     setup_logging(getattr(logging, cfg.log_level.upper()))
-    from .errors import ConfigError
-
     try:
         agent = Agent(cfg)
-    except ConfigError as exc:  # an input's section that cannot be used (a socket path)
+    except ConfigError as exc:  # an input that cannot be built (its library missing, a
+        # socket path that cannot be used)
         print(f"nexus-agent: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:  # state_dir not creatable or writable: a deployment error

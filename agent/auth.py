@@ -43,6 +43,20 @@ def check_token_file(path: str, what: str = "token file") -> None:
         raise AuthError(f"{what} {path}: not readable by this user (uid {os.geteuid()})")
 
 
+def read_secret_line(path: str, what: str) -> str:
+    """The one line of a 0600 secret file (a key's passphrase); never logged."""
+    check_token_file(path, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise AuthError(f"{what} {path}: {exc.strerror}") from None
+    lines = data.decode("utf-8", "replace").splitlines()
+    if len(data) > MAX_TOKEN_BYTES or len(lines) != 1 or not lines[0]:
+        raise AuthError(f"{what} {path}: must hold one line")
+    return lines[0]
+
+
 def read_proxy_auth(path: str) -> Tuple[str, str]:
     """``(user, password)`` from a proxy credentials file holding ``user:password``."""
     what = "proxy auth file"
@@ -57,6 +71,17 @@ def read_proxy_auth(path: str) -> Tuple[str, str]:
     if len(data) > MAX_TOKEN_BYTES or "\n" in line or not colon or not user:
         raise AuthError(f"{what} {path}: must hold one line, user:password")
     return user, password
+
+
+def check_credentials(token_file: Optional[str], client_key: Optional[str]) -> Optional[str]:
+    """What the agent will present, checked as at a connect: the token (None when a client
+    certificate stands in for it: a key and neither a token file nor $NEXUS_TOKEN), and
+    the client key's file rules. AuthError with the reason."""
+    if client_key is not None:
+        check_token_file(client_key, "client key")
+        if token_file is None and not os.environ.get("NEXUS_TOKEN", "").strip():
+            return None
+    return read_token(token_file)
 
 
 def read_token(token_file: Optional[str]) -> str:
@@ -79,6 +104,37 @@ def read_token(token_file: Optional[str]) -> str:
     if not token or any(c.isspace() or not c.isprintable() for c in token):
         raise AuthError(f"token file {token_file}: empty, or not a single token")
     return token
+
+
+def store_token(path: str, token: str) -> None:
+    """Replace the token file with ``token``, atomically and durably: a new file beside it
+    (mode 0600, the old file's owner and group), written and fsynced, renamed over the
+    old one, then the directory fsynced. On any error (a full disk, a read-only
+    directory) the old file is left as it was and OSError says why."""
+    folder = os.path.dirname(os.path.abspath(path))
+    old = os.stat(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.new-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.write(fd, (token + "\n").encode("ascii"))
+            if os.geteuid() == 0 and (old.st_uid, old.st_gid) != (0, 0):
+                os.fchown(fd, old.st_uid, old.st_gid)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
 
 
 def unverified_claims(token: str) -> Dict[str, Any]:

@@ -39,19 +39,26 @@ def load_config(path: str, check_files: bool = False) -> Optional[Config]:
 
     ``check_files`` (the daemon and ``--check-config``): also the token (its file; what
     it claims is ``auth.token_problem``), the proxy credentials file, and that
-    ``state_dir`` can be written by this user.
+    ``state_dir`` can be written by this user, and that every configured input's library
+    is installed (``inputs.missing``).
     """
     from . import config as config_mod
-    from .auth import read_proxy_auth, read_token
+    from .auth import check_credentials, read_proxy_auth
     from .errors import AuthError, ConfigError
 
     try:
         cfg = config_mod.load(path)
         if check_files:
-            read_token(cfg.server.token_file)
+            check_credentials(cfg.server.token_file, cfg.server.client_key)
             if cfg.server.proxy_auth_file:
                 read_proxy_auth(cfg.server.proxy_auth_file)
             config_mod.check_state_dir(cfg.state_dir)
+            if cfg.inputs:  # an input whose library is missing (an extra not installed)
+                from .inputs import missing, sections_of
+
+                for problem in missing(sections_of(cfg))[:1]:
+                    name, _, reason = problem.partition(": ")
+                    raise ConfigError(name, reason + " (docs/deploy.md)")
     except (ConfigError, AuthError) as exc:
         print(f"nexus-agent: config error: {exc}", file=sys.stderr)
         return None

@@ -41,6 +41,9 @@ class ServerConfig:
     ca_file: Optional[str] = None
     proxy: Optional[str] = None  # http://host:port; absent: https_proxy/http_proxy/no_proxy
     proxy_auth_file: Optional[str] = None  # "user:password", mode 0600; read at each connect
+    client_cert: Optional[str] = None  # PEM; with client_key, mTLS (a token is then optional)
+    client_key: Optional[str] = None  # PEM, mode 0600 (checked at each connect)
+    client_key_passphrase_file: Optional[str] = None  # one line, mode 0600
     connect_timeout_s: float = 10.0
     ping_interval_s: float = 20.0
     ping_timeout_s: float = 10.0
@@ -175,6 +178,23 @@ def _proxy(value: Any, key: str) -> str:
     return str(value)
 
 
+def _check_client_cert(server: Dict[str, Any]) -> None:
+    """A client certificate (mTLS): a wss:// URL, a cert and a key together, the key (and
+    its passphrase file) 0600 like a token. Files are checked again at every connect."""
+    keys = ("client_cert", "client_key", "client_key_passphrase_file")
+    given = [key for key in keys if key in server]
+    if not given:
+        return
+    if not server["url"].startswith("wss://"):
+        raise ConfigError(f"server.{given[0]}", "only applies to a wss:// server.url")
+    for key in ("client_cert", "client_key"):
+        if key not in server:
+            raise ConfigError(f"server.{key}", "is required with a client certificate "
+                              f"(server.{given[0]} is set)")
+    if not os.access(server["client_cert"], os.R_OK):
+        raise ConfigError("server.client_cert", f"cannot read {server['client_cert']}")
+
+
 _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
     # section -> key -> (check, required)
     "": {"device_id": (_device_id, True), "state_dir": (_kind(str), True),
@@ -183,6 +203,8 @@ _SPEC: Dict[str, Dict[str, Tuple[Check, bool]]] = {
         "url": (_url, True), "token_file": (_kind(str), False), "ca_file": (_kind(str), False),
         "auth": (_choice("header", "query"), False),
         "proxy": (_proxy, False), "proxy_auth_file": (_kind(str), False),
+        "client_cert": (_kind(str), False), "client_key": (_kind(str), False),
+        "client_key_passphrase_file": (_kind(str), False),
         "connect_timeout_s": (_number(0.1, 300), False),
         "ping_interval_s": (_number(0.1, 3600), False),
         "ping_timeout_s": (_number(0.1, 600), False),
@@ -259,9 +281,11 @@ def build(raw: Any, source: str = "") -> Config:
     server = _section(raw.get("server"), "server") if "server" in raw else None
     if server is None:
         raise ConfigError("server", "is required")
-    for key in ("token_file", "ca_file", "proxy_auth_file"):
+    for key in ("token_file", "ca_file", "proxy_auth_file", "client_cert", "client_key",
+                "client_key_passphrase_file"):
         if key in server:
             server[key] = _resolve(server[key], base_dir)
+    _check_client_cert(server)
     if "ca_file" in server:
         if not server["url"].startswith("wss://"):
             raise ConfigError("server.ca_file", "only applies to a wss:// server.url")

@@ -83,6 +83,11 @@ MAX_ARG_CHARS = 1024
 COMMAND_STATUSES = ("succeeded", "failed", "rejected", "timed_out")
 
 TELEMETRY_BATCH = "telemetry.batch"  # an extension: used only when the server offers it
+# An extension: offered in the welcome; the server then sends a device ``token.renewed``
+# with a fresh token once the one it connected with has passed ``at`` of its lifetime.
+TOKEN_RENEW = "token.renew"
+TOKEN_RENEWED = "token.renewed"
+MAX_RENEWED_TOKEN_CHARS = 8192  # the agent's token file limit (auth.MAX_TOKEN_BYTES)
 CLIENT_TYPES = ("ping", "subscribe", "unsubscribe", "telemetry", "command", "command.result",
                 TELEMETRY_BATCH)
 
@@ -625,6 +630,7 @@ class Welcome:
     client_id: str
     server_time: float
     batch: BatchOffer | None = None  # None: send single ``telemetry`` messages only
+    renews_tokens: bool = False  # the server may send ``token.renewed`` (TOKEN_RENEW)
 
 
 @dataclass(frozen=True)
@@ -644,7 +650,10 @@ def parse_welcome(env: Envelope) -> Welcome:
     except ValueError:
         raise RemoteProtocolError(INVALID_MESSAGE, "not an ISO-8601 timestamp",
                                   "payload.server_time", env.id) from None
-    return Welcome(client_id, server_time, _batch_offer(p.get("capabilities")))
+    capabilities = p.get("capabilities")
+    return Welcome(client_id, server_time, _batch_offer(capabilities),
+                   isinstance(capabilities, dict) and
+                   isinstance(capabilities.get(TOKEN_RENEW), dict))
 
 
 def _batch_offer(capabilities: Any) -> BatchOffer | None:
@@ -659,13 +668,33 @@ def _batch_offer(capabilities: Any) -> BatchOffer | None:
     return BatchOffer(items, size)
 
 
-def welcome_payload(client_id: str, now: float, batch: BatchOffer | None) -> dict[str, Any]:
-    """The ``connected`` payload; ``capabilities`` only when something is offered."""
+def welcome_payload(client_id: str, now: float, batch: BatchOffer | None,
+                    renew_at: float | None = None) -> dict[str, Any]:
+    """The ``connected`` payload; ``capabilities`` only when something is offered:
+    ``telemetry.batch`` with its limits, ``token.renew`` with the share of a token's
+    lifetime after which the server sends a fresh one."""
     payload: dict[str, Any] = {"client_id": client_id, "server_time": format_timestamp(now)}
+    capabilities: dict[str, Any] = {}
     if batch is not None:
-        payload["capabilities"] = {TELEMETRY_BATCH: {"max_items": batch.max_items,
-                                                     "max_bytes": batch.max_bytes}}
+        capabilities[TELEMETRY_BATCH] = {"max_items": batch.max_items,
+                                         "max_bytes": batch.max_bytes}
+    if renew_at is not None:
+        capabilities[TOKEN_RENEW] = {"at": renew_at}
+    if capabilities:
+        payload["capabilities"] = capabilities
     return payload
+
+
+def parse_token_renewed(env: Envelope) -> str:
+    """The fresh token of a ``token.renewed`` message (server to device)."""
+    p = _payload(env)
+    token = _get(p, "token", (str,), "payload", env.id)
+    if not 0 < len(token) <= MAX_RENEWED_TOKEN_CHARS or any(
+            c.isspace() or not c.isprintable() for c in token):
+        raise RemoteProtocolError(INVALID_MESSAGE, "must be one token of at most "
+                                  f"{MAX_RENEWED_TOKEN_CHARS} printable characters",
+                                  "payload.token", env.id)
+    return token
 
 
 def parse_error(env: Envelope) -> ServerError:

@@ -7,9 +7,10 @@ Threads and what each owns:
   shutdown sequence;
 * ``nexus-input-<source>``: one per input built from its config section by the
   registry (``inputs/``: ``nexus-input-system`` every ``telemetry.interval_s``;
-  with an ``inputs`` section, ``nexus-input-socket`` and one per script);
-  each stores its samples through the mailbox (outbox, then a wake-up of the
-  transport), timestamp = sample time;
+  with an ``inputs`` section, ``nexus-input-socket``, one per script, and the
+  Modbus input, which runs one more thread per port, ``nexus-modbus-N``, see
+  ``inputs/modbus.py``); each stores its samples through the mailbox (outbox,
+  then a wake-up of the transport), timestamp = sample time;
 * ``nexus-transport``: the socket (see ``transport.py``); command requests
   leave it through a ``queue.SimpleQueue`` to the command runner;
 * ``nexus-cmd-intake`` and ``nexus-cmd-N``: the command runner's intake (ledger,
@@ -51,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Se
 
 from . import config as config_mod
 from . import statusfile, store
-from .auth import read_token
+from .auth import check_credentials
 from .config import Config
 from .connstate import ConnectionStats
 from .errors import ConfigError, NexusError
@@ -311,7 +312,7 @@ class Agent:
     def _reload(self) -> None:
         try:
             new = config_mod.load(self.config.source)
-            read_token(new.server.token_file)  # the same checks as at start
+            check_credentials(new.server.token_file, new.server.client_key)  # as at start
         except (ConfigError, NexusError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
@@ -363,7 +364,18 @@ class Agent:
             "inputs": [{"source": i.source, "samples": i.samples, "failures": i.failures,
                         "refused": i.refused, "timeouts": i.timeouts,
                         "last_success": i.last_success} for i in inputs],
+            "input_details": self._input_details(),
         }
+
+    def _input_details(self) -> Dict[str, Any]:
+        """source -> what an input says beyond its health (``Input.report``: the Modbus
+        input's devices), for the inputs that say more."""
+        reports = {}
+        for item in self.inputs:
+            report = item.report()
+            if report is not None:
+                reports[item.source] = report
+        return reports
 
     def _drain(self, depth: int) -> Dict[str, Optional[float]]:
         """Acked messages a minute over the last DRAIN_WINDOW_S, and the time to empty."""

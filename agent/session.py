@@ -38,6 +38,9 @@ The rules, all of them:
   without one, a ``ping``; no frame within ``ping_timeout_s`` of it ends the
   connection. The oldest message in flight without an ack for
   ``ack_timeout_s`` ends it too.
+* **Token renewal.** When the welcome offers ``token.renew`` and the config
+  allows it (a token file the agent may write), a ``token.renewed`` is a
+  :class:`TokenRenewed`; otherwise it is ignored.
 * **Commands.** A ``commands.update`` for this device is a
   :class:`CommandArrived`; one addressed to another device is logged and
   dropped.
@@ -124,6 +127,14 @@ class Worked:
 
 
 @dataclass(frozen=True)
+class TokenRenewed:
+    """A fresh token from the server (``token.renewed``, offered in the welcome): keep it
+    for the next connections."""
+
+    token: str
+
+
+@dataclass(frozen=True)
 class Ended:
     """The connection is over. ``oldest``: the oldest message in flight then;
     ``batch_bytes``: the size of a batch in flight then (None without one)."""
@@ -135,7 +146,7 @@ class Ended:
     batch_bytes: Optional[int] = None
 
 
-Event = Union[Send, Opened, Acked, Refused, CommandArrived, Worked, Ended]
+Event = Union[Send, Opened, Acked, Refused, CommandArrived, Worked, TokenRenewed, Ended]
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,7 @@ class SessionConfig:
     max_messages_per_minute: int
     subscribe_commands: bool = False
     batches: bool = True  # take the server's telemetry.batch offer when there is one
+    renew_tokens: bool = False  # take token.renewed (the token lives in a file we may write)
 
 
 class TokenBucket:
@@ -422,10 +434,18 @@ def _rejected_items(payload: Any, items: Tuple[str, ...]) -> Dict[int, str]:
     return out
 
 
+def _on_token_renewed(self: Session, env: p.Envelope, now: float, wall: float) -> List[Event]:
+    if self.welcome is None or not self.welcome.renews_tokens or not self.cfg.renew_tokens:
+        log.warning("ignored a token.renewed the server did not offer or we do not take")
+        return []
+    return [TokenRenewed(p.parse_token_renewed(env))]
+
+
 _HANDLERS: Dict[str, Callable[[Session, p.Envelope, float, float], List[Event]]] = {
     "connected": Session._on_connected,
     "ack": Session._on_ack,
     "pong": Session._on_pong,
     "error": Session._on_error,
     "commands.update": Session._on_command,
+    p.TOKEN_RENEWED: _on_token_renewed,
 }

@@ -24,6 +24,20 @@ EXIT_OK, EXIT_UNHEALTHY, EXIT_NOT_RUNNING, EXIT_CONFIG = 0, 1, 3, cli.EXIT_CONFI
 STALE_S = statusfile.STALE_S
 
 
+TOKEN_WARN_S = 7 * 86400  # a token this close to its expiry is shown as a warning
+
+
+def _expiry_note(exp: float, now: float) -> str:
+    """Says so, well before the token runs out: a server that renews tokens replaces it
+    while the device is connected; one that does not needs a new token file."""
+    if exp < now:
+        return " (EXPIRED: the server refuses it; provision a new token)"
+    if exp - now < TOKEN_WARN_S:
+        return (f" (WARNING: expires in {(exp - now) / 86400:.1f} days; a server that renews "
+                "tokens replaces it while connected, else provision a new one)")
+    return ""
+
+
 def _ago(ts: Optional[float], now: float) -> str:
     return "never" if ts is None else f"{now - ts:.1f} s ago"
 
@@ -90,7 +104,7 @@ def render(report: Dict[str, Any], now: float) -> str:
         f"reconnects:       {report['reconnects']}",
         "token expires:    " + ("unknown" if exp is None else
                                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(exp))
-                                + (" (EXPIRED)" if exp < now else "")),
+                                + _expiry_note(exp, now)),
         "clock offset:     " + ("unknown" if offset is None else f"{offset:+.3f} s to the server"),
         f"status file:      {_ago(report.get('updated'), now)}",
     ]
@@ -98,9 +112,24 @@ def render(report: Dict[str, Any], now: float) -> str:
         lines.append(f"input {item['source']}:".ljust(18) + f"{item['samples']} samples, last "
                      f"{_ago(item.get('last_success'), now)}; {item['failures']} not stored, "
                      f"{item.get('refused', 0)} refused, {item.get('timeouts', 0)} timed out")
+    lines += _devices(report, now)
     lines += [f"RESTART NEEDED:   {what} (reloaded, not yet in effect: systemctl restart "
               "nexus-agent)" for what in report.get("restart_needed") or []]
     return "\n".join(lines)
+
+
+def _devices(report: Dict[str, Any], now: float) -> List[str]:
+    """One line per device an input reads (``Input.report``: the Modbus input's meters),
+    and one per failing point."""
+    lines = []
+    for source, facts in sorted((report.get("input_details") or {}).items()):
+        for name, d in sorted((facts.get("devices") or {}).items()):
+            errors = ", ".join(f"{kind}={n}" for kind, n in sorted(d.get("errors", {}).items()))
+            lines.append(f"{source} {name}: {d.get('condition')}; last good read "
+                         f"{_ago(d.get('last_good'), now)}; errors: {errors or 'none'}")
+            lines += [f"  failing point {point}: {why}"
+                      for point, why in sorted((d.get("failing") or {}).items())]
+    return lines
 
 
 def main(argv: List[str]) -> int:

@@ -78,6 +78,7 @@ from .session import (
     Send,
     Session,
     SessionConfig,
+    TokenRenewed,
     Worked,
 )
 
@@ -139,9 +140,12 @@ def import_websocket(url: str) -> Any:
     return websocket
 
 
-def tls_options(url: str, ca_file: Optional[str]) -> Optional[Dict[str, Any]]:
+def tls_options(url: str, ca_file: Optional[str],
+                client: Optional[Tuple[str, str, Optional[str]]] = None
+                ) -> Optional[Dict[str, Any]]:
     """websocket-client's ``sslopt`` for ``url``: verify the server, against ``ca_file`` if
-    given (a private CA), else the system store. None for ``ws://`` (no ssl import)."""
+    given (a private CA), else the system store; present ``client`` (certificate, key,
+    passphrase file) when given (mTLS). None for ``ws://`` (no ssl import)."""
     if not url.startswith("wss://"):
         return None
     import ssl
@@ -149,6 +153,13 @@ def tls_options(url: str, ca_file: Optional[str]) -> Optional[Dict[str, Any]]:
     options: Dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED, "check_hostname": True}
     if ca_file:
         options["ca_certs"] = ca_file
+    if client is not None:
+        cert, key, passphrase_file = client
+        auth.check_token_file(key, "client key")  # 0600, like a token: it is the identity
+        options["certfile"], options["keyfile"] = cert, key
+        if passphrase_file:
+            options["password"] = auth.read_secret_line(passphrase_file,
+                                                        "client key passphrase file")
     return options
 
 
@@ -239,14 +250,16 @@ def proxy_options(ws_mod: Any, url: str, proxy: Optional[str],
 
 
 def dial(ws_mod: Any, url: str, header: List[str], timeout: float,
-         ca_file: Optional[str], proxy: Optional[Dict[str, Any]] = None) -> Any:
+         ca_file: Optional[str], proxy: Optional[Dict[str, Any]] = None,
+         client: Optional[Tuple[str, str, Optional[str]]] = None) -> Any:
     """``create_connection``, a refused handshake sorted: 401/403 is AuthRefused, any other
     HTTP status ConnectionLost; through ``proxy`` (``proxy_options``), a failure says so;
     network errors come through as they are."""
     sock = None if proxy else tcp_socket(ws_mod, url, timeout)
     try:
         return ws_mod.create_connection(url, header=header, timeout=timeout,
-                                        sslopt=tls_options(url, ca_file), socket=sock,
+                                        sslopt=tls_options(url, ca_file, client),
+                                        socket=sock,
                                         **(proxy or {}))
     except ws_mod.WebSocketBadStatusException as exc:
         if exc.status_code in (401, 403):
@@ -398,6 +411,29 @@ class Transport:
             self.refuse(oldest, f"the server closed the connection {count} times in a row "
                            f"while it was the oldest message in flight ({reason})")
 
+    def keep_token(self, token: str) -> None:
+        """A fresh token from the server: checked against what the agent can know of it (a
+        JWT for this device, not expired), then written over ``server.token_file`` for the
+        next connections (atomically; on failure the old one stays, and says so)."""
+        path = self.config.server.token_file
+        if path is None:
+            return
+        problem = auth.token_problem(token, self.config.device_id, time.time())
+        if problem is not None:
+            log.error("ignored a renewed token from the server: %s", problem)
+            return
+        try:
+            auth.store_token(path, token)
+        except OSError as exc:
+            log.error("could not write the renewed token to %s (%s); the current one is "
+                      "kept and is used until it expires", path, exc.strerror or exc)
+            return
+        expires = auth.expiry(token)
+        self.health.update(token_expires=expires)
+        log.info("the server renewed the token; it is used from the next connection on "
+                 "(expires %s)", "never" if expires is None else
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)))
+
     def _shrink_batches(self, size: int, reason: str) -> None:
         """A connection died with a batch of ``size`` bytes in flight: halve what a batch may
         hold, or stop batches below MIN_BATCH_BYTES (for the rest of this run)."""
@@ -422,20 +458,30 @@ class Transport:
 
     def _open(self) -> Any:
         server = self.config.server
-        token = auth.read_token(server.token_file)  # re-read on every connect (rotation)
-        self.health.update(token_expires=auth.expiry(token))
+        client = None if server.client_cert is None or server.client_key is None else \
+            (server.client_cert, server.client_key, server.client_key_passphrase_file)
+        token = self._token()  # re-read on every connect (rotation)
         if self._ws_module is None:
             self._ws_module = import_websocket(server.url)
         ws_mod = self._ws_module
         url, header = server.url, []
-        if server.auth == "query":
+        if token is not None and server.auth == "query":
             url += ("&" if "?" in url else "?") + "token=" + quote(token, safe="")
-        else:
+        elif token is not None:
             header.append(f"Authorization: Bearer {token}")
         proxy = proxy_options(ws_mod, server.url, server.proxy, server.proxy_auth_file)
-        ws = dial(ws_mod, url, header, server.connect_timeout_s, server.ca_file, proxy)
+        ws = dial(ws_mod, url, header, server.connect_timeout_s, server.ca_file, proxy,
+                  client)
         _limit_frames(ws, MAX_INCOMING_MESSAGE)
         return ws
+
+    def _token(self) -> Optional[str]:
+        """The token to present, or None when a client certificate stands in for it (a
+        certificate and no token file, no $NEXUS_TOKEN)."""
+        server = self.config.server
+        token = auth.check_credentials(server.token_file, server.client_key)
+        self.health.update(token_expires=None if token is None else auth.expiry(token))
+        return token
 
     def _connection(self, stop: threading.Event) -> None:
         """One connection from open to close (or to the exception that ended it)."""
@@ -478,7 +524,8 @@ class _Connection:
             cfg.device_id, cfg.server.connect_timeout_s, cfg.server.ping_interval_s,
             cfg.server.ping_timeout_s, cfg.server.ack_timeout_s, cfg.server.ack_window,
             cfg.server.max_messages_per_minute, transport.commands is not None,
-            batches=transport.batches_allowed), time.monotonic())
+            batches=transport.batches_allowed,
+            renew_tokens=cfg.server.token_file is not None), time.monotonic())
         self.plan: Optional[SendPlan] = None
         self.message = _Reassembly(MAX_INCOMING_MESSAGE)
         self.read_timeout = cfg.server.connect_timeout_s  # what a send may block for
@@ -546,6 +593,8 @@ class _Connection:
                     self._welcomed(event.welcome)
                 elif isinstance(event, Worked):
                     self.t.worked = True
+                elif isinstance(event, TokenRenewed):
+                    self.t.keep_token(event.token)
                 elif isinstance(event, Ended):
                     raise _lost(event)
         finally:

@@ -28,6 +28,10 @@
 7. Two nodes behind nginx (bench/cluster.py, short): 1,000 devices against one
    node and against two ``--redis`` nodes behind nginx, and the latency the
    cross-node fan-out adds (skipped without redis-server and nginx).
+8. Modbus (bench/modbusbench.py, about 45 s): requests per poll of a 100-point device
+   against one per point; one poll of 100 registers over TCP on loopback against a bare
+   pymodbus read; the agent with a 50-point device at 1 s beside the same agent
+   without Modbus, in the same window (skipped without pymodbus).
 
 Prints a table; exits non-zero only if something failed to run.
 """
@@ -276,6 +280,10 @@ def main() -> int:
     import ingest  # bench/ingest.py: the ingest socket, bytes per app sample, idle CPU
 
     ingest.main(["--seconds", "30"])
+    print()
+    import modbusbench  # bench/modbusbench.py: the Modbus input's figures
+
+    modbusbench.main(["--seconds", "30"])
     print()
     import disk  # bench/disk.py: flash writes per sample (about 75 s)
 

@@ -42,8 +42,9 @@ def test_the_examples_commented_inputs_section_is_valid_when_uncommented(tmp_pat
     import yaml
 
     text = (REPO / "config" / "agent.example.yaml").read_text()
-    block = text[text.index("# inputs:"):text.index("\n\nqueue:")]
-    raw = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
+    block = text[text.index("# inputs:"):]
+    raw = yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line[1:]
+                                   for line in block.splitlines()))
     cfg = config.build({"device_id": "d", "state_dir": str(tmp_path),
                         "server": {"url": "ws://127.0.0.1:9/v1/ws"}, **raw})
     assert cfg.inputs["inputs.socket"].mode == 0o660

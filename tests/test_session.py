@@ -354,3 +354,20 @@ def test_a_welcome_with_a_bad_offer_offers_nothing():
             "client_id": "c", "server_time": p.format_timestamp(WALL),
             "capabilities": {"telemetry.batch": offer}}}), 0.0, WALL)
         assert s.open and s.batch_offer is None
+
+
+def test_a_renewed_token_is_taken_only_when_offered_and_allowed():
+    from agent.session import TokenRenewed
+
+    renewed = json.dumps({"type": "token.renewed", "id": "r", "payload": {"token": "a.b.c"}})
+    offering = p.encode(p.make("connected", WALL, p.welcome_payload("c1", WALL, None, 0.8)))
+    for offered, allowed, expected in ((True, True, [TokenRenewed("a.b.c")]),
+                                       (False, True, []), (True, False, [])):
+        s = Session(config(renew_tokens=allowed), 0.0)
+        s.receive(offering if offered else welcome_text(), 0.0, WALL)
+        assert s.welcome.renews_tokens is offered
+        assert s.receive(renewed, 0.1, WALL) == expected
+    s = Session(config(renew_tokens=True), 0.0)
+    s.receive(offering, 0.0, WALL)
+    bad = json.dumps({"type": "token.renewed", "id": "r", "payload": {"token": "a b"}})
+    assert s.receive(bad, 0.1, WALL) == []  # not one token: ignored, logged

@@ -105,6 +105,11 @@ class Input(ABC):
     def health(self) -> InputHealth:
         """The input's health now (any thread)."""
 
+    def report(self) -> Optional[Mapping[str, Any]]:
+        """More than ``health()`` for ``nexus-agent status`` (JSON values; ``devices``:
+        name -> facts, shown one line each), or None (any thread)."""
+        return None
+
     def configure(self, section: Any) -> None:
         """Its config section, changed by a reload (main thread); by default that takes
         effect only after a restart."""
@@ -325,3 +330,15 @@ def reconfigure(inputs: List[Input], old: Mapping[str, Any], new: Mapping[str, A
     for name in sorted(set(old) ^ set(new)):
         log.warning("reload: section %s was %s; that takes effect only after a restart",
                     name, "added" if name in new else "removed")
+
+
+def missing(sections: Mapping[str, Any]) -> List[str]:
+    """What the inputs of these sections need and cannot import here (``REQUIRES``: module
+    names), each with the section: for ``--check-config``, which builds no input."""
+    import importlib.util
+
+    stems = _sections()
+    return [f"{name}: needs {req}, which is not installed"
+            for name in sections if name in stems
+            for req in getattr(_module(name, stems[name]), "REQUIRES", ())
+            if importlib.util.find_spec(req) is None]

@@ -37,7 +37,8 @@ from . import _lines, _settings
 SECTION = "inputs.exec"
 MAX_OUTPUT_BYTES = 65536  # of stdout, and of stderr, per run
 STDERR_LINES = 10
-RESERVED = ("system", "socket")  # the other inputs' names (threads are named by source)
+RESERVED = ("system", "socket", "modbus")  # the other inputs' names (threads are named by
+# source)
 
 KILL_GRACE_S = 1.0  # executor.KILL_GRACE_S: SIGTERM to SIGKILL
 
