@@ -15,7 +15,8 @@ try again later; 78 (EX_CONFIG) a bad config, or no ``inputs.socket`` in it.
 Which socket: ``--socket PATH``, else the config's ``inputs.socket.path``, else
 the first that exists of ``$RUNTIME_DIRECTORY/ingest.sock``,
 ``/run/nexus-agent/ingest.sock`` and ``state_dir/ingest.sock`` (where the agent
-makes it by default).
+makes it by default). A user who may not read the config (an application's)
+gets ``/run/nexus-agent/ingest.sock``, the packaged unit's place.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ def socket_paths(cfg_path: str, explicit: Optional[str]) -> List[str]:
     from . import config as config_mod
     from .inputs.socket import FILENAME, SECTION, default_path
 
+    if not os.access(cfg_path, os.R_OK):
+        # An application's user may not read the agent's config (/etc/nexus is the
+        # agent's): the packaged unit's socket, then, and say so.
+        print(f"nexus-agent send: cannot read {cfg_path}; trying the packaged unit's "
+              "socket", file=sys.stderr)
+        return [os.path.join("/run/nexus-agent", FILENAME)]
     cfg = config_mod.load(cfg_path)
     section = cfg.inputs.get(SECTION)
     if section is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -72,3 +73,20 @@ def test_no_agent_running_is_75_and_no_socket_section_is_78(tmp_path):
     plain = write_config(tmp_path, "ws://127.0.0.1:9/v1/ws")
     out = send(plain, "--source", "line3", "count=1")
     assert out.returncode == 78 and "inputs.socket: is not in" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run send as nobody")
+def test_a_user_who_may_not_read_the_config_is_pointed_at_the_packaged_socket(tmp_path):
+    config = tmp_path / "agent.yaml"
+    config.write_text("device_id: d\n")
+    config.chmod(0o600)  # root's: nobody may not read it
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip("no /usr/bin/python3 to run as nobody")
+    tmp_path.chmod(0o755)
+    out = subprocess.run([python, "-m", "agent", "send", "--config", str(config), "--source",
+                          "line3", "count=1"], cwd="/", capture_output=True, text=True,
+                         timeout=30, user=65534,
+                         env={"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"})
+    assert out.returncode == 75, out.stderr
+    assert "no agent is listening on /run/nexus-agent/ingest.sock" in out.stderr
