@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench faults clean install uninstall deb
+.PHONY: run test lint bench faults ingest-outage clean install uninstall deb
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ bench: $(STAMP)
 faults: $(STAMP)
 	NEXUS_FAULTS=full $(BIN)/python -m pytest -q -m 'not soak' tests/test_faults_*.py \
 		tests/test_hardening.py
+
+## ingest-outage: issue 24's end-to-end figure, 100,000 application samples sent to the
+## ingest socket during a 10-minute outage (about 13 minutes; pytest -m soak
+## tests/test_ingest_outage.py runs a 5,000-sample, 10 s version)
+ingest-outage: $(STAMP)
+	NEXUS_INGEST_SAMPLES=100000 NEXUS_INGEST_OUTAGE_S=600 $(BIN)/python -m pytest -q -s \
+		-p no:xdist -m soak tests/test_ingest_outage.py
 
 # ---------------------------------------------------------------- install
 # `make install` lays the agent out the way a distribution package would, using

@@ -3,6 +3,7 @@
     nexus-agent [--config PATH]                 run the daemon (under systemd)
     nexus-agent --check-config [--config PATH]  check the config and token, then exit
     nexus-agent status [--config PATH] [--json] report the running agent's health
+    nexus-agent send --source S [--tag K=V] M=N  hand the agent a sample (or lines on stdin)
     nexus-agent provision --device-id ID ...    write config and token (fleet scripts)
     nexus-agent privileges [--config PATH]      print the polkit rule for the allow-list
     nexus-agent modbus read [--config PATH] [NAME]  read the Modbus points once (commissioning)
@@ -53,7 +54,8 @@ def _daemon_args(argv: List[str]) -> DaemonArgs:
 
 def _parsed_daemon_args(argv: List[str]) -> DaemonArgs:
     ap = cli.parser("nexus-agent", "Nexus edge telemetry agent. "
-                    "Subcommands: status, provision, privileges, modbus read (each has -h).")
+                    "Subcommands: status, send, provision, privileges, modbus read (each has "
+                    "-h).")
     ap.add_argument("--check-config", action="store_true",
                     help="check the config file and token, print the result, exit")
     args = ap.parse_args(argv)
@@ -77,7 +79,7 @@ def _token_problem(cfg: Config) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     inbox = None
-    if argv[:1] not in (["status"], ["provision"], ["privileges"], ["modbus"]) and \
+    if argv[:1] not in (["status"], ["provision"], ["privileges"], ["modbus"], ["send"]) and \
             "--check-config" not in argv and not {"-h", "--help"} & set(argv):
         # The daemon, before anything slow: from here on SIGHUP, SIGTERM and SIGINT are
         # recorded (and acted on once it runs), never fatal.
@@ -88,6 +90,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .status import main as status_main
 
         return status_main(argv[1:])
+    if argv[:1] == ["send"]:
+        from .send import main as send_main
+
+        return send_main(argv[1:])
     if argv[:1] == ["provision"]:
         from .provision import main as provision_main
 
@@ -130,7 +136,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(getattr(logging, cfg.log_level.upper()))
     try:
         agent = Agent(cfg)
-    except ConfigError as exc:  # an input that cannot be built (its library missing)
+    except ConfigError as exc:  # an input that cannot be built (its library missing, a
+        # socket path that cannot be used)
         print(f"nexus-agent: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:  # state_dir not creatable or writable: a deployment error

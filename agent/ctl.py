@@ -51,9 +51,17 @@ def connect(url: str, token: str, timeout: float = 10.0) -> Any:
 
 
 def format_update(payload: Dict[str, Any]) -> str:
-    """One readable line for a telemetry.update."""
+    """One readable line for a telemetry.update: an application's sample (it has a
+    ``source``) with all its metrics and tags, the device's own with the main figures."""
     m = payload.get("metrics", {})
     parts = [payload.get("sample_time", "?"), str(payload.get("device_id", "?"))]
+    if "source" in payload:
+        parts.append(f"source={payload['source']}")
+        parts += [f"{key}={value}" for key, value in m.items()]
+        tags = payload.get("tags") or {}
+        if tags:
+            parts.append("tags: " + " ".join(f"{k}={v}" for k, v in tags.items()))
+        return "  ".join(parts)
     for key, label, unit in (("cpu_usage", "cpu", "%"), ("memory_usage", "mem", "%"),
                              ("cpu_temp_c", "temp", "C"), ("load_1m", "load", ""),
                              ("agent_queue_depth", "queued", ""), ("agent_dropped", "dropped", "")):

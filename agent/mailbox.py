@@ -8,11 +8,13 @@ Rules:
   :meth:`Transport.wake`, a byte on a pipe. Both run on the caller's thread and
   neither waits on the transport; the transport reads the message from the
   outbox on its own thread.
-* A sample's wire payload is ``{"device_id", "metrics"}`` with the metrics in
-  the order the input produced them, byte for byte what the system sampler
-  always sent (the outbox's compression dictionary is built around it).
-  The sample's source name is not on the wire; neither are tags yet, so a
-  sample with tags is refused (``ValueError``), never sent without them.
+* A sample's wire payload: the system input's is ``{"device_id", "metrics"}``
+  with the metrics in the order the input produced them, byte for byte what
+  the system sampler always sent (the guide's payload; the outbox's first
+  compression dictionary is built around it). Every other source's is
+  ``{"device_id", "source", "metrics", "tags"}`` in that order, ``tags`` only
+  when there are some (the outbox's second dictionary is built around it). The
+  sample's own time is the envelope's ``timestamp``, as it always was.
 * The outbox's own failures come out as :class:`~agent.errors.NotStored`,
   saying whether a lock is being waited out (a lock that never ends is a
   stuck agent, a full disk is not); anything else comes through as it is.
@@ -29,6 +31,8 @@ from .errors import NotStored
 from .inputs import Sample
 from .outbox import Outbox
 
+SYSTEM_SOURCE = "system"  # its samples are the guide's payload, without source or tags
+
 
 class Mailbox:
     def __init__(self, outbox: Outbox, wake: Callable[[], None], device_id: str) -> None:
@@ -37,23 +41,27 @@ class Mailbox:
         self.device_id = device_id
 
     def post(self, type_: str, payload: Mapping[str, Any], ts: str,
-             created: Optional[float] = None) -> None:
-        """Store one message, then wake the transport (any thread)."""
+             created: Optional[float] = None) -> str:
+        """Store one message, then wake the transport (any thread); its permanent id."""
         try:
-            self.outbox.put(type_, payload, ts, created)
+            record = self.outbox.put(type_, payload, ts, created)
         except sqlite3.OperationalError as exc:
             raise NotStored(str(exc), waiting=store.is_locked(exc)) from None
         self.wake()
+        return record.id
 
-    def sample(self, sample: Sample) -> None:
-        """Store one sample as a ``telemetry`` message, time-stamped with its sample time."""
-        self.post("telemetry", telemetry_payload(self.device_id, sample),
-                  p.format_timestamp(sample.time), sample.time)
+    def sample(self, sample: Sample) -> str:
+        """Store one sample as a ``telemetry`` message, time-stamped with its sample time;
+        its message id (the socket input answers ``ok <id>``)."""
+        return self.post("telemetry", telemetry_payload(self.device_id, sample),
+                         p.format_timestamp(sample.time), sample.time)
 
 
 def telemetry_payload(device_id: str, sample: Sample) -> Mapping[str, Any]:
-    """The guide's telemetry payload for ``sample`` (see the module docstring)."""
-    if sample.tags:
-        raise ValueError(f"input {sample.source!r} sent tags, which the telemetry payload "
-                         "does not carry yet")
-    return {"device_id": device_id, "metrics": dict(sample.metrics)}
+    """The telemetry payload for ``sample`` (see the module docstring)."""
+    if sample.source == SYSTEM_SOURCE:
+        if sample.tags:
+            raise ValueError("the system input's samples carry no tags")
+        return {"device_id": device_id, "metrics": dict(sample.metrics)}
+    return p.telemetry_payload(device_id, dict(sample.metrics), sample.source,
+                               dict(sample.tags))

@@ -216,6 +216,8 @@ DEVICE_KEYS = ("name", "url", "unit", "interval_s", "timeout_s", "points",
 def _device(raw: Any, path: str) -> Device:
     raw = _keys(raw, path, DEVICE_KEYS)
     name = _name(raw, path)
+    if name == "system":  # the sample's source on the wire; "system" means no source
+        raise ConfigError(f"{path}.name", "'system' is the agent's own samples' source")
     endpoint = parse_url(raw.get("url"), f"{path}.url")
     unit = _number(raw, "unit", path, 0, 255, integer=True)
     points_raw = raw.get("points")

@@ -759,6 +759,11 @@ class Outbox(Generic[R]):
                               self.path, msg_id, reason)
         return items, len(rows), last
 
+    def fill(self) -> float:
+        """Queued payload bytes over ``max_bytes``, without the lock or the file: one int
+        read whole (inputs check it for every sample they take in)."""
+        return self._bytes / self.max_bytes
+
     def cursor(self, after: int = 0, upto: Optional[int] = None) -> Cursor[R]:
         """A reader's position in this queue (see :class:`Cursor`)."""
         return Cursor(self, after, upto)

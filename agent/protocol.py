@@ -73,6 +73,10 @@ MAX_SERVER_MESSAGE_BYTES = MAX_MESSAGE_BYTES + BROADCAST_OVERHEAD_BYTES
 MAX_ID_CHARS = 128
 MAX_DEVICE_ID_CHARS = 128
 MAX_METRICS = 256
+MAX_SOURCE_CHARS = 128  # telemetry's optional source: which application or script sent it
+MAX_TAGS = 32
+MAX_TAG_KEY_CHARS = 128
+MAX_TAG_VALUE_CHARS = 256
 MAX_FILTERS = 16
 MAX_FILTER_BYTES = 1024  # a subscription's filters as compact JSON (UTF-8)
 MAX_SUBSCRIPTIONS = 16  # per client
@@ -322,6 +326,8 @@ def _number(value: Any) -> bool:
 class Telemetry:
     device_id: str
     metrics: Mapping[str, float]
+    source: str | None = None  # absent: the device's own readings (the guide's payload)
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -366,7 +372,31 @@ def _payload(env: Envelope) -> Mapping[str, Any]:
 def parse_telemetry(env: Envelope) -> Telemetry:
     p = _payload(env)
     device_id = _short_str(p, "device_id", "payload", env.id, MAX_DEVICE_ID_CHARS)
-    return Telemetry(device_id, _metrics(p, "payload", env.id))
+    metrics = _metrics(p, "payload", env.id)
+    source, tags = _source_and_tags(p, "payload", env.id)
+    return Telemetry(device_id, metrics, source, tags)
+
+
+def _source_and_tags(obj: Mapping[str, Any], path: str, msg_id: str | None
+                     ) -> tuple[str | None, dict[str, str]]:
+    """A sample's optional ``source`` (1-128 characters) and ``tags`` (at most 32 strings
+    of at most 256 characters, keys 1-128)."""
+    source = _short_str(obj, "source", path, msg_id, MAX_SOURCE_CHARS, required=False)
+    if source is not None and not _is_unicode(source):
+        raise RemoteProtocolError(INVALID_MESSAGE, "must be valid Unicode", f"{path}.source",
+                                  msg_id)
+    tags = _get(obj, "tags", (dict,), path, msg_id, required=False) or {}
+    if len(tags) > MAX_TAGS:
+        raise RemoteProtocolError(INVALID_MESSAGE, f"more than {MAX_TAGS} tags",
+                                  f"{path}.tags", msg_id)
+    for key, value in tags.items():
+        if not 0 < len(key) <= MAX_TAG_KEY_CHARS or not isinstance(value, str) or \
+                len(value) > MAX_TAG_VALUE_CHARS or not _is_unicode(key + value):
+            raise RemoteProtocolError(
+                INVALID_MESSAGE, f"must be a string of at most {MAX_TAG_VALUE_CHARS} "
+                f"characters (keys 1 to {MAX_TAG_KEY_CHARS})", f"{path}.tags.{key[:128]}",
+                msg_id)
+    return source, dict(tags)
 
 
 def _metrics(obj: Mapping[str, Any], path: str, msg_id: str | None) -> Mapping[str, float]:
@@ -465,6 +495,25 @@ class BatchItem:
     id: str
     timestamp: str
     metrics: Mapping[str, float]
+    source: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def payload(self, device_id: str) -> dict[str, Any]:
+        """The telemetry payload this item stands for (stored and broadcast as if alone)."""
+        return telemetry_payload(device_id, self.metrics, self.source, self.tags)
+
+
+def telemetry_payload(device_id: str, metrics: Mapping[str, Any], source: str | None = None,
+                      tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``{"device_id", "source"?, "metrics", "tags"?}``: source and tags only when given
+    (a sample without them is the guide's payload, byte for byte)."""
+    out: dict[str, Any] = {"device_id": device_id}
+    if source is not None:
+        out["source"] = source
+    out["metrics"] = metrics
+    if tags:
+        out["tags"] = tags
+    return out
 
 
 @dataclass(frozen=True)
@@ -494,8 +543,17 @@ def batch_text(batch_id: str, now: float, device_id: str, item_texts: list[str])
     return f"{head[:-3]}{','.join(item_texts)}]}}}}"
 
 
-def batch_item_text(msg_id: str, timestamp: str, metrics: Mapping[str, Any]) -> str:
-    return dumps({"id": msg_id, "timestamp": timestamp, "metrics": metrics})
+def batch_item_text(msg_id: str, timestamp: str, metrics: Mapping[str, Any],
+                    source: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+    """An item: ``{"id", "timestamp", "source"?, "metrics", "tags"?}`` (source and tags
+    only when the sample has them)."""
+    item: dict[str, Any] = {"id": msg_id, "timestamp": timestamp}
+    if source is not None:
+        item["source"] = source
+    item["metrics"] = metrics
+    if tags:
+        item["tags"] = tags
+    return dumps(item)
 
 
 def parse_telemetry_batch(env: Envelope, max_items: int = MAX_BATCH_ITEMS) -> TelemetryBatch:
@@ -574,7 +632,9 @@ def _batch_item(item: Any, path: str, msg_id: str | None) -> BatchItem:
     except ValueError:
         raise RemoteProtocolError(INVALID_MESSAGE, "not an ISO-8601 timestamp with a zone",
                                   f"{path}.timestamp", msg_id) from None
-    return BatchItem(item_id, timestamp, _metrics(item, path, msg_id))
+    metrics = _metrics(item, path, msg_id)
+    source, tags = _source_and_tags(item, path, msg_id)
+    return BatchItem(item_id, timestamp, metrics, source, tags)
 
 
 def check_client_message(env: Envelope) -> None:

@@ -9,7 +9,11 @@ and the batching. Rules:
   connect) and ``live`` (above it). Both read a few rows at a time, never the
   whole backlog.
 * Live goes first, so a sample taken now leaves within one interval however
-  long the backlog; the backlog takes what the pace leaves.
+  long the backlog; the backlog takes what the pace leaves. A lone live
+  record goes alone; when several wait (an application writing to the ingest
+  socket faster than the pace of single messages) and batches are offered,
+  they go as a batch, in order: so a system sample waits behind at most one
+  batch of application samples, never behind an ever-growing live queue.
 * With a ``batch`` offer the backlog's telemetry goes out as lists of (id, item
   text) within both of the offer's limits and ``max_batch_bytes``; a record
   that is not telemetry of this device goes alone, after the batch.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import Deque, List, Optional, Tuple, Union
+from typing import Callable, Deque, List, Optional, Tuple, Union
 
 from . import protocol as p
 from .codec import Record
@@ -56,9 +60,9 @@ class SendPlan:
         """Something may have been put since the last read (the transport was woken)."""
         self.live.more()
 
-    def _refill_live(self) -> bool:
+    def _refill_live(self, rows: int = 0) -> bool:
         if not self._live:
-            self._live.extend(self.live.read(self.rows))
+            self._live.extend(self.live.read(rows or self.rows))
         return bool(self._live)
 
     def _refill_backlog(self, rows: int) -> bool:
@@ -74,22 +78,26 @@ class SendPlan:
             self._live.clear()  # records of the old file: their ids mean nothing now
             self._backlog.clear()
         if self._refill_live():
+            if self.batch is not None and batch_allowed and len(self._live) > 1:
+                items = self._next_batch(self.batch, self._live, self._refill_live)
+                if items:
+                    return items
             return self._live.popleft()
         if self.batch is not None:
             if not batch_allowed:
                 return None
-            items = self._next_batch(self.batch)
+            items = self._next_batch(self.batch, self._backlog, self._refill_backlog)
             if items:
                 return items
         return self._backlog.popleft() if self._refill_backlog(self.rows) else None
 
-    def _next_batch(self, offer: p.BatchOffer) -> List[Tuple[str, str]]:
-        """Backlog telemetry from the front of the backlog, up to both limits (may be []).
-        Only ids and item texts are kept: the records go as soon as they are read."""
+    def _next_batch(self, offer: p.BatchOffer, buf: Deque[Record],
+                    refill: Callable[[int], bool]) -> List[Tuple[str, str]]:
+        """Telemetry from the front of ``buf`` (the backlog's or live), up to both limits
+        (may be []). Only ids and item texts are kept: the records go as soon as read."""
         room = min(offer.max_bytes, self.max_batch_bytes) - BATCH_ENVELOPE_BYTES
         items: List[Tuple[str, str]] = []
-        buf = self._backlog
-        while len(items) < offer.max_items and self._refill_backlog(BATCH_READ_ROWS):
+        while len(items) < offer.max_items and refill(BATCH_READ_ROWS):
             text = batch_item_text(buf[0], self.device_id)
             if text is None:
                 break  # not telemetry of this device: it goes alone, after this batch
@@ -110,6 +118,11 @@ def batch_item_text(record: Record, device_id: str) -> Optional[str]:
     except ValueError:
         return None
     if not isinstance(payload, dict) or payload.get("device_id") != device_id or \
-            set(payload) != {"device_id", "metrics"}:
+            "metrics" not in payload or not set(payload) <= _ITEM_KEYS:
         return None
-    return p.batch_item_text(record.id, record.ts, payload["metrics"])
+    return p.batch_item_text(record.id, record.ts, payload["metrics"], payload.get("source"),
+                             payload.get("tags"))
+
+
+# What a stored telemetry payload may hold to go in a batch item (anything else: alone).
+_ITEM_KEYS = frozenset(("device_id", "source", "metrics", "tags"))

@@ -6,11 +6,11 @@ Threads and what each owns:
   systemd notifications, the watchdog, the status file, reloads, and the
   shutdown sequence;
 * ``nexus-input-<source>``: one per input built from its config section by the
-  registry (``inputs/``; today ``nexus-input-system``, every
-  ``telemetry.interval_s``); each stores its samples through the mailbox
-  (outbox, then a wake-up of the transport), timestamp = sample time; the
-  Modbus input runs one more thread per port (``nexus-modbus-N``, see
-  ``inputs/modbus.py``);
+  registry (``inputs/``: ``nexus-input-system`` every ``telemetry.interval_s``;
+  with an ``inputs`` section, ``nexus-input-socket``, one per script, and the
+  Modbus input, which runs one more thread per port, ``nexus-modbus-N``, see
+  ``inputs/modbus.py``); each stores its samples through the mailbox (outbox,
+  then a wake-up of the transport), timestamp = sample time;
 * ``nexus-transport``: the socket (see ``transport.py``); command requests
   leave it through a ``queue.SimpleQueue`` to the command runner;
 * ``nexus-cmd-intake`` and ``nexus-cmd-N``: the command runner's intake (ledger,
@@ -23,7 +23,8 @@ another's methods back (docs/design.md, "Paths").
 Shutdown (SIGTERM/SIGINT), in this order, within about 5 s:
 
 * tell systemd STOPPING=1;
-* stop the inputs (no new messages);
+* stop the inputs (no new messages): set their Event, wake those that sleep in a
+  ``select`` (the ingest socket closes its clients and removes its file);
 * stop the transport: it waits up to 2 s for in-flight acks, then closes with 1000;
 * stop the command workers; close the ledger and the outbox (checkpointed).
 
@@ -121,9 +122,15 @@ class Agent:
 
             self.runner = CommandRunner(config.commands, config.device_id, config.state_dir,
                                         requests, self.mailbox)
-        env = InputEnv(config.state_dir, self._own_metrics, self.facts_changed)
-        self.inputs: List[Input] = list(inputs) if inputs is not None else \
-            build_inputs(sections_of(config), env)
+        env = InputEnv(config.state_dir, self._own_metrics, self.facts_changed,
+                       self.outbox.fill)
+        try:
+            self.inputs: List[Input] = list(inputs) if inputs is not None else \
+                build_inputs(sections_of(config), env)
+        except BaseException:  # a socket path that cannot be used: ConfigError, exit 78
+            self.outbox.close()
+            self.dir_lock.close()
+            raise
         self._inputs_stop = threading.Event()
         self._transport_stop = threading.Event()
         self._status_failing = False
@@ -253,6 +260,8 @@ class Agent:
         for _ in range(stops - 1):  # signals that came together, before the loop saw them
             self._count_stop("stop signal")
         self._inputs_stop.set()
+        for item in self.inputs:
+            item.wake()  # one blocked in a select (the ingest socket) looks at the Event
         deadline = time.monotonic() + 2.0  # for all inputs together
         for item in self.inputs:
             self._join(f"nexus-input-{item.source}", max(0.0, deadline - time.monotonic()))
@@ -352,6 +361,9 @@ class Agent:
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
             "restart_needed": self.restart_needed,
+            "inputs": [{"source": i.source, "samples": i.samples, "failures": i.failures,
+                        "refused": i.refused, "timeouts": i.timeouts,
+                        "last_success": i.last_success} for i in inputs],
             "input_details": self._input_details(),
         }
 

@@ -108,6 +108,10 @@ def render(report: Dict[str, Any], now: float) -> str:
         "clock offset:     " + ("unknown" if offset is None else f"{offset:+.3f} s to the server"),
         f"status file:      {_ago(report.get('updated'), now)}",
     ]
+    for item in report.get("inputs") or []:
+        lines.append(f"input {item['source']}:".ljust(18) + f"{item['samples']} samples, last "
+                     f"{_ago(item.get('last_success'), now)}; {item['failures']} not stored, "
+                     f"{item.get('refused', 0)} refused, {item.get('timeouts', 0)} timed out")
     lines += _devices(report, now)
     lines += [f"RESTART NEEDED:   {what} (reloaded, not yet in effect: systemctl restart "
               "nexus-agent)" for what in report.get("restart_needed") or []]

@@ -21,10 +21,14 @@
    stalled operator, and a reconnect storm of 500 clients. Its own table;
    ``python bench/fleet.py --devices 5000 --seconds 30 --stalled`` for the
    full run.
-6. Two nodes behind nginx (bench/cluster.py, short): 1,000 devices against one
+6. Application samples (bench/ingest.py): the ingest socket's rate with one client
+   against a bare loop of the same SQLite inserts, bytes stored per application sample
+   against the agent's own, and the idle CPU of an agent with the socket open against
+   one without (alone: ``python bench/run.py ingest``).
+7. Two nodes behind nginx (bench/cluster.py, short): 1,000 devices against one
    node and against two ``--redis`` nodes behind nginx, and the latency the
    cross-node fan-out adds (skipped without redis-server and nginx).
-7. Modbus (bench/modbusbench.py, about 45 s): requests per poll of a 100-point device
+8. Modbus (bench/modbusbench.py, about 45 s): requests per poll of a 100-point device
    against one per point; one poll of 100 registers over TCP on loopback against a bare
    pymodbus read; the agent with a 50-point device at 1 s beside the same agent
    without Modbus, in the same window (skipped without pymodbus).
@@ -243,6 +247,10 @@ def enqueue_note(enq: Dict[str, float]) -> str:
 
 def main() -> int:
     os.environ.update(child_env())
+    if sys.argv[1:2] == ["ingest"]:  # python bench/run.py ingest: only application samples
+        import ingest  # bench/ingest.py
+
+        return ingest.main(sys.argv[2:])
     if sys.argv[1:] == ["enqueue"]:  # python bench/run.py enqueue: only the enqueue rates
         with tempfile.TemporaryDirectory(dir=ROOT) as d:
             enq = enqueue_rates(Path(d))
@@ -272,6 +280,10 @@ def main() -> int:
               f"  >={target:.0%} {met}  {note}")
     print("baselines: json + bare sqlite3 insert; bare websocket-client loop")
     print(enqueue_note(enq))
+    print()
+    import ingest  # bench/ingest.py: the ingest socket, bytes per app sample, idle CPU
+
+    ingest.main(["--seconds", "30"])
     print()
     import modbusbench  # bench/modbusbench.py: the Modbus input's figures
 

@@ -262,3 +262,57 @@ def test_check_config_warns_when_singles_cannot_keep_up(tmp_path):
                           str(config)], cwd=REPO, env=child_env(), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "warning" not in out.stderr
+
+
+# ---------------------------------------------------------------- application samples
+
+
+def test_source_and_tags_are_validated_stored_and_broadcast_singly_and_in_batches(server):
+    operator = connected(server.url, "ops", "operator")
+    operator.request({"type": "subscribe", "id": "s", "payload": {"channel": "telemetry"}})
+    device = connected(server.url)
+    app = {"device_id": "device-001", "source": "line3", "metrics": {"count": 12},
+           "tags": {"shift": "b"}}
+    assert device.request({"type": "telemetry", "id": "a-1", "timestamp": TS,
+                           "payload": app})["type"] == "ack"
+    item = {"id": "a-2", "timestamp": TS, "source": "line3", "metrics": {"count": 13},
+            "tags": {"shift": "c"}}
+    bad = {"id": "a-3", "timestamp": TS, "source": "line3", "metrics": {"count": 14},
+           "tags": {"shift": 3}}
+    ack = device.request({"type": "telemetry.batch", "id": "b1", "timestamp": TS,
+                          "payload": {"device_id": "device-001", "items": [item, bad]}})
+    assert ack["payload"]["stored"] == 1
+    assert ack["payload"]["rejected"][0]["field"] == "payload.items.1.tags.shift"
+    updates = [operator.recv_type("telemetry.update")["payload"] for _ in range(2)]
+    assert [(u["source"], u["tags"], u["metrics"], u["sample_time"]) for u in updates] == [
+        ("line3", {"shift": "b"}, {"count": 12}, TS), ("line3", {"shift": "c"}, {"count": 13}, TS)]
+    stored_payloads = [r["payload"] for r in server.hub.telemetry("device-001")]
+    assert stored_payloads == [app, {"device_id": "device-001", "source": "line3",
+                                     "metrics": {"count": 13}, "tags": {"shift": "c"}}]
+    error = device.request({"type": "telemetry", "id": "a-4", "timestamp": TS,
+                            "payload": dict(app, source="")})
+    assert error["type"] == "error" and error["error"]["field"] == "payload.source"
+    error = device.request({"type": "telemetry", "id": "a-5", "timestamp": TS,
+                            "payload": dict(app, tags={f"k{i}": "v" for i in range(33)})})
+    assert error["type"] == "error" and error["error"]["field"] == "payload.tags"
+
+
+def test_a_stored_application_sample_becomes_a_batch_item_with_its_source_and_tags(tmp_path):
+    from agent.sendplan import batch_item_text
+
+    box = Outbox(CODEC, str(tmp_path), 10**7)
+    try:
+        app = box.put("telemetry", {"device_id": "device-001", "source": "line3",
+                                    "metrics": {"count": 12}, "tags": {"shift": "b"}}, TS)
+        own = box.put("telemetry", {"device_id": "device-001", "metrics": {"cpu_usage": 1.0}},
+                      TS)
+        odd = box.put("telemetry", {"device_id": "device-001", "metrics": {"x": 1},
+                                    "extra": 1}, TS)
+        assert batch_item_text(app, "device-001") == (
+            f'{{"id":"{app.id}","timestamp":"{TS}","source":"line3","metrics":{{"count":12}},'
+            '"tags":{"shift":"b"}}')
+        assert batch_item_text(own, "device-001") == (
+            f'{{"id":"{own.id}","timestamp":"{TS}","metrics":{{"cpu_usage":1.0}}}}')
+        assert batch_item_text(odd, "device-001") is None  # an unknown key: sent alone
+    finally:
+        box.close()

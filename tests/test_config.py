@@ -38,6 +38,19 @@ def test_example_and_local_configs_are_valid():
         assert cfg.device_id and cfg.server.url.startswith("ws")
 
 
+def test_the_examples_commented_inputs_section_is_valid_when_uncommented(tmp_path):
+    import yaml
+
+    text = (REPO / "config" / "agent.example.yaml").read_text()
+    block = text[text.index("# inputs:"):]
+    raw = yaml.safe_load("\n".join(line[2:] if line.startswith("# ") else line[1:]
+                                   for line in block.splitlines()))
+    cfg = config.build({"device_id": "d", "state_dir": str(tmp_path),
+                        "server": {"url": "ws://127.0.0.1:9/v1/ws"}, **raw})
+    assert cfg.inputs["inputs.socket"].mode == 0o660
+    assert cfg.inputs["inputs.exec"][0].name == "line3"
+
+
 def test_defaults_and_relative_paths(tmp_path):
     (tmp_path / "conf").mkdir()
     path = tmp_path / "conf" / "agent.yaml"

@@ -112,3 +112,16 @@ def test_help_says_nexus_token_holds_the_token_itself():
     text = " ".join(out.stdout.split())
     assert "without it the token itself is read from $NEXUS_TOKEN" in text
     assert "(default $NEXUS_TOKEN)" not in text
+
+
+def test_watch_prints_an_application_samples_source_metrics_and_tags():
+    from agent.ctl import format_update
+
+    line = format_update({"device_id": "device-001", "source": "line3",
+                          "metrics": {"count": 12, "temp_c": 41.5}, "tags": {"shift": "b"},
+                          "sample_time": "2026-12-02T10:00:00.000Z", "message_id": "e-1"})
+    assert line == ("2026-12-02T10:00:00.000Z  device-001  source=line3  count=12  "
+                    "temp_c=41.5  tags: shift=b")
+    own = format_update({"device_id": "device-001", "metrics": {"cpu_usage": 1.25},
+                         "sample_time": "t"})
+    assert own == "t  device-001  cpu=1.2%" and "source" not in own

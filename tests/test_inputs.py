@@ -144,3 +144,23 @@ def test_a_polled_input_runs_until_its_stop_event(tmp_path):
     thread.join(2)
     assert not thread.is_alive() and len(got) >= 3
     assert all(s.source == "fake" and s.metrics == {"x": 1.0} for s in got)
+
+
+def test_the_daemon_imports_only_the_inputs_its_config_names(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO, child_env
+
+    code = ("import sys\nfrom agent import config\nfrom agent.inputs import sections_of\n"
+            "base = {'device_id': 'd', 'state_dir': sys.argv[1], "
+            "'server': {'url': 'ws://127.0.0.1:9/v1/ws'}}\n"
+            "sections_of(config.build(base))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('agent.inputs.')))\n"
+            "sections_of(config.build(dict(base, inputs={'exec': []})))\n"
+            "print(sorted(m for m in sys.modules if m.startswith('agent.inputs.')))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=30)
+    first, second = out.stdout.splitlines()
+    assert first == "[]", out.stderr
+    assert second == "['agent.inputs._lines', 'agent.inputs._settings', 'agent.inputs.exec']"

@@ -76,3 +76,30 @@ def test_guide_server_gets_only_single_telemetry_from_an_agent_with_a_backlog(tm
     finally:
         assert agent.stop() == 0
         server.stop()
+
+
+def test_guide_server_takes_application_samples_with_source_and_tags(tmp_path, node_path):
+    """The guide's server reads device_id and metrics and passes the payload on: the extra
+    source and tags keys of an application's sample are neither refused nor lost."""
+    from agent.codec import CODEC
+    from agent.inputs import Sample
+    from agent.mailbox import Mailbox
+    from agent.outbox import Outbox
+
+    box = Outbox(CODEC, str(tmp_path / "state"), 10**7)
+    mailbox = Mailbox(box, lambda: None, "device-001")
+    ids = [mailbox.sample(Sample("line3", 1_764_669_600 + i, {"count": i, "temp_c": 41.5},
+                                 {"shift": "b"})) for i in range(5)]
+    box.close()
+    server = GuideServer(node_path, tmp_path / "guide-server.log")
+    agent = AgentProcess(write_config(tmp_path, server.url))
+    try:
+        wait_for(lambda: agent.status().get("acked", 0) >= 5, timeout=30, what="acks")
+        apps = [t for t in server.telemetry() if "source" in t]
+        assert [t["metrics"]["count"] for t in apps] == list(range(5)) and len(ids) == 5
+        assert apps[0] == {"device_id": "device-001", "source": "line3",
+                           "metrics": {"count": 0, "temp_c": 41.5}, "tags": {"shift": "b"}}
+        assert "UNKNOWN_MESSAGE_TYPE" not in agent.log() and "server error" not in agent.log()
+    finally:
+        assert agent.stop() == 0
+        server.stop()

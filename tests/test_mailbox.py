@@ -31,9 +31,27 @@ def test_a_sample_is_stored_as_the_guides_telemetry_then_the_transport_woken(tmp
         mailbox.post("command.result", {"command_id": "c1"}, p.format_timestamp(1.0))
         assert [r.type for r in box.read_after(0, 10)] == ["telemetry", "command.result"]
         assert wakes == [1, 1]
-        with pytest.raises(ValueError):  # tags are not on the wire yet: never dropped
+        with pytest.raises(ValueError):  # the system input's payload has no tags
             mailbox.sample(Sample("system", 1.0, metrics, {"site": "a"}))
         assert wakes == [1, 1]
+    finally:
+        box.close()
+
+
+def test_an_application_sample_carries_its_source_and_tags_and_returns_its_id(tmp_path):
+    box = Outbox(CODEC, str(tmp_path), 10**6)
+    mailbox = Mailbox(box, lambda: None, "device-001")
+    try:
+        first = mailbox.sample(Sample("line3", 1700000000.5, {"count": 12, "temp_c": 41.5},
+                                      {"shift": "b"}))
+        second = mailbox.sample(Sample("line4", 1700000001.0, {"count": 1}))
+        one, two = box.read_after(0, 10)
+        assert (one.id, two.id) == (first, second)
+        assert one.ts == "2023-11-14T22:13:20.500Z"  # the sample's time is the envelope's
+        assert one.payload == ('{"device_id":"device-001","source":"line3","metrics":'
+                               '{"count":12,"temp_c":41.5},"tags":{"shift":"b"}}')
+        assert two.payload == ('{"device_id":"device-001","source":"line4","metrics":'
+                               '{"count":1}}')  # no tags: no key
     finally:
         box.close()
 

@@ -313,3 +313,13 @@ def test_the_commented_example_in_agent_example_yaml_is_valid(tmp_path):
                                    for line in block))
     cfg = agent_config(tmp_path, raw["inputs"]["modbus"])
     assert cfg.inputs["inputs.modbus"] == agent_config(tmp_path, EXAMPLE).inputs["inputs.modbus"]
+
+
+def test_a_device_may_not_be_called_system(tmp_path):
+    """Its name is its samples' source on the wire (issue 24), and "system" there means the
+    agent's own readings."""
+    from agent.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        agent_config(tmp_path, [dict(EXAMPLE[0], name="system")])
+    assert err.value.key == "inputs.modbus[0].name" and "agent's own" in err.value.reason

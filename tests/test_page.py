@@ -323,3 +323,30 @@ def test_nexus_server_prints_the_page_token_only_on_a_terminal_or_when_asked():
         os.close(main)
     page_line = out.split(b"page: ", 1)[1].split(b"\n", 1)[0].decode()
     assert "/#token=ey" in page_line, out
+
+
+def test_the_picked_devices_sources_show_their_latest_values_and_tags(server, browser):
+    browser.navigate(http_base(server) + "/#token=" + mint("page", "operator"))
+    wait_for(lambda: browser.eval("document.getElementById('conn')?.dataset.state") == "open",
+             timeout=15, what="the page to connect")
+    device = connected(server.url, "pi-line")
+    samples = [{"device_id": "pi-line", "metrics": {"cpu_usage": 12.5, "memory_usage": 40.0}},
+               {"device_id": "pi-line", "source": "line3", "metrics": {"count": 12},
+                "tags": {"shift": "a"}},
+               {"device_id": "pi-line", "source": "line3", "metrics": {"count": 13,
+                                                                        "temp_c": 41.5},
+                "tags": {"shift": "b"}},
+               {"device_id": "pi-line", "source": "<b>kiln</b>", "metrics": {"t": 1}}]
+    for i, payload in enumerate(samples):
+        assert device.request({"type": "telemetry", "id": f"s-{i}",
+                               "payload": payload})["type"] == "ack"
+    source = "document.querySelector('#source-table tr[data-source=\"{}\"] " \
+             "td[data-field=\"{}\"]')?.textContent"
+    wait_for(lambda: browser.eval(source.format("line3", "values")) == "count=13  temp_c=41.5",
+             timeout=10, what="the latest values of source line3")
+    assert browser.eval(source.format("line3", "tags")) == "shift=b"
+    # a name is text, never markup; the device's own row keeps its own readings
+    assert browser.eval(source.format("<b>kiln</b>", "values")) == "t=1"
+    assert browser.eval("document.querySelectorAll('#source-table b').length") == 0
+    assert browser.eval(_cell("pi-line", "cpu")) == "12.5 %"
+    assert browser.eval("document.getElementById('no-sources').hidden") is True

@@ -121,6 +121,37 @@ def test_send_plan_batches_the_backlog_within_both_limits(tmp_path):
     assert 10 < len(first) < 25 and len(text) <= 2048
 
 
+def test_send_plan_sends_several_waiting_live_records_as_a_batch_in_order(tmp_path):
+    """An application writing faster than single messages go: what waits live goes as a
+    batch (in order: the system sample behind the app samples stored before it), a lone
+    live record alone, and without an offer everything alone as before."""
+    from agent import protocol as p
+
+    box = Outbox(CODEC, str(tmp_path), 10**7)
+    offer = p.BatchOffer(max_items=1000, max_bytes=10**6)
+    plan = SendPlan(box, boundary=box.stats().last_seq, rows=16, batch=offer, device_id="d")
+    singles = SendPlan(box, boundary=box.stats().last_seq, rows=16, device_id="d")
+    ids = [box.put("telemetry", {"device_id": "d", "source": "flood", "metrics": {"n": i}},
+                   "2025-01-01T00:00:00.000Z").id for i in range(40)]
+    ids.append(box.put("telemetry", {"device_id": "d", "metrics": {"cpu_usage": 1.0}},
+                       "2025-01-01T00:00:00.000Z").id)
+    plan.new_rows()
+    batch = plan.next()
+    assert isinstance(batch, list) and [msg_id for msg_id, _ in batch] == ids
+    assert plan.next() is None
+    lone = box.put("telemetry", {"device_id": "d", "metrics": {"cpu_usage": 2.0}},
+                   "2025-01-01T00:00:00.000Z")
+    plan.new_rows()
+    assert plan.next(batch_allowed=False).id == lone.id  # a batch in flight: alone
+    alone = box.put("telemetry", {"device_id": "d", "metrics": {"cpu_usage": 3.0}},
+                    "2025-01-01T00:00:00.000Z")
+    plan.new_rows()
+    assert plan.next().id == alone.id  # one waiting: alone, as always
+    singles.new_rows()
+    assert not isinstance(singles.next(), list)  # no offer: single messages
+    box.close()
+
+
 def test_ws_url_does_not_import_ssl():
     code = ("import sys; from agent.transport import import_websocket; "
             "import_websocket('ws://127.0.0.1:1/v1/ws'); "

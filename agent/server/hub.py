@@ -589,7 +589,7 @@ class Hub:
     def _store_item(self, device_id: str, index: int, item: p.BatchItem,
                     now: float) -> Tuple[Outgoing | None, p.ItemRejected | None]:
         """One batch item: stored (its broadcasts, or None when stored before), or refused."""
-        payload = {"device_id": device_id, "metrics": item.metrics}
+        payload = item.payload(device_id)
         row = p.dumps(payload)
         if len(row) * 4 > p.MAX_BATCH_ITEM_BYTES and \
                 len(row.encode("utf-8")) > p.MAX_BATCH_ITEM_BYTES:

@@ -8,13 +8,16 @@
 //   token as ?token= on /v1/ws, as the guide's browser client does.
 // - Devices are learned from telemetry.update; events.update (device.online,
 //   device.offline) says when one connects or goes. A device once seen stays listed.
+// - A telemetry.update with a `source` is an application's sample (the ingest socket, a
+//   script input): it goes to the picked device's source list, never into the device's
+//   row or chart, which show the device's own readings (no source).
 // - Everything from the network is shown with textContent, never parsed as HTML.
 "use strict";
 
 const HISTORY_MS = 5 * 60 * 1000;
 const CHART_MIN_MS = 30 * 1000;
 const RECONNECT_MAX_MS = 10000;
-const devices = new Map(); // device_id -> {state, lastSeen, metrics, history, row}
+const devices = new Map(); // device_id -> {state, lastSeen, metrics, history, row, sources}
 const pending = new Map(); // command id -> result <li>
 let socket = null;
 let token = null;
@@ -125,7 +128,8 @@ function onMessage(msg) {
 function device(id) {
   let d = devices.get(id);
   if (!d) {
-    d = { id, state: "online", lastSeen: null, metrics: {}, history: [], row: makeRow(id) };
+    d = { id, state: "online", lastSeen: null, metrics: {}, history: [], row: makeRow(id),
+      sources: new Map() }; // source -> {metrics, tags, seen}
     devices.set(id, d);
     addDeviceOption(id);
     $("no-devices").hidden = true;
@@ -139,6 +143,13 @@ function onTelemetry(payload) {
   const d = device(payload.device_id);
   const now = Date.now();
   d.lastSeen = now;
+  if (typeof payload.source === "string") {
+    d.sources.set(payload.source, { metrics: payload.metrics || {}, tags: payload.tags || {},
+      seen: now });
+    refreshAge(d);
+    if (picked === d.id) drawSources();
+    return;
+  }
   d.metrics = payload.metrics || {};
   d.history.push({ t: now, cpu: d.metrics.cpu_usage, mem: d.metrics.memory_usage });
   while (d.history.length && d.history[0].t < now - HISTORY_MS) d.history.shift();
@@ -207,6 +218,33 @@ function refreshAge(d) {
 
 function refreshAges() {
   for (const d of devices.values()) refreshAge(d);
+  drawSources();
+}
+
+function pairs(obj) {
+  return Object.entries(obj).map(([k, v]) => `${k}=${v}`).join("  ");
+}
+
+// The picked device's sources, one row each: the latest values and tags (textContent only).
+function drawSources() {
+  const body = $("source-table").tBodies[0];
+  body.replaceChildren();
+  const d = devices.get(picked);
+  const sources = d ? [...d.sources.entries()].sort((a, b) => a[0].localeCompare(b[0])) : [];
+  $("no-sources").hidden = sources.length > 0;
+  for (const [name, s] of sources) {
+    const row = document.createElement("tr");
+    row.dataset.source = name;
+    const ago = `${Math.max(0, Math.round((Date.now() - s.seen) / 1000))} s ago`;
+    for (const [field, text] of [["source", name], ["values", pairs(s.metrics)],
+      ["tags", pairs(s.tags)], ["seen", ago]]) {
+      const td = document.createElement("td");
+      td.dataset.field = field;
+      td.textContent = text;
+      row.appendChild(td);
+    }
+    body.appendChild(row);
+  }
 }
 
 function addDeviceOption(id) {
@@ -220,8 +258,10 @@ function pick(id) {
   picked = id;
   for (const d of devices.values()) d.row.classList.toggle("picked", d.id === id);
   $("chart-device").textContent = id;
+  $("sources-device").textContent = id;
   $("command-device").value = id;
   drawChart();
+  drawSources();
 }
 
 // ------------------------------------------------------------------ chart (plain SVG)
