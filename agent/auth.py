@@ -113,8 +113,14 @@ def store_token(path: str, token: str) -> None:
     directory) the old file is left as it was and OSError says why."""
     folder = os.path.dirname(os.path.abspath(path))
     old = os.stat(path)
+    if not token.isascii() or len(token) >= MAX_TOKEN_BYTES:
+        raise OSError(f"not a token this agent can read back ({len(token)} characters)")
     tmp = os.path.join(folder, f".{os.path.basename(path)}.new-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.unlink(tmp)  # a leftover of a crash: never reuse its mode or owner
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         try:
             os.write(fd, (token + "\n").encode("ascii"))

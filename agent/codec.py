@@ -304,8 +304,9 @@ class MessageCodec:
         cannot be read (kept for inspection)."""
         try:
             return unpack_type(type_), unpack_ts(ts), unpack_payload(payload)
-        except Exception:  # noqa: BLE001 - a damaged row: kept as stored
-            return str(type_), str(ts), payload
+        except Exception:  # noqa: BLE001 - a damaged row: kept as stored (never NULL: the
+            # set_aside table's columns are NOT NULL)
+            return str(type_), str(ts), b"" if payload is None else payload
 
     @staticmethod
     def created(created: Any, ts: Any) -> Optional[float]:

@@ -47,6 +47,8 @@ class Mailbox:
             record = self.outbox.put(type_, payload, ts, created)
         except sqlite3.OperationalError as exc:
             raise NotStored(str(exc), waiting=store.is_locked(exc)) from None
+        except store.StoreError as exc:  # a fresh file after a corrupt one cannot be had yet
+            raise NotStored(str(exc), waiting=False) from None
         self.wake()
         return record.id
 

@@ -313,6 +313,10 @@ def _on_corruption(retry: bool, default: Any = None) -> Callable[[F], F]:
     def wrap(method: F) -> F:
         @functools.wraps(method)
         def guarded(self: Outbox, *args: Any, **kwargs: Any) -> Any:
+            if self._pending_reopen is not None:  # a fresh file could not be had last time
+                with self._lock:
+                    if self._pending_reopen is not None:
+                        self._reopen(*self._pending_reopen)  # StoreError while it fails
             try:
                 return method(self, *args, **kwargs)
             except sqlite3.DatabaseError as exc:
@@ -341,6 +345,9 @@ class Outbox(Generic[R]):
         self.durability = durability
         self.sync_interval_s = sync_interval_s
         self._lock = threading.Lock()
+        # (dropped, set aside, last set aside) to carry into a fresh file that could not be
+        # opened yet after a corrupt one (see _recover); None otherwise.
+        self._pending_reopen: Optional[Tuple[int, int, str]] = None
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self._lock_wait_s = lock_wait_s
         self.generation = 0  # +1 each time a corrupt file is replaced (cursors restart)
@@ -395,6 +402,8 @@ class Outbox(Generic[R]):
         keep = max([i for i, (first, _) in enumerate(rows) if first <= oldest] or [0])
         kept = [(first, epoch if _epoch_text(epoch) else new_epoch())  # a damaged one: anew
                 for first, epoch in rows[keep:] if first < nxt]
+        if kept and kept[0][0] > oldest:  # a damaged first_seq: the oldest rows need a range
+            kept[0] = (oldest, kept[0][1])
         self._epochs = kept + [(nxt, new_epoch())]
         with self._transaction() as db:
             db.execute("DELETE FROM epochs")
@@ -433,21 +442,35 @@ class Outbox(Generic[R]):
         what was lost. Caller holds self._lock."""
         if self._db is None:
             return
-        lost, dropped = self._depth, self._dropped
+        self._pending_reopen = (self._dropped + self._depth, self._set_aside, self._last_aside)
+        lost, dropped, aside, last_aside = self._depth, self._dropped, self._set_aside, \
+            self._last_aside
         try:
             self._db.close()
         except sqlite3.Error:
             pass
+        # None until a fresh file is open: if that fails (a full or failing card) the next
+        # call tries again (_on_corruption), never a closed connection.
+        self._db = None  # type: ignore[assignment]
         store.set_aside_corrupt(self.path, str(exc), "outbox")
-        self._db = self._open()
-        self._load()  # a fresh file: every counter 0
-        with self._transaction() as db:
-            db.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (str(dropped + lost),))
-        self._count(dropped=dropped + lost)
-        self.generation += 1
         log.error("outbox %s failed a read after opening (%s): the %d messages queued in it "
                   "are lost (counted as dropped); going on with a fresh file", self.path, exc,
                   lost)
+        self._reopen(dropped + lost, aside, last_aside)  # StoreError: tried again next call
+
+    def _reopen(self, dropped: int, aside: int, last_aside: str) -> None:
+        """A fresh file after a corrupt one, its running counts carried over. Caller holds
+        self._lock. StoreError when it cannot be had (then ``_db`` stays None)."""
+        db = self._open()
+        self._db = db
+        self._load()  # a fresh file: every counter 0
+        with self._transaction() as tx:
+            tx.execute("UPDATE meta SET value = ? WHERE key = 'dropped'", (str(dropped),))
+            tx.execute("UPDATE meta SET value = ? WHERE key = 'set_aside'", (str(aside),))
+        self._count(dropped=dropped, set_aside=aside)
+        self._last_aside = last_aside
+        self._pending_reopen = None
+        self.generation += 1
 
     @classmethod
     def _setup(cls, db: sqlite3.Connection) -> None:
@@ -456,6 +479,7 @@ class Outbox(Generic[R]):
         cls._init_meta(db)
         if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")  # a new file
+        _check_schema(db)
         _repage(db)  # a file of other pages: older schemas, or a rebuild cut short
 
     @staticmethod
@@ -888,6 +912,21 @@ def _migrate(db: sqlite3.Connection) -> bool:
     log.info("outbox: migrated %d queued messages to schema %d (compressed rows from now on; "
              "the queued ones are kept as they are)", count, SCHEMA_VERSION)
     return True
+
+
+_COLUMNS = {"messages": ["seq", "type", "ts", "payload", "size", "created"],
+            "meta": ["key", "value"], "epochs": ["first_seq", "epoch"],
+            "set_aside": ["seq", "id", "type", "ts", "payload", "reason", "at"]}
+
+
+def _check_schema(db: sqlite3.Connection) -> None:
+    """The tables as SCHEMA makes them. A flipped bit in a name of the schema text passes
+    quick_check, and every put and read would then fail with "no such column" in a
+    daemon that runs and delivers nothing: such a file counts as corrupt (set aside)."""
+    for table, columns in _COLUMNS.items():
+        found = [str(row[1]) for row in db.execute(f"PRAGMA table_info({table})")]
+        if found != columns:
+            raise sqlite3.DatabaseError(f"damaged schema: table {table} has columns {found}")
 
 
 def _repage(db: sqlite3.Connection) -> None:

@@ -93,7 +93,7 @@ TELEMETRY_BATCH = "telemetry.batch"  # an extension: used only when the server o
 # with a fresh token once the one it connected with has passed ``at`` of its lifetime.
 TOKEN_RENEW = "token.renew"
 TOKEN_RENEWED = "token.renewed"
-MAX_RENEWED_TOKEN_CHARS = 8192  # the agent's token file limit (auth.MAX_TOKEN_BYTES)
+MAX_RENEWED_TOKEN_CHARS = 8191  # with its newline, the agent's token file limit (8 KiB)
 CLIENT_TYPES = ("ping", "subscribe", "unsubscribe", "telemetry", "command", "command.result",
                 TELEMETRY_BATCH)
 
@@ -745,10 +745,10 @@ def parse_token_renewed(env: Envelope) -> str:
     """The fresh token of a ``token.renewed`` message (server to device)."""
     p = _payload(env)
     token = _get(p, "token", (str,), "payload", env.id)
-    if not 0 < len(token) <= MAX_RENEWED_TOKEN_CHARS or any(
+    if not 0 < len(token) <= MAX_RENEWED_TOKEN_CHARS or not token.isascii() or any(
             c.isspace() or not c.isprintable() for c in token):
         raise RemoteProtocolError(INVALID_MESSAGE, "must be one token of at most "
-                                  f"{MAX_RENEWED_TOKEN_CHARS} printable characters",
+                                  f"{MAX_RENEWED_TOKEN_CHARS} printable ASCII characters",
                                   "payload.token", env.id)
     return token
 

@@ -103,9 +103,11 @@ class Opened:
 
 @dataclass(frozen=True)
 class Acked:
-    """The server has these stored messages: take them out of the queue."""
+    """The server has these stored messages: take them out of the queue. ``batch``: they
+    came in one ``telemetry.batch``."""
 
     ids: Tuple[str, ...]
+    batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,13 @@ class Session:
 
     # ------------------------------------------------------------------ ending
 
+    def lost(self, reason: str, code: Optional[int] = None) -> Ended:
+        """The connection ended outside the session's rules (a reset, a send that failed, a
+        frame we refused): the account of it, as :class:`Ended` says (once)."""
+        self._end(End.CLOSED, reason, code)
+        assert self.ended is not None
+        return self.ended
+
     def _end(self, why: End, reason: str, code: Optional[int] = None) -> List[Event]:
         if self.ended is not None:
             return []
@@ -379,7 +388,7 @@ class Session:
         taken = tuple(item for index, item in enumerate(message.items) if index not in rejected)
         events += [Refused(message.items[index], f"the server rejected it in a batch: {why}")
                    for index, why in sorted(rejected.items())]
-        return [*events, Acked(taken)] if taken else events
+        return [*events, Acked(taken, batch=True)] if taken else events
 
     def _on_pong(self, env: p.Envelope, now: float, wall: float) -> List[Event]:
         self._ping_sent = None

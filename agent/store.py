@@ -91,12 +91,19 @@ def _connect(path: str, busy_timeout_s: float, synchronous: str,
         # The queue is read front to back and written at the end: a small page cache does
         # as well as SQLite's default 2 MB, which a long backlog would fill (RAM on a Pi).
         db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            raise sqlite3.DatabaseError("quick_check failed")
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(20)")]
+        if problems != ["ok"] and not all(_row_damage(line) for line in problems):
+            raise sqlite3.DatabaseError("quick_check failed: " + "; ".join(problems)[:300])
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _row_damage(line: str) -> bool:
+    """A quick_check finding about a cell (a NULL where NOT NULL is declared), not about
+    the file's structure: the row is set aside when it is read, the file is kept."""
+    return line.startswith("NULL value in ")
 
 
 def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
@@ -126,6 +133,13 @@ def open_db(path: str, setup: Callable[[sqlite3.Connection], object],
                 log.warning("%s %s: the lock was released; carrying on with its data", what,
                             path)
             return db
+        except UnicodeDecodeError as exc:
+            # SQLite's own message was not UTF-8: a name in the schema is damaged.
+            if replaced:
+                raise StoreError(path, f"a fresh file fails too: {exc}", temporary=True) from None
+            set_aside_corrupt(path, f"damaged schema text ({exc})", what)
+            replaced += 1
+            continue
         except sqlite3.DatabaseError as exc:
             if is_locked(exc):
                 if time.monotonic() >= deadline:

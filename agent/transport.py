@@ -37,11 +37,14 @@ acted on. This module is the I/O around them:
   answered with ``INVALID_MESSAGE``; one over the protocol's size limit; and
   one that was the oldest in flight when the server closed the connection
   with a refusing code (1003, 1007, 1009, 1011) ``STRIKES`` times in a row.
-* A batch is never struck: a connection that ends with a refusing code, or at
-  the ack timeout, while a batch is in flight halves the batch size for the
-  rest of the run (a proxy in front of the server may refuse frames the server
-  offered to take), down to ``MIN_BATCH_BYTES``, below which batches stop and
-  single messages go. The strikes then count against single messages.
+* A batch is never struck: a connection that ends while a batch is in flight,
+  however it ends (a refusing close code, a timeout, a reset by a proxy in
+  between; not a clean 1000/1001 close or a refused token), halves the batch
+  size (a proxy in front of the server may refuse frames the server offered to
+  take), down to ``MIN_BATCH_BYTES``, below which batches stop for the run and
+  single messages go; ``GROW_AFTER`` batches acked in a row at a halved size
+  double it again, so a flaky link costs the drain's speed only for a while.
+  The strikes count against single messages only.
 * Stopping: no new sends; wait up to ``DRAIN_S`` for in-flight acks (cut
   short by :meth:`Transport.hurry`); close with 1000. Nothing is lost by a
   stop: unacked messages stay in the outbox.
@@ -100,6 +103,8 @@ MAX_FRAMES_PER_READ = 64
 REFUSING_CLOSE_CODES = (1003, 1007, p.CLOSE_TOO_BIG, p.CLOSE_INTERNAL)
 STRIKES = 3  # refusing closes in a row with the same oldest message before it is set aside
 MIN_BATCH_BYTES = 8 * 1024  # halved below this, batches stop: singles go (see the docstring)
+GROW_AFTER = 20  # batches acked at a halved size before it doubles again
+CLOSE_GOING_AWAY = 1001  # a server going down with a batch in flight: no reason to halve
 STABLE_S = 10.0  # a connection must last this long (and get an ack) to reset the backoff
 
 
@@ -334,6 +339,7 @@ class Transport:
         self._hurry = threading.Event()
         self.batches_allowed = True  # off for good once a server refuses a whole batch
         self.batch_bytes = MAX_BATCH_BYTES  # halved by each batch a connection died with
+        self._batch_successes = 0  # batches acked since the size last changed
         self._strikes: Tuple[str, int] = ("", 0)  # (oldest in-flight id, refusing closes)
 
     # ------------------------------------------------------------------ other threads
@@ -445,6 +451,7 @@ class Transport:
         """A connection died with a batch of ``size`` bytes in flight: halve what a batch may
         hold, or stop batches below MIN_BATCH_BYTES (for the rest of this run)."""
         self.batch_bytes = min(self.batch_bytes, size) // 2
+        self._batch_successes = 0
         if self.batch_bytes < MIN_BATCH_BYTES:
             self.batches_allowed = False
             log.error("the connection ended with a telemetry.batch in flight (%s); batches are "
@@ -508,8 +515,10 @@ class Transport:
         try:
             connection.serve(stop)
         except ConnectionLost as exc:
-            if exc.ended is not None:
-                self._after_end(exc.ended)
+            self._after_end(exc.ended or connection.session.lost(str(exc), exc.code))
+            raise
+        except Exception as exc:  # a reset, a failed send: websocket-client's or the OS's
+            self._after_end(connection.session.lost(_describe(exc)))
             raise
         finally:
             connection.close()
@@ -520,11 +529,24 @@ class Transport:
         if ended.why is End.BATCHES_REFUSED:
             self.batches_allowed = False
             log.error("%s", ended.reason)
-        elif ended.batch_bytes is not None and (ended.code in REFUSING_CLOSE_CODES or
-                                                ended.why is End.ACK_TIMEOUT):
+        elif ended.batch_bytes is not None and ended.why is not End.AUTH_REFUSED and \
+                ended.code not in (p.CLOSE_NORMAL, CLOSE_GOING_AWAY):
+            # However it ended (a refusing close, a timeout, a reset by a proxy in between):
+            # a batch in flight may be why. Halved now, grown back after GROW_AFTER acks.
             self._shrink_batches(ended.batch_bytes, ended.reason)
         else:
             self._strike(ended.oldest, ended.code, ended.reason)
+
+    def _batch_acked(self) -> None:
+        """A batch was acked: after GROW_AFTER in a row at a halved size, double it again (a
+        connection lost once, by a flaky link, must not cost the drain's speed for good)."""
+        if self.batch_bytes >= MAX_BATCH_BYTES:
+            return
+        self._batch_successes += 1
+        if self._batch_successes >= GROW_AFTER:
+            self._batch_successes = 0
+            self.batch_bytes = min(MAX_BATCH_BYTES, self.batch_bytes * 2)
+            log.info("batches hold at most %d bytes again", self.batch_bytes)
 
 
 class _Connection:
@@ -599,6 +621,8 @@ class _Connection:
                     self.ws.send(event.text)
                 elif isinstance(event, Acked):
                     acked.extend(event.ids)
+                    if event.batch:
+                        self.t._batch_acked()
                 elif isinstance(event, Refused):
                     self.t.refuse(event.id, event.reason)
                 elif isinstance(event, CommandArrived):
