@@ -329,14 +329,15 @@ def test_a_batch_ack_deletes_its_items_and_sets_aside_the_rejected():
         0.1, WALL)
     assert events == [Worked(), Refused("e-2", "the server rejected it in a batch: "
                                         "payload.items.1.metrics.x: must be a finite number"),
-                      Acked(("e-1", "e-3"))]
+                      Acked(("e-1", "e-3"), batch=True)]
     assert not s.unacked
 
 
 def test_a_plain_ack_for_a_batch_deletes_every_item():
     s = opened()
     s.send(batch(["e-1", "e-2"]), 0.0)
-    assert s.receive(reply("ack", "b-1"), 0.1, WALL) == [Worked(), Acked(("e-1", "e-2"))]
+    assert s.receive(reply("ack", "b-1"), 0.1, WALL) == \
+        [Worked(), Acked(("e-1", "e-2"), batch=True)]
 
 
 @pytest.mark.parametrize("code", ["INVALID_MESSAGE", "UNKNOWN_MESSAGE_TYPE"])
