@@ -115,10 +115,8 @@ def command(ws: Any, device: str, name: str, pairs: List[str], wait_s: float,
             print(f"nexus-ctl: argument {pair!r} is not key=value", file=sys.stderr)
             return EXIT["usage"]
         args[key] = value
-    payload: Dict[str, Any] = {"device_id": device, "name": name, "args": args}
-    if ttl_s:
-        payload["ttl_s"] = ttl_s
-    request = p.make("command", time.time(), payload, p.new_id("cmd"))
+    request = p.make("command", time.time(), p.command_payload(device, name, args, ttl_s),
+                     p.new_id("cmd"))
     ws.send(p.encode(request))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:

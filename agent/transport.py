@@ -104,7 +104,6 @@ REFUSING_CLOSE_CODES = (1003, 1007, p.CLOSE_TOO_BIG, p.CLOSE_INTERNAL)
 STRIKES = 3  # refusing closes in a row with the same oldest message before it is set aside
 MIN_BATCH_BYTES = 8 * 1024  # halved below this, batches stop: singles go (see the docstring)
 GROW_AFTER = 20  # batches acked at a halved size before it doubles again
-CLOSE_GOING_AWAY = 1001  # a server going down with a batch in flight: no reason to halve
 STABLE_S = 10.0  # a connection must last this long (and get an ack) to reset the backoff
 
 
@@ -530,7 +529,7 @@ class Transport:
             self.batches_allowed = False
             log.error("%s", ended.reason)
         elif ended.batch_bytes is not None and ended.why is not End.AUTH_REFUSED and \
-                ended.code not in (p.CLOSE_NORMAL, CLOSE_GOING_AWAY):
+                ended.code not in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY):
             # However it ended (a refusing close, a timeout, a reset by a proxy in between):
             # a batch in flight may be why. Halved now, grown back after GROW_AFTER acks.
             self._shrink_batches(ended.batch_bytes, ended.reason)

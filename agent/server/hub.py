@@ -57,11 +57,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import sqlite3
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Dict, List, Protocol, Tuple
 
 from .. import protocol as p
@@ -209,51 +207,11 @@ class HubSettings:
     group_commit: bool = True
 
 
-class Clock:
-    """``protocol.format_timestamp(now)``, cheaper: an ack, its row and its broadcasts share
-    one ``now`` (formatted once), and the date and time of day change once a second."""
-
-    def __init__(self) -> None:
-        # Tuples, replaced whole: a reader on another thread never sees half an update.
-        self._last: Tuple[float, str] = (math.nan, "")
-        self._second: Tuple[float, str] = (math.nan, "")
-
-    def __call__(self, now: float) -> str:
-        last = self._last
-        if last[0] == now:
-            return last[1]
-        # Rounded as datetime.fromtimestamp rounds (half to even, to the microsecond).
-        fraction, whole = math.modf(now)
-        micros = round(fraction * 1e6)
-        if micros >= 1_000_000:
-            whole, micros = whole + 1, micros - 1_000_000
-        elif micros < 0:
-            whole, micros = whole - 1, micros + 1_000_000
-        second = self._second
-        if second[0] != whole:
-            second = (whole, datetime.fromtimestamp(whole, tz=timezone.utc)
-                      .strftime("%Y-%m-%dT%H:%M:%S."))
-            self._second = second
-        text = f"{second[1]}{micros // 1000:03d}Z"
-        self._last = (now, text)
-        return text
-
-
-def ack_text(msg_id: str, timestamp: str) -> str:
-    """``protocol.encode`` of an ack without a payload, by concatenation (the id was checked
-    to be real text when its frame was decoded)."""
-    return '{"type":"ack","id":' + _json_text(msg_id) + ',"timestamp":"' + timestamp + '"}'
-
-
-# One encoder, made once: json.dumps with any option builds a new encoder on every call.
-_json_text = json.JSONEncoder(ensure_ascii=False).encode
-
-
 class Hub:
     def __init__(self, db_path: str = ":memory:", settings: HubSettings | None = None) -> None:
         self.settings = settings or HubSettings()
         self._lock = threading.Lock()
-        self._clock = Clock()
+        self._clock = p.TimestampClock()
         self._clients: Dict[str, Client] = {}
         # (role, subject) -> its connections (client_id -> client, oldest first): presence
         # and takeover without a fleet scan
@@ -517,7 +475,7 @@ class Hub:
         self._check_sender(client, data.device_id, env.id)
         self._take_samples(client, 1, env.id)
         assert env.id is not None and env.payload is not None
-        out: Outgoing = [(client.peer, ack_text(env.id, self._clock(now)))]
+        out: Outgoing = [(client.peer, p.ack_text(env.id, self._clock(now)))]
         return out + (self._store(env.id, data.device_id, env.timestamp or
                                   self._clock(now), env.payload, p.dumps(env.payload),
                                   now) or [])
@@ -644,18 +602,18 @@ class Hub:
                                 "waiting for offline devices", "payload.ttl_s", env.id)
         self._route(request.device_id, request.command_id, client.client_id)
         if self._device_listening(request.device_id):
-            return self._broadcast("commands", _delivery(request), now)
+            return self._broadcast("commands", p.delivery_payload(request), now)
         view = self._view
         node = view.device_nodes.get(request.device_id) if view is not None else None
         if view is not None and node is not None:
-            view.forward.append((node, _delivery(request)))  # the result comes back here
+            view.forward.append((node, p.delivery_payload(request)))  # the result comes back here
             return []
         if request.ttl_s is None:
             self._unroute(request.device_id, request.command_id)
             raise ProtocolError(p.DEVICE_OFFLINE, self._why_not_listening(request.device_id),
                                 "payload.device_id", env.id)
         if view is not None:  # waits in Redis for whichever node the device reaches first
-            view.parked.append((_delivery(request), now + request.ttl_s))
+            view.parked.append((p.delivery_payload(request), now + request.ttl_s))
             return []
         # On the monotonic clock: a step of the wall clock neither expires it nor keeps it.
         self._pending[request.command_id] = PendingCommand(request, client.client_id,
@@ -745,7 +703,7 @@ class Hub:
         for command_id, pending in list(self._pending.items()):
             if pending.request.device_id == device_id and pending.expires > self._mono:
                 del self._pending[command_id]
-                out += self._broadcast("commands", _delivery(pending.request), now)
+                out += self._broadcast("commands", p.delivery_payload(pending.request), now)
         return out
 
     def tick(self, now: float, mono: float | None = None) -> Outgoing:
@@ -884,11 +842,6 @@ def _batch_or_none(text: str | bytes) -> p.Envelope | None:
     except ProtocolError:
         return None
     return env if env.type == p.TELEMETRY_BATCH else None
-
-
-def _delivery(request: p.CommandRequest) -> Dict[str, Any]:
-    return {"command_id": request.command_id, "device_id": request.device_id,
-            "name": request.name, "args": dict(request.args)}
 
 
 _HANDLERS = {
