@@ -67,7 +67,7 @@ from .. import protocol as p
 from ..errors import AuthError
 from . import page, tokens
 from . import hub as hub_mod
-from .hub import Hub, HubSettings, Outgoing
+from .hub import Hub, HubSettings, Answers
 
 log = logging.getLogger("nexus.server")
 
@@ -444,7 +444,7 @@ def _tls_context(settings: ServerSettings) -> Any:
     return context
 
 
-def _deliver(out: Outgoing) -> None:
+def _deliver(out: Answers) -> None:
     for peer, text in out:
         peer.send(text)
 

@@ -64,7 +64,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .. import protocol as p
-from .hub import Client, ClusterView, Hub, Outgoing
+from .hub import Client, ClusterView, Hub, Answers
 
 log = logging.getLogger("nexus.server.cluster")
 
@@ -144,7 +144,7 @@ class Cluster:
     """This node's membership in the cluster. ``run()`` is its supervisor task."""
 
     def __init__(self, settings: ClusterSettings, hub: Hub,
-                 deliver: Callable[[Outgoing], None]) -> None:
+                 deliver: Callable[[Answers], None]) -> None:
         self.settings = settings
         self.node = settings.node_id or default_node_id()
         self._hub = hub

@@ -85,8 +85,8 @@ class Peer(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
-Outgoing = List[Tuple[Peer, str]]
-Closes = List[Tuple[Peer, int, str]]  # (peer, close code, reason), after its Outgoing
+Answers = List[Tuple[Peer, str]]  # what to write, to whom (session.Outgoing is a stored message)
+Closes = List[Tuple[Peer, int, str]]  # (peer, close code, reason), after its Answers
 
 
 @dataclass
@@ -233,7 +233,7 @@ class Hub:
         self._db.executescript(_SCHEMA)
         self._group_commit = self.settings.group_commit and db_path != ":memory:"
         self._in_transaction = False
-        self._held: Outgoing = []  # answers waiting for the commit (group commit only)
+        self._held: Answers = []  # answers waiting for the commit (group commit only)
         self._held_closes: Closes = []
         # Rows per device, kept beside the store (read once when it opens): the bounds are
         # checked without a query per insert.
@@ -282,11 +282,11 @@ class Hub:
             budget.refill(mono)
             return budget.messages < 0
 
-    def online(self, client: Client, now: float) -> Outgoing:
+    def online(self, client: Client, now: float) -> Answers:
         """``events.update`` ``device.online`` when ``client`` is a device (after its welcome)."""
         return self._presence(client, "device.online", now)
 
-    def disconnect(self, client: Client, now: float | None = None) -> Outgoing:
+    def disconnect(self, client: Client, now: float | None = None) -> Answers:
         """Forget ``client``; ``device.offline`` on channel ``events`` when it was the last
         connection of its device (a reconnect that overtook the old connection stays online)."""
         with self._lock:
@@ -303,7 +303,7 @@ class Hub:
             return []
         return self._presence(client, "device.offline", now)
 
-    def _presence(self, client: Client, event: str, now: float) -> Outgoing:
+    def _presence(self, client: Client, event: str, now: float) -> Answers:
         if not client.identity.is_device:
             return []
         with self._lock:
@@ -317,7 +317,7 @@ class Hub:
     # ------------------------------------------------------------------ messages
 
     def handle(self, client: Client, text: str | bytes, now: float,
-               view: ClusterView | None = None, mono: float | None = None) -> Outgoing:
+               view: ClusterView | None = None, mono: float | None = None) -> Answers:
         """Everything to send in answer to one frame from ``client``; with a ``view``, also
         what the other nodes of a cluster must hear about (written into it). With a store
         file, while a write waits for :meth:`commit`, the answers wait with it (in order).
@@ -335,7 +335,7 @@ class Hub:
         """Writes (and answers) wait for :meth:`commit`."""
         return self._in_transaction
 
-    def commit(self) -> Tuple[Outgoing, Closes]:
+    def commit(self) -> Tuple[Answers, Closes]:
         """Commit the open transaction; the answers and closes it held, to send in order.
         If the commit fails, nothing was stored and nothing held is sent: no false acks
         (the clients resend unacked telemetry)."""
@@ -374,7 +374,7 @@ class Hub:
         return self._db.execute(sql, args)
 
     def _handle(self, client: Client, text: str | bytes, now: float,
-                view: ClusterView | None, mono: float) -> Outgoing:
+                view: ClusterView | None, mono: float) -> Answers:
         # Every frame counts, even a malformed one.
         over_rate = not client.budget.take_message(mono)
         if over_rate and client.budget.exhausted:
@@ -412,10 +412,10 @@ class Hub:
                                "message", now, env.id if env else None)
 
     def _error(self, client: Client, code: str, message: str, now: float,
-               msg_id: str | None, field_path: str | None = None) -> Outgoing:
+               msg_id: str | None, field_path: str | None = None) -> Answers:
         return [(client.peer, _encode(p.make_error(code, message, now, msg_id, field_path)))]
 
-    def _rate_error(self, client: Client, msg_id: str | None, now: float) -> Outgoing:
+    def _rate_error(self, client: Client, msg_id: str | None, now: float) -> Answers:
         limit = self.settings.rate_limit_per_minute
         if client.budget.exhausted:
             # A client that ignores RATE_LIMITED would otherwise make us answer forever.
@@ -431,18 +431,18 @@ class Hub:
                                 f" telemetry samples a minute from this device; this message "
                                 "was not processed, send it again later", "payload", msg_id)
 
-    def _dispatch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+    def _dispatch(self, client: Client, env: p.Envelope, now: float) -> Answers:
         handler = _HANDLERS[env.type]
         return handler(self, client, env, now)
 
     def _reply(self, client: Client, type_: str, env: p.Envelope, now: float,
-               payload: Dict[str, Any] | None = None) -> Outgoing:
+               payload: Dict[str, Any] | None = None) -> Answers:
         return [(client.peer, _encode(p.Envelope(type_, env.id, self._clock(now), payload)))]
 
-    def _ping(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+    def _ping(self, client: Client, env: p.Envelope, now: float) -> Answers:
         return self._reply(client, "pong", env, now)
 
-    def _subscribe(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+    def _subscribe(self, client: Client, env: p.Envelope, now: float) -> Answers:
         sub = p.parse_subscription(env)
         filters = dict(sub.filters)
         if client.identity.is_device:
@@ -464,23 +464,23 @@ class Hub:
             out += self._deliver_pending(client.identity.subject, now)
         return out
 
-    def _unsubscribe(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+    def _unsubscribe(self, client: Client, env: p.Envelope, now: float) -> Answers:
         sub = p.parse_subscription(env, need_filters=False)
         client.subscriptions = [s for s in client.subscriptions if s.channel != sub.channel]
         self._listeners.get(sub.channel, {}).pop(client.client_id, None)
         return self._reply(client, "unsubscribed", env, now, {"channel": sub.channel})
 
-    def _telemetry(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+    def _telemetry(self, client: Client, env: p.Envelope, now: float) -> Answers:
         data = p.parse_telemetry(env)
         self._check_sender(client, data.device_id, env.id)
         self._take_samples(client, 1, env.id)
         assert env.id is not None and env.payload is not None
-        out: Outgoing = [(client.peer, p.ack_text(env.id, self._clock(now)))]
+        out: Answers = [(client.peer, p.ack_text(env.id, self._clock(now)))]
         return out + (self._store(env.id, data.device_id, env.timestamp or
                                   self._clock(now), env.payload, p.dumps(env.payload),
                                   now) or [])
 
-    def _telemetry_batch(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+    def _telemetry_batch(self, client: Client, env: p.Envelope, now: float) -> Answers:
         """Every valid item stored and broadcast as if it came alone; one ack says what was
         taken. A bad item rejects only itself (named by index and field in the ack).
 
@@ -502,11 +502,11 @@ class Hub:
         client.job = BatchJob(env, device_id, raw, self._view)
         return self._batch_step(client, now)
 
-    def _batch_step(self, client: Client, now: float) -> Outgoing:
+    def _batch_step(self, client: Client, now: float) -> Answers:
         """The next ``batch_step_items`` items of ``client.job``; the ack after the last."""
         job = client.job
         assert job is not None
-        out: Outgoing = []
+        out: Answers = []
         end = min(len(job.raw), job.next + self.settings.batch_step_items)
         for index in range(job.next, end):
             item = p.parse_batch_item(job.raw[index], index, job.env.id)
@@ -526,7 +526,7 @@ class Hub:
             "items": len(job.raw), "stored": job.stored,
             "rejected": p.rejected_list(job.rejected, p.MAX_MESSAGE_BYTES)})
 
-    def resume(self, client: Client, now: float) -> Outgoing:
+    def resume(self, client: Client, now: float) -> Answers:
         """The next step of the batch ``client`` sent (``client.job``); call while it is
         set, in later turns of the event loop. Held for the commit like :meth:`handle`."""
         with self._lock:
@@ -545,7 +545,7 @@ class Hub:
         return out
 
     def _store_item(self, device_id: str, index: int, item: p.BatchItem,
-                    now: float) -> Tuple[Outgoing | None, p.ItemRejected | None]:
+                    now: float) -> Tuple[Answers | None, p.ItemRejected | None]:
         """One batch item: stored (its broadcasts, or None when stored before), or refused."""
         payload = item.payload(device_id)
         row = p.dumps(payload)
@@ -571,7 +571,7 @@ class Hub:
                                 "device_id", "payload.device_id", msg_id)
 
     def _store(self, msg_id: str, device_id: str, sample_time: str, payload: Any, row: str,
-               now: float) -> Outgoing | None:
+               now: float) -> Answers | None:
         """Store one sample by (device, id): its broadcasts when new, None when stored before."""
         view = self._view
         if view is not None and msg_id in view.duplicates:
@@ -592,7 +592,7 @@ class Hub:
             view.published.append(("telemetry", update))
         return self._broadcast("telemetry", update, now)
 
-    def _command(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+    def _command(self, client: Client, env: p.Envelope, now: float) -> Answers:
         request = p.parse_command(env)
         if client.identity.is_device:
             raise ProtocolError(p.FORBIDDEN, "only an operator token may send commands", "type",
@@ -620,7 +620,7 @@ class Hub:
                                                            self._mono + request.ttl_s)
         return []
 
-    def _command_result(self, client: Client, env: p.Envelope, now: float) -> Outgoing:
+    def _command_result(self, client: Client, env: p.Envelope, now: float) -> Answers:
         result = p.parse_command_result(env)
         if not client.identity.is_device or result.device_id != client.identity.subject:
             raise ProtocolError(p.FORBIDDEN, "a device may only report its own commands",
@@ -650,8 +650,8 @@ class Hub:
 
     # ------------------------------------------------------------------ routing helpers
 
-    def _broadcast(self, channel: str, payload: Dict[str, Any], now: float) -> Outgoing:
-        out: Outgoing = []
+    def _broadcast(self, channel: str, payload: Dict[str, Any], now: float) -> Answers:
+        out: Answers = []
         text = ""  # encoded for the first subscriber it goes to; the same text for all
         for client in self._listeners.get(channel, {}).values():
             for sub in client.subscriptions:
@@ -698,18 +698,18 @@ class Hub:
         return any(any(s.channel == "commands" for s in c.subscriptions)
                    for c in self._identities.get(("device", device_id), {}).values())
 
-    def _deliver_pending(self, device_id: str, now: float) -> Outgoing:
-        out: Outgoing = []
+    def _deliver_pending(self, device_id: str, now: float) -> Answers:
+        out: Answers = []
         for command_id, pending in list(self._pending.items()):
             if pending.request.device_id == device_id and pending.expires > self._mono:
                 del self._pending[command_id]
                 out += self._broadcast("commands", p.delivery_payload(pending.request), now)
         return out
 
-    def tick(self, now: float, mono: float | None = None) -> Outgoing:
+    def tick(self, now: float, mono: float | None = None) -> Answers:
         """Expire commands that waited too long for their device, forget the budgets of
         identities gone and refilled; call about once a second."""
-        out: Outgoing = []
+        out: Answers = []
         with self._lock:
             mono = now if mono is None else mono
             for key in [k for k, b in self._budgets.items()
@@ -741,13 +741,13 @@ class Hub:
         with self._lock:
             return self._device_listening(device_id)
 
-    def deliver_remote(self, channel: str, payload: Dict[str, Any], now: float) -> Outgoing:
+    def deliver_remote(self, channel: str, payload: Dict[str, Any], now: float) -> Answers:
         """Another node's broadcast, fanned out to the subscribers here (nothing stored)."""
         with self._lock:
             return self._broadcast(channel, payload, now)
 
     def deliver_command(self, delivery: Dict[str, Any], origin: str | None,
-                        now: float) -> Outgoing | None:
+                        now: float) -> Answers | None:
         """A command for a device connected here, from ``origin`` (another node's id, or
         None when the operator is on this node); None when the device is not here."""
         with self._lock:
@@ -757,7 +757,7 @@ class Hub:
                 self._route(delivery["device_id"], delivery["command_id"], REMOTE + origin)
             return self._broadcast("commands", delivery, now)
 
-    def deliver_result(self, result: Dict[str, Any], now: float) -> Outgoing:
+    def deliver_result(self, result: Dict[str, Any], now: float) -> Answers:
         """A command's result from the device's node, for the operator here who asked."""
         command_id = str(result.get("command_id", ""))
         with self._lock:
@@ -768,7 +768,7 @@ class Hub:
         return [(operator.peer, _encode(p.make("command.result", now, result, command_id)))]
 
     def command_failed(self, device_id: str, command_id: str, message: str,
-                       now: float) -> Outgoing:
+                       now: float) -> Answers:
         """DEVICE_OFFLINE for the operator here who sent ``command_id`` to ``device_id`` (no
         node took it)."""
         with self._lock:
