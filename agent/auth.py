@@ -43,14 +43,20 @@ def check_token_file(path: str, what: str = "token file") -> None:
         raise AuthError(f"{what} {path}: not readable by this user (uid {os.geteuid()})")
 
 
-def read_secret_line(path: str, what: str) -> str:
-    """The one line of a 0600 secret file (a key's passphrase); never logged."""
+def _read_secret(path: str, what: str) -> bytes:
+    """The bytes of a 0600 secret file (at most MAX_TOKEN_BYTES + 1: over is an error for
+    the caller to name); never logged."""
     check_token_file(path, what)
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_TOKEN_BYTES + 1)
+            return f.read(MAX_TOKEN_BYTES + 1)
     except OSError as exc:
         raise AuthError(f"{what} {path}: {exc.strerror}") from None
+
+
+def read_secret_line(path: str, what: str) -> str:
+    """The one line of a 0600 secret file (a key's passphrase); never logged."""
+    data = _read_secret(path, what)
     lines = data.decode("utf-8", "replace").splitlines()
     if len(data) > MAX_TOKEN_BYTES or len(lines) != 1 or not lines[0]:
         raise AuthError(f"{what} {path}: must hold one line")
@@ -60,12 +66,7 @@ def read_secret_line(path: str, what: str) -> str:
 def read_proxy_auth(path: str) -> Tuple[str, str]:
     """``(user, password)`` from a proxy credentials file holding ``user:password``."""
     what = "proxy auth file"
-    check_token_file(path, what)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TOKEN_BYTES + 1)
-    except OSError as exc:
-        raise AuthError(f"{what} {path}: {exc.strerror}") from None
+    data = _read_secret(path, what)
     line = data.decode("utf-8", "replace").strip()
     user, colon, password = line.partition(":")
     if len(data) > MAX_TOKEN_BYTES or "\n" in line or not colon or not user:
