@@ -64,6 +64,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .. import protocol as p
+from ..errors import ProtocolError
 from .hub import Client, ClusterView, Hub, Answers
 
 log = logging.getLogger("nexus.server.cluster")
@@ -204,36 +205,38 @@ class Cluster:
 
     async def handle(self, client: Client, text: str | bytes) -> None:
         """One frame from a client of this node: look up, let the hub answer, tell the others."""
-        msg = _peek(text) if self.up else None
+        # Decoded once, here, and handed to the hub (which decodes only what this did not).
+        env = _decoded(text)
         view: Optional[ClusterView] = None
-        if msg is not None:
+        if env is not None and self.up:
             try:
-                view = await self._before(client, msg)
+                view = await self._before(client, env)
             except Unreachable:
                 view = None
             except Exception:  # noqa: BLE001 - a cluster bug must not cost the connection
                 log.exception("cluster lookup failed; handled as a single node")
                 view = None
-        self._deliver(self._hub.handle(client, text, time.time(), view, time.monotonic()))
+        self._deliver(self._hub.handle(client, text, time.time(), view, time.monotonic(),
+                                       env=env))
         while client.job is not None:  # a big batch: a step per turn of the loop
             await asyncio.sleep(0)
             self._deliver(self._hub.resume(client, time.time()))
         if view is not None:
             self._after(view)
-        if (msg is not None and client.identity.is_device and msg.get("type") == "subscribe"
-                and _channel(msg) == "commands" and self.up):
+        if (env is not None and client.identity.is_device and env.type == "subscribe"
+                and _channel(env) == "commands" and self.up):
             self._spawn(self._device_arrived(client.identity.subject))
 
-    async def _before(self, client: Client, msg: Dict[str, Any]) -> ClusterView:
+    async def _before(self, client: Client, env: p.Envelope) -> ClusterView:
         view = ClusterView()
-        kind = msg.get("type")
+        kind = env.type
         if client.identity.is_device and kind in ("telemetry", p.TELEMETRY_BATCH):
-            ids = _telemetry_ids(msg)
+            ids = _telemetry_ids(env)
             if ids:
                 # The device is the token's (the hub refuses a frame for another device).
                 view.duplicates = frozenset(await self._claim(client.identity.subject, ids))
         elif not client.identity.is_device and kind == "command":
-            payload = msg.get("payload")
+            payload = env.payload
             device = payload.get("device_id") if isinstance(payload, dict) else None
             if isinstance(device, str) and not self._hub.device_listening(device):
                 node = await self._call("get", f"nexus:device:{device}")
@@ -491,24 +494,23 @@ def seen_key(device_id: str, msg_id: str) -> str:
     return f"nexus:seen:{device}:{msg_id}"
 
 
-def _peek(text: str | bytes) -> Optional[Dict[str, Any]]:
-    """The frame as JSON, or None (the hub answers malformed frames itself)."""
+def _decoded(text: str | bytes) -> Optional[p.Envelope]:
+    """The frame's envelope, or None (the hub answers malformed frames itself)."""
     try:
-        msg = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
+        return p.decode(text)
+    except ProtocolError:
         return None
-    return msg if isinstance(msg, dict) else None
 
 
-def _channel(msg: Dict[str, Any]) -> Any:
-    payload = msg.get("payload")
+def _channel(env: p.Envelope) -> Any:
+    payload = env.payload
     return payload.get("channel") if isinstance(payload, dict) else None
 
 
-def _telemetry_ids(msg: Dict[str, Any]) -> List[str]:
-    if msg.get("type") == "telemetry":
-        return [msg["id"]] if isinstance(msg.get("id"), str) and msg["id"] else []
-    payload = msg.get("payload")
+def _telemetry_ids(env: p.Envelope) -> List[str]:
+    if env.type == "telemetry":
+        return [env.id] if env.id else []
+    payload = env.payload
     items = payload.get("items") if isinstance(payload, dict) else None
     if not isinstance(items, list):
         return []

@@ -317,13 +317,15 @@ class Hub:
     # ------------------------------------------------------------------ messages
 
     def handle(self, client: Client, text: str | bytes, now: float,
-               view: ClusterView | None = None, mono: float | None = None) -> Answers:
+               view: ClusterView | None = None, mono: float | None = None,
+               env: p.Envelope | None = None) -> Answers:
         """Everything to send in answer to one frame from ``client``; with a ``view``, also
         what the other nodes of a cluster must hear about (written into it). With a store
         file, while a write waits for :meth:`commit`, the answers wait with it (in order).
         ``now`` is the wall clock (time stamps); ``mono`` a monotonic clock for the rate
-        budget (``now`` when not given: tests)."""
-        out = self._handle(client, text, now, view, now if mono is None else mono)
+        budget (``now`` when not given: tests). ``env``: the frame already decoded (a cluster
+        node decodes it once for its own lookups), else decoded here."""
+        out = self._handle(client, text, now, view, now if mono is None else mono, env)
         if self._in_transaction:
             with self._lock:
                 self._held += out
@@ -374,17 +376,19 @@ class Hub:
         return self._db.execute(sql, args)
 
     def _handle(self, client: Client, text: str | bytes, now: float,
-                view: ClusterView | None, mono: float) -> Answers:
+                view: ClusterView | None, mono: float,
+                decoded: p.Envelope | None = None) -> Answers:
         # Every frame counts, even a malformed one.
         over_rate = not client.budget.take_message(mono)
         if over_rate and client.budget.exhausted:
             # Past twice the limit: closed, and the flood it keeps sending costs no decoding.
             self._close_client(client, p.CLOSE_POLICY, "rate limit exceeded")
             return []
-        env: p.Envelope | None = None
+        env: p.Envelope | None = decoded
         if _too_big(text):
             # The frame limit lets a batch through; everything else keeps 64 KiB.
-            env = _batch_or_none(text)
+            env = _batch_or_none(text) if env is None else \
+                env if env.type == p.TELEMETRY_BATCH else None
             if env is None:
                 self._close_client(client, p.CLOSE_TOO_BIG, "message too big")
                 return []
