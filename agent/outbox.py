@@ -442,9 +442,10 @@ class Outbox(Generic[R]):
         what was lost. Caller holds self._lock."""
         if self._db is None:
             return
-        self._pending_reopen = (self._dropped + self._depth, self._set_aside, self._last_aside)
-        lost, dropped, aside, last_aside = self._depth, self._dropped, self._set_aside, \
-            self._last_aside
+        lost = self._depth
+        # What the fresh file carries over (the lost rows count as dropped); kept until it
+        # opens, so a failed open is retried with the same counts.
+        self._pending_reopen = (self._dropped + lost, self._set_aside, self._last_aside)
         try:
             self._db.close()
         except sqlite3.Error:
@@ -456,7 +457,7 @@ class Outbox(Generic[R]):
         log.error("outbox %s failed a read after opening (%s): the %d messages queued in it "
                   "are lost (counted as dropped); going on with a fresh file", self.path, exc,
                   lost)
-        self._reopen(dropped + lost, aside, last_aside)  # StoreError: tried again next call
+        self._reopen(*self._pending_reopen)  # StoreError: tried again at the next call
 
     def _reopen(self, dropped: int, aside: int, last_aside: str) -> None:
         """A fresh file after a corrupt one, its running counts carried over. Caller holds
