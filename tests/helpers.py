@@ -294,6 +294,22 @@ def _wal_salt(db_path: Path) -> bytes:
         return b""
 
 
+def queued_backlog(state_dir: Path, n: int) -> List[str]:
+    """``n`` samples of device-001 stored in the outbox of ``state_dir`` as an agent offline
+    for a while would have them (the agent not running); their ids, oldest first."""
+    from agent import protocol as p
+    from agent.codec import CODEC
+    from agent.outbox import Outbox
+
+    box = Outbox(CODEC, str(state_dir), 10**8)
+    box._db.execute("PRAGMA synchronous=OFF")  # test set-up only
+    ids = [box.put("telemetry", {"device_id": "device-001", "metrics": {
+        "cpu_usage": 12.5, "memory_usage": 40.1, "n": i}},
+        p.format_timestamp(1_750_000_000 + i)).id for i in range(n)]
+    box.close()
+    return ids
+
+
 def outbox_ids(state_dir: Path) -> List[str]:
     """Ids stored in an agent's outbox, oldest first (while it runs or after)."""
     with outbox_snapshot(state_dir) as db:

@@ -93,12 +93,21 @@ def test_an_unreadable_row_in_a_batch_read_does_not_stop_the_backlog(tmp_path):
 # -------------------------------------------------------------------------------------- NULL cells
 
 
-def _allow_null_payload(path):
-    """Drop NOT NULL from messages.payload in the schema text (as a damaged record header
-    that says NULL would read), without changing the schema cookie."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA writable_schema=ON")
-    return db
+def _null_payload(path, seq):
+    """Make row ``seq``'s payload NULL, as a damaged record header that says NULL would
+    read: NOT NULL is dropped from the schema text for the update and put back (the schema
+    cookie unchanged), so the file says NOT NULL and holds a NULL."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA writable_schema=ON")
+    sql = other.execute("SELECT sql FROM sqlite_master WHERE name='messages'").fetchone()[0]
+    other.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'messages'",
+                  (sql.replace("payload NOT NULL", "payload"),))
+    other.close()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("UPDATE messages SET payload = NULL WHERE seq = ?", (seq,))
+    other.execute("PRAGMA writable_schema=ON")
+    other.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'messages'", (sql,))
+    other.close()
 
 
 def test_a_null_payload_read_after_opening_does_not_stop_the_queue(tmp_path):
@@ -109,18 +118,7 @@ def test_a_null_payload_read_after_opening_does_not_stop_the_queue(tmp_path):
     box = Outbox(CODEC, str(tmp_path), 10**7, lock="shared")
     try:
         records = fill(box, 40)  # over HELD_ROWS: read from the file
-        path = os.path.join(str(tmp_path), "outbox.db")
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("PRAGMA writable_schema=ON")
-        sql = other.execute("SELECT sql FROM sqlite_master WHERE name='messages'").fetchone()[0]
-        other.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'messages'",
-                      (sql.replace("payload NOT NULL", "payload"),))
-        other.close()
-        other = sqlite3.connect(path, isolation_level=None)
-        other.execute("UPDATE messages SET payload = NULL WHERE seq = ?", (records[3].seq,))
-        other.execute("PRAGMA writable_schema=ON")
-        other.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'messages'", (sql,))
-        other.close()
+        _null_payload(os.path.join(str(tmp_path), "outbox.db"), records[3].seq)
         got = box.read_after(0, 100)  # must not raise
         assert len(got) == 39
         assert box.stats().set_aside == 1
@@ -542,18 +540,12 @@ def test_e2e_a_proxy_that_resets_big_frames_still_gets_the_backlog(tmp_path):
     of closing with 1009: the connection ends by ConnectionLost without an Ended, so
     ``_after_end`` never runs: no halving, no strike. Every reconnect sends the same
     over-size batch again."""
-    from helpers import AgentProcess, FakeServer, wait_for, write_config
+    from helpers import AgentProcess, FakeServer, queued_backlog, wait_for, write_config
 
     big, got = [], []
     fake = FakeServer(_dropping_server(big, got))
     config = write_config(tmp_path, fake.url, telemetry={"interval_s": 0.2})
-    state = config.parent / "state"
-    box = Outbox(CODEC, str(state), 10**8)
-    box._db.execute("PRAGMA synchronous=OFF")  # test set-up only
-    backlog = [box.put("telemetry", {"device_id": "device-001", "metrics": {
-        "cpu_usage": 12.5, "memory_usage": 40.1, "n": i}},
-        p.format_timestamp(1_750_000_000 + i)).id for i in range(3000)]
-    box.close()
+    backlog = queued_backlog(config.parent / "state", 3000)
     agent = AgentProcess(config)
     try:
         try:
@@ -744,17 +736,7 @@ def test_a_null_cell_found_at_open_costs_one_row_not_the_whole_queue(tmp_path):
     records = fill(box, 40)
     box.close()
     path = os.path.join(str(tmp_path), "outbox.db")
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("PRAGMA writable_schema=ON")
-    sql = other.execute("SELECT sql FROM sqlite_master WHERE name='messages'").fetchone()[0]
-    other.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'messages'",
-                  (sql.replace("payload NOT NULL", "payload"),))
-    other.close()
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("UPDATE messages SET payload = NULL WHERE seq = ?", (records[3].seq,))
-    other.execute("PRAGMA writable_schema=ON")
-    other.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'messages'", (sql,))
-    other.close()
+    _null_payload(path, records[3].seq)
     box = Outbox(CODEC, str(tmp_path), 10**7)
     try:
         moved = [f for f in os.listdir(str(tmp_path)) if ".corrupt-" in f]

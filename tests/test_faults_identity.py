@@ -28,6 +28,7 @@ from helpers import (
     ServerProcess,
     free_port,
     outbox_snapshot,
+    queued_backlog,
     stored,
     wait_for,
     write_config,
@@ -267,13 +268,7 @@ def test_a_server_that_refuses_big_frames_gets_the_backlog_and_live_samples(tmp_
     big, got, batches = [], [], []
     fake = FakeServer(_lying_server(big, got, batches, how))
     config = write_config(tmp_path, fake.url, telemetry={"interval_s": 0.2})
-    state = config.parent / "state"
-    box = Outbox(CODEC, str(state), 10**8)
-    box._db.execute("PRAGMA synchronous=OFF")  # test set-up only
-    backlog = [box.put("telemetry", {"device_id": "device-001", "metrics": {
-        "cpu_usage": 12.5, "memory_usage": 40.1, "n": i}},
-        p.format_timestamp(1_750_000_000 + i)).id for i in range(6000)]
-    box.close()
+    backlog = queued_backlog(config.parent / "state", 6000)
     agent = AgentProcess(config)
     try:
         wait_for(lambda: set(backlog) <= set(got), timeout=60, what="the whole backlog")
