@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from ..errors import AuthError
 from ..logsetup import setup_logging
 from ..signals import STOP_SIGNALS, SignalInbox, leave
+
+if TYPE_CHECKING:
+    from . import tokens
 
 
 def _serve_args(argv: List[str]) -> argparse.Namespace:
@@ -38,8 +41,29 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--max-rows", type=int, default=100_000,
                     help="telemetry rows in the whole store, a last resort: the largest "
                     "devices' oldest go first (default 100000)")
-    ap.add_argument("--secret-file", help="file holding the JWT secret "
-                    "(default: $NEXUS_JWT_SECRET)")
+    keys = ap.add_mutually_exclusive_group()
+    keys.add_argument("--secret-file", help="file holding the HS256 JWT secret "
+                      "(default: $NEXUS_JWT_SECRET)")
+    keys.add_argument("--public-key", metavar="FILE", help="verify tokens with this PEM "
+                      "public key only (Ed25519: EdDSA, RSA: RS256); the node then holds "
+                      "nothing that mints tokens, so it offers no renewal")
+    keys.add_argument("--signing-key", metavar="FILE", help="mint and verify tokens with "
+                      "this PEM private key (Ed25519: EdDSA, RSA: RS256): renewals, the page")
+    ap.add_argument("--renew-at", type=float, default=0.8, metavar="SHARE",
+                    help="send a device a fresh token once its token has passed this share "
+                    "of its lifetime (default 0.8; offered only by a node that can mint)")
+    ap.add_argument("--no-renew", action="store_true", help="offer no token renewal")
+    ap.add_argument("--client-ca", metavar="FILE", help="with --tls-cert: verify client "
+                    "certificates against this CA bundle; a device that presents one needs "
+                    "no token (its id: SAN URI urn:nexus:device:ID, else its CN)")
+    ap.add_argument("--require-client-cert", action="store_true",
+                    help="refuse devices without a client certificate (operators keep tokens)")
+    ap.add_argument("--client-cert-header", metavar="NAME", help="behind a TLS terminator "
+                    "(deploy/nginx/nexus-mtls.conf): the header carrying the verified client "
+                    "certificate (URL-escaped PEM), taken only from --trusted-proxy")
+    ap.add_argument("--trusted-proxy", action="append", metavar="ADDR",
+                    help="an address or network allowed to send --client-cert-header "
+                    "(repeatable; default 127.0.0.1 and ::1)")
     ap.add_argument("--ping-interval", type=float, default=30.0,
                     help="seconds between protocol pings (default 30)")
     ap.add_argument("--ping-timeout", type=float, default=30.0,
@@ -82,26 +106,63 @@ def _token_args(argv: List[str]) -> argparse.Namespace:
     who.add_argument("--operator", metavar="NAME", help="an operator token for NAME")
     ap.add_argument("--ttl", type=float, default=86400.0,
                     help="lifetime in seconds (default 86400)")
-    ap.add_argument("--secret-file", help="file holding the JWT secret "
-                    "(default: $NEXUS_JWT_SECRET)")
+    keys = ap.add_mutually_exclusive_group()
+    keys.add_argument("--secret-file", help="file holding the HS256 JWT secret "
+                      "(default: $NEXUS_JWT_SECRET)")
+    keys.add_argument("--private-key", metavar="FILE", help="sign with this PEM private key "
+                      "(Ed25519: EdDSA, RSA: RS256); nodes verify with its public half")
     return ap.parse_args(argv)
 
 
-def _token(argv: List[str]) -> int:
+def _load_keys(secret_file: Optional[str], public_key: Optional[str] = None,
+               private_key: Optional[str] = None) -> tokens.TokenKeys:
+    """The token keys the flags name (AuthError names what is wrong; ImportError without
+    the 'server' extra's cryptography for a key file)."""
     from . import tokens
 
+    if public_key:
+        return tokens.load_public_key(public_key)
+    if private_key:
+        return tokens.load_private_key(private_key)
+    return tokens.TokenKeys.from_secret(tokens.load_secret(secret_file))
+
+
+def _token(argv: List[str]) -> int:
     args = _token_args(argv)
-    try:
-        secret = tokens.load_secret(args.secret_file)
-    except AuthError as exc:
-        print(f"nexus-server token: {exc}", file=sys.stderr)
-        return 2
     if args.ttl <= 0:
         print("nexus-server token: --ttl must be positive", file=sys.stderr)
         return 2
+    try:
+        keys = _load_keys(args.secret_file, private_key=args.private_key)
+    except AuthError as exc:
+        print(f"nexus-server token: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"nexus-server token: {exc.name} is missing; install the 'server' extra",
+              file=sys.stderr)
+        return 2
     role, subject = ("device", args.device) if args.device else ("operator", args.operator)
-    print(tokens.mint(secret, subject, role, args.ttl))
+    print(keys.mint(subject, role, args.ttl))
     return 0
+
+
+def _check_identity_args(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the TLS, certificate and renewal flags, or None."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return "--tls-cert and --tls-key go together"
+    if args.client_ca and not args.tls_cert:
+        return "--client-ca needs --tls-cert and --tls-key (it verifies in the TLS handshake)"
+    if args.require_client_cert and not (args.client_ca or args.client_cert_header):
+        return "--require-client-cert needs --client-ca or --client-cert-header"
+    if not 0.0 < args.renew_at < 1.0:
+        return "--renew-at must be between 0 and 1 (a share of a token's lifetime)"
+    if args.client_cert_header:
+        try:
+            from .certs import parse_networks
+            parse_networks(args.trusted_proxy or ())
+        except ValueError as exc:
+            return str(exc)
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -121,7 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         from .app import CompanionServer, ServerSettings
         from .page import PAGE_SUBJECT, PAGE_TOKEN_TTL_S, page_url
-        from .tokens import load_secret, mint
+        if args.public_key or args.signing_key or args.client_ca or args.client_cert_header:
+            import cryptography  # noqa: F401 - key files and certificates: the 'server' extra
 
         if args.redis:
             from . import cluster  # noqa: F401 - redis-py, the 'cluster' extra
@@ -130,13 +192,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"nexus-server: {exc.name} is missing; install the '{extra}' extra "
               f"(pip install 'nexus-edge-agent[{extra}]')", file=sys.stderr)
         return 2
+    problem = _check_identity_args(args)
+    if problem:
+        print(f"nexus-server: {problem}", file=sys.stderr)
+        return 2
     try:
-        secret = load_secret(args.secret_file)
+        keys = _load_keys(args.secret_file, args.public_key, args.signing_key)
     except AuthError as exc:
         print(f"nexus-server: {exc}", file=sys.stderr)
-        return 2
-    if bool(args.tls_cert) != bool(args.tls_key):
-        print("nexus-server: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     settings = ServerSettings(args.host, args.port, args.db, args.ping_interval,
                               args.ping_timeout, args.rate_limit, tls_cert=args.tls_cert,
@@ -148,9 +211,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                               max_rows=args.max_rows,
                               max_rows_per_device=args.max_rows_per_device,
                               handshake_timeout_s=args.handshake_timeout,
-                              max_unauthenticated=args.max_unauthenticated)
+                              max_unauthenticated=args.max_unauthenticated,
+                              client_ca=args.client_ca,
+                              require_client_cert=args.require_client_cert,
+                              client_cert_header=args.client_cert_header,
+                              trusted_proxies=tuple(args.trusted_proxy or ("127.0.0.1", "::1")),
+                              renew_at=None if args.no_renew else args.renew_at)
     try:
-        server = CompanionServer(settings, secret)
+        server = CompanionServer(settings, keys)
     except ImportError as exc:  # --loop uvloop without uvloop installed
         print(f"nexus-server: {exc.name} is missing; install the 'server' extra "
               "(pip install 'nexus-edge-agent[server]') or use --loop auto", file=sys.stderr)
@@ -163,8 +231,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     # The fleet page, with a fresh operator token in the fragment (never in a request line),
     # only where a person reads it: a 12-hour operator token in a journal or a log file is
     # a credential anyone who reads that file may use.
-    if args.print_page_token or sys.stdout.isatty():
-        page_token = mint(secret, PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
+    if not keys.can_mint:
+        print(f"page: {page_url(server.url, '')[:-len('#token=')]} (this node holds a public "
+              "key only: mint an operator token with 'nexus-server token --private-key FILE "
+              "--operator NAME' and add it as #token=...)", flush=True)
+    elif args.print_page_token or sys.stdout.isatty():
+        page_token = keys.mint(PAGE_SUBJECT, "operator", PAGE_TOKEN_TTL_S)
         print(f"page: {page_url(server.url, page_token)}", flush=True)
     else:
         print(f"page: {page_url(server.url, '')[:-len('#token=')]} (its token is printed only "

@@ -65,7 +65,7 @@ from websockets.protocol import State
 
 from .. import protocol as p
 from ..errors import AuthError
-from . import page, tokens
+from . import certs, page, tokens
 from . import hub as hub_mod
 from .hub import Hub, HubSettings, Answers
 
@@ -89,6 +89,18 @@ class ServerSettings:
     close_timeout_s: float = 2.0
     tls_cert: Optional[str] = None  # PEM certificate chain; with tls_key, serve wss://
     tls_key: Optional[str] = None
+    # Client certificates (certs.py): verified against client_ca whenever one is presented;
+    # a device then needs no token. require_client_cert refuses devices that come with a
+    # token only (operators keep their tokens).
+    client_ca: Optional[str] = None
+    require_client_cert: bool = False
+    # A TLS terminator in front (nginx) passes the verified certificate in this header,
+    # taken only from trusted_proxies (addresses or networks); None: the header is ignored.
+    client_cert_header: Optional[str] = None
+    trusted_proxies: Tuple[str, ...] = ("127.0.0.1", "::1")
+    # Token renewal (docs/protocol.md section 9): past this share of a device token's
+    # lifetime the server sends a fresh one; offered only when this node can mint.
+    renew_at: Optional[float] = 0.8
     # Per-client send queue, on top of the library's write buffer (write_limit_bytes):
     # about 4,000 telemetry broadcasts, a few seconds of a whole fleet for an operator.
     send_queue_messages: int = 4096
@@ -441,6 +453,12 @@ def _tls_context(settings: ServerSettings) -> Any:
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.client_ca:
+        # OPTIONAL: a certificate, when presented, must verify against client_ca (else the
+        # TLS handshake fails); clients without one (operators, the page, devices still on
+        # tokens) go on to the token check. require_client_cert is enforced there.
+        context.load_verify_locations(settings.client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 
@@ -452,7 +470,10 @@ def _deliver(out: Answers) -> None:
 def _token_from(conn: ServerConnection) -> Optional[str]:
     """The JWT from ``Authorization: Bearer`` or, failing that, ``?token=``."""
     assert conn.request is not None
-    header = conn.request.headers.get("Authorization", "")
+    headers = conn.request.headers.get_all("Authorization")
+    if len(headers) > 1:
+        raise AuthError("Authorization sent more than once")
+    header = headers[0] if headers else ""
     if header.startswith("Bearer ") and header[7:].strip():
         return header[7:].strip()
     values = parse_qs(urlsplit(conn.request.path).query).get("token")
@@ -466,9 +487,14 @@ class CompanionServer:
     event loop in a daemon thread; ``stop()`` ends it.
     """
 
-    def __init__(self, settings: ServerSettings, secret: bytes) -> None:
+    def __init__(self, settings: ServerSettings,
+                 keys: Union[bytes, tokens.TokenKeys]) -> None:
         self.settings = settings
-        self._secret = secret
+        # bytes: the guide's HS256 secret; or keys loaded from a PEM file (tokens.py)
+        self._keys = keys if isinstance(keys, tokens.TokenKeys) else \
+            tokens.TokenKeys.from_secret(keys)
+        self._renew_share = settings.renew_at if self._keys.can_mint else None
+        self._trusted = certs.parse_networks(settings.trusted_proxies)
         self.hub = Hub(settings.db, HubSettings(
             settings.rate_limit_per_minute, settings.samples_per_minute,
             settings.max_operator_connections,
@@ -576,10 +602,7 @@ class CompanionServer:
 
     async def _handle(self, conn: ServerConnection) -> None:
         try:
-            token = _token_from(conn)
-            if token is None:
-                raise AuthError("Missing authentication token")
-            identity = tokens.verify(token, self._secret)
+            identity = self._authenticate(conn)
         except AuthError as exc:
             if isinstance(conn, GuardedConnection):
                 conn.admitted()  # its close is bounded by close_timeout
@@ -600,6 +623,51 @@ class CompanionServer:
                                                  p.MAX_BATCH_BYTES)
         await self._serve_client(conn, identity)
 
+    def _authenticate(self, conn: ServerConnection) -> tokens.Identity:
+        """Who ``conn`` is: its client certificate's device when it presented one (a token
+        beside it that verifies must name the same device), else its token's identity."""
+        by_cert = self._certificate_identity(conn)
+        token = _token_from(conn)
+        if by_cert is not None:
+            if token is not None:
+                try:
+                    by_token: Optional[tokens.Identity] = self._keys.verify(token)
+                except AuthError:
+                    by_token = None  # the certificate authenticates; a stale token is moot
+                if by_token is not None and (not by_token.is_device
+                                             or by_token.subject != by_cert.subject):
+                    raise AuthError("Token and client certificate name different identities")
+            return by_cert
+        if token is None:
+            raise AuthError("Missing authentication token")
+        identity = self._keys.verify(token)
+        if identity.is_device and self.settings.require_client_cert:
+            raise AuthError("Devices must present a client certificate on this server")
+        return identity
+
+    def _certificate_identity(self, conn: ServerConnection) -> Optional[tokens.Identity]:
+        """The device of a verified client certificate: from this node's TLS, or from the
+        trusted terminator's header; None when there is none."""
+        ssl_object = conn.transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            der = ssl_object.getpeercert(binary_form=True)
+            if der:  # only with client_ca (CERT_OPTIONAL): verified by the handshake
+                return certs.identity_from_der(der)
+        name = self.settings.client_cert_header
+        if not name:
+            return None
+        assert conn.request is not None
+        values = conn.request.headers.get_all(name)
+        if not values:
+            return None
+        if not certs.trusted(conn.remote_address, self._trusted):
+            log.warning("%s sent %s but is not a trusted proxy (--trusted-proxy): refused",
+                        conn.remote_address, name)
+            raise AuthError(f"{name} is taken only from a trusted proxy")
+        if len(values) > 1:
+            raise AuthError(f"{name} sent {len(values)} times")
+        return certs.identity_from_header(values[0])
+
     async def _serve_client(self, conn: ServerConnection, identity: tokens.Identity) -> None:
         if self.hub.exhausted(identity, time.monotonic()):
             # A token that flooded and reconnects: no welcome, no takeover of its other
@@ -614,7 +682,11 @@ class CompanionServer:
                 conn.transport.abort()
             return
         peer = SendQueue(conn, self.settings, f"{identity.role} {identity.subject}")
-        client, welcome = self.hub.connect(identity, peer, time.time(), time.monotonic())
+        renew_time = (identity.renew_time(self._renew_share)
+                      if self._renew_share is not None else None)
+        client, welcome = self.hub.connect(
+            identity, peer, time.time(), time.monotonic(),
+            renew_at=self._renew_share if renew_time is not None else None)
         peer.name = f"{client.client_id} ({peer.name})"
         log.info("%s connected", peer.name)
         peer.send(welcome)
@@ -624,7 +696,11 @@ class CompanionServer:
         # The token's exp is wall-clock time; the wait for it is on the loop's monotonic
         # clock, so a step of the wall clock neither ends a session early nor extends it.
         expiry = self._loop.call_later(max(0.0, identity.expires - time.time()),
-                                       self._expired, peer)
+                                       self._expired, peer, identity)
+        renewal = None
+        if renew_time is not None and renew_time < identity.expires:
+            renewal = self._loop.call_later(max(0.0, renew_time - time.time()),
+                                            self._renew, peer, identity)
         try:
             # With a DirectConnection this sees only what it leaves to the library (a
             # fragmented message), and the end of the connection.
@@ -638,6 +714,8 @@ class CompanionServer:
             pass
         finally:
             expiry.cancel()
+            if renewal is not None:
+                renewal.cancel()
             if isinstance(conn, DirectConnection):
                 conn.stop()
             _deliver(self.hub.disconnect(client, time.time()))
@@ -650,12 +728,31 @@ class CompanionServer:
             rcvd = conn.close_code if conn.close_code is not None else "none"
             log.info("%s disconnected (close code %s)", client.client_id, rcvd)
 
-    def _expired(self, peer: SendQueue) -> None:
-        """The token's exp has passed: AUTH_FAILED, then 4000, as for a token refused at
-        connect (the client needs a new one)."""
-        log.info("%s: its token expired; closing it with %d", peer.name, p.CLOSE_AUTH_FAILED)
-        peer.send(p.encode(p.make_error(p.AUTH_FAILED, "Token expired", time.time())))
-        peer.close(p.CLOSE_AUTH_FAILED, "Token expired")
+    def _expired(self, peer: SendQueue, identity: tokens.Identity) -> None:
+        """The token's exp (or the certificate's notAfter) has passed: AUTH_FAILED, then
+        4000, as for a credential refused at connect (the client needs a new one)."""
+        what = "Client certificate" if identity.certificate else "Token"
+        log.info("%s: its %s expired; closing it with %d", peer.name, what.lower(),
+                 p.CLOSE_AUTH_FAILED)
+        peer.send(p.encode(p.make_error(p.AUTH_FAILED, f"{what} expired", time.time())))
+        peer.close(p.CLOSE_AUTH_FAILED, f"{what} expired")
+
+    def _renew(self, peer: SendQueue, identity: tokens.Identity) -> None:
+        """The device's token passed the renewal share of its lifetime: send a fresh one for
+        the same subject and role with the same lifetime (docs/protocol.md section 9). The
+        connection stays under the token it was opened with; a renewal lost on the way
+        costs nothing (the old token still works; the next connection gets another)."""
+        assert identity.issued is not None
+        now = time.time()
+        try:
+            token = self._keys.mint(identity.subject, identity.role,
+                                    identity.expires - identity.issued, now)
+        except Exception:  # noqa: BLE001 - the connection goes on under its token; say why
+            log.exception("could not mint a renewal for %s", peer.name)
+            return
+        log.info("%s: token renewed (the old one expires in %.0f s)", peer.name,
+                 identity.expires - now)
+        peer.send(p.encode(p.make(p.TOKEN_RENEWED, now, {"token": token})))
 
     def _on_direct(self, client: hub_mod.Client, conn: DirectConnection,
                    message: Message) -> None:

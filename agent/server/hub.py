@@ -246,10 +246,12 @@ class Hub:
     # ------------------------------------------------------------------ connections
 
     def connect(self, identity: Identity, peer: Peer, now: float,
-                mono: float | None = None) -> Tuple[Client, str]:
-        """Register a new authenticated connection; returns it and its welcome text. The
-        identity's older connections it replaces are closed with 4001 (after what is held
-        for them)."""
+                mono: float | None = None,
+                renew_at: float | None = None) -> Tuple[Client, str]:
+        """Register a new authenticated connection; returns it and its welcome text (which
+        offers ``token.renew`` at ``renew_at`` when given: the caller sends the renewal).
+        The identity's older connections it replaces are closed with 4001 (after what is
+        held for them)."""
         key = (identity.role, identity.subject)
         with self._lock:
             budget = self._budgets.get(key)
@@ -269,7 +271,7 @@ class Hub:
             self._close_client(old, p.CLOSE_REPLACED, "replaced by a newer connection of "
                                f"this {identity.role}")
         welcome = p.make("connected", now, p.welcome_payload(client.client_id, now,
-                                                           self.settings.batch))
+                                                           self.settings.batch, renew_at))
         return client, _encode(welcome)
 
     def exhausted(self, identity: Identity, mono: float) -> bool:

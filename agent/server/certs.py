@@ -1,0 +1,105 @@
+"""Device identity from a client certificate (mTLS), the companion server's side.
+
+Rules:
+
+* Only a certificate that was verified is read here: by this node's TLS (``--client-ca``:
+  the chain up to that CA, its validity dates, its key usage for a TLS client), or by a
+  TLS terminator in front (nginx) that passes the verified certificate in a header that
+  this node takes only from the terminator's addresses (``--client-cert-header`` and
+  ``--trusted-proxy``). Whatever else a client sends never names it.
+* The device id is, in this order: a subjectAltName URI ``urn:nexus:device:<id>``
+  (exactly one), else the subject's commonName (exactly one). It follows the rules of a
+  token's ``sub`` (1 to 128 characters) and has no control characters.
+* A certificate identity is always a device (operators use tokens); it expires at the
+  certificate's ``notAfter``, when the server closes the connection as for a token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, List, Union
+from urllib.parse import unquote
+
+from ..errors import AuthError
+from .tokens import Identity
+
+DEVICE_URI = "urn:nexus:device:"
+MAX_HEADER_CERT_CHARS = 16 * 1024  # an escaped PEM certificate; device ones are ~1-3 KiB
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def identity_from_der(der: bytes) -> Identity:
+    """The device identity of a DER certificate (already verified, see the module)."""
+    from cryptography import x509  # the 'server' extra
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise AuthError(f"Client certificate cannot be read: {exc}") from None
+    return _identity(cert)
+
+
+def identity_from_header(value: str) -> Identity:
+    """The device identity of a URL-escaped PEM certificate (nginx's
+    ``$ssl_client_escaped_cert``), passed by a trusted TLS terminator."""
+    from cryptography import x509  # the 'server' extra
+
+    if len(value) > MAX_HEADER_CERT_CHARS:
+        raise AuthError("Client certificate header too long")
+    try:
+        cert = x509.load_pem_x509_certificate(unquote(value).encode("ascii"))
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise AuthError(f"Client certificate header cannot be read: {exc}") from None
+    return _identity(cert)
+
+
+def _identity(cert: object) -> Identity:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    assert isinstance(cert, x509.Certificate)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
+                if u.startswith(DEVICE_URI)]
+    except x509.ExtensionNotFound:
+        uris = []
+    if len(uris) > 1:
+        raise AuthError(f"Client certificate names {len(uris)} devices ({DEVICE_URI}...)")
+    if uris:
+        device = uris[0][len(DEVICE_URI):]
+    else:
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if len(names) != 1:
+            raise AuthError(f"Client certificate has {len(names)} common names and no "
+                            f"{DEVICE_URI} name: which device is it?")
+        device = str(names[0].value)
+    if not 0 < len(device) <= 128 or not device.isprintable():
+        raise AuthError("Client certificate's device id must be 1 to 128 printable characters")
+    return Identity(device, "device", cert.not_valid_after_utc.timestamp(), certificate=True)
+
+
+def parse_networks(values: Iterable[str]) -> List[Network]:
+    """``--trusted-proxy`` values (an address or a network); ValueError names a bad one."""
+    out: List[Network] = []
+    for value in values:
+        try:
+            out.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ValueError(f"--trusted-proxy {value!r} is not an address or a network") \
+                from None
+    return out
+
+
+def trusted(address: object, networks: List[Network]) -> bool:
+    """Whether a peer address (``(host, port, ...)`` from the transport) is a trusted proxy."""
+    host = address[0] if isinstance(address, tuple) and address else None
+    if not isinstance(host, str):
+        return False  # a Unix socket, or nothing: not an address we were told to trust
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
