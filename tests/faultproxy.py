@@ -11,7 +11,11 @@ that the test changes at any time:
   reset (RST) in the middle of a frame;
 * ``half_open``: the agent's side gets FIN (it reads EOF) while its own writes are
   still read and thrown away;
-* ``flap``: every connection is reset ``flap_s`` after it opened.
+* ``flap``: every connection is reset ``flap_s`` after it opened;
+* ``cut_on``: bytes go through until a server-to-agent chunk holds ``cut_marker``
+  (server frames are not masked: a message type shows in clear); that chunk is cut
+  in the middle of the marker, the agent's side is reset, ``cuts`` counts it and the
+  mode goes back to ``pass`` (one cut).
 
 ``accepted`` counts connections, so a test can see an agent come back.
 """
@@ -32,6 +36,8 @@ class FaultProxy:
         self.trickle_s = trickle_s
         self.flap_s = flap_s
         self.accepted = 0
+        self.cut_marker = b""
+        self.cuts = 0
         self._pairs: List[Tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -117,6 +123,13 @@ class FaultProxy:
             except OSError:
                 pass
             return True
+        if mode == "cut_on" and to_agent and self.cut_marker and self.cut_marker in data:
+            at = data.index(self.cut_marker) + len(self.cut_marker) // 2
+            dst.sendall(data[:at])
+            _reset(dst)
+            self.mode = "pass"
+            self.cuts += 1
+            return False
         if mode == "reset" and to_agent:
             dst.sendall(data[:max(1, len(data) // 2)])
             _reset(dst)

@@ -70,3 +70,17 @@ def _ago(days: int) -> str:
     import time
 
     return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(time.time() - days * 86400))
+
+
+def make_keypair(folder: Path, name: str, kind: str = "ed25519") -> Tuple[Path, Path]:
+    """(private, public) PEM keys for signing tokens: ``ed25519``, ``rsa2048``, ``rsa1024``
+    or ``p256`` (the last two for the refusals)."""
+    private, public = folder / f"{name}.key", folder / f"{name}.pub.pem"
+    algorithm = {"ed25519": ["-algorithm", "ed25519"],
+                 "rsa2048": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+                 "rsa1024": ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"],
+                 "p256": ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]}[kind]
+    _openssl("genpkey", *algorithm, "-out", str(private))
+    private.chmod(0o600)
+    _openssl("pkey", "-in", str(private), "-pubout", "-out", str(public))
+    return private, public

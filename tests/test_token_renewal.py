@@ -18,7 +18,19 @@ import sys
 import time
 
 import pytest
-from helpers import REPO, AgentProcess, FakeServer, mint, wait_for, write_config
+from faultproxy import FaultProxy
+from helpers import (
+    REPO,
+    AgentProcess,
+    FakeServer,
+    Peer,
+    ServerProcess,
+    free_port,
+    mint,
+    stored,
+    wait_for,
+    write_config,
+)
 
 from agent import auth
 from agent import protocol as p
@@ -140,3 +152,108 @@ def test_status_warns_well_before_the_token_expires():
     assert "WARNING" not in lines[now + 30 * 86400]
     assert "WARNING: expires in 2.0 days" in lines[now + 2 * 86400]
     assert "EXPIRED" in lines[now - 1]
+
+
+# ------------------------------------------------------------ nexus-server's side
+
+
+def test_nexus_server_renews_a_device_token_and_the_agent_lives_past_the_old_one(tmp_path):
+    """An 8 s token, renewed at half its life: the token file gets a fresh token with the
+    same lifetime; the old one expires under the connection (4000) and the agent goes on
+    with the new one, never refused."""
+    db = tmp_path / "server.db"
+    server = ServerProcess(0, "-v", "--renew-at", "0.5", db=str(db))
+    old = mint("device-001", ttl=8)
+    token_file = tmp_path / "token"
+    agent = AgentProcess(write_config(tmp_path, server.url, token=old))
+    try:
+        wait_for(lambda: token_file.read_text().strip() != old, timeout=15,
+                 what="the renewed token in the token file")
+        fresh = jwt_claims(token_file.read_text().strip())
+        first = jwt_claims(old)
+        assert (fresh["sub"], fresh["role"]) == ("device-001", "device")
+        assert fresh["exp"] - fresh["iat"] == 8  # the same lifetime
+        assert fresh["iat"] >= first["iat"] + 3  # at about half of the old one's life
+        wait_for(lambda: "its token expired" in server.log(), timeout=15,
+                 what="the old token's expiry under the connection")
+        count = len(stored(db))
+        wait_for(lambda: len(stored(db)) >= count + 3, timeout=15,
+                 what="telemetry after the old token expired")
+    finally:
+        assert agent.stop() == 0
+        server.stop()
+    assert "token renewed" in server.log() and "auth failed" not in server.log()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+
+def jwt_claims(token):
+    import jwt
+
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def test_a_renewal_lost_with_its_server_costs_nothing(tmp_path):
+    """The connection dies in the middle of the token.renewed frame, and the server with
+    it (SIGKILL): the agent keeps its old token, which still works with the next server,
+    and that server renews it."""
+    port = free_port()
+    db = tmp_path / "server.db"
+    server = ServerProcess(port, "-v", "--renew-at", "0.5", "--ping-interval", "60",
+                           db=str(db))
+    proxy = FaultProxy(port)
+    proxy.cut_marker = p.TOKEN_RENEWED.encode()
+    proxy.mode = "cut_on"
+    old = mint("device-001", ttl=8)
+    token_file = tmp_path / "token"
+    agent = AgentProcess(write_config(tmp_path, proxy.url, token=old,
+                                      server={"ping_interval_s": 30},
+                                      telemetry={"interval_s": 1}))
+    second = None
+    try:
+        wait_for(lambda: proxy.cuts == 1, timeout=15, what="the renewal cut mid-frame")
+        server.kill()
+        assert token_file.read_text().strip() == old
+        second = ServerProcess(port, "-v", "--renew-at", "0.5", db=str(db))
+        wait_for(lambda: token_file.read_text().strip() != old, timeout=15,
+                 what="a renewal from the next server")
+        assert "auth failed" not in second.log()  # the old token was taken
+        assert jwt_claims(token_file.read_text().strip())["exp"] > jwt_claims(old)["exp"]
+    finally:
+        assert agent.stop() == 0
+        proxy.close()
+        if second is not None:
+            second.stop()
+    assert agent.log().count("renewed the token") == 1
+
+
+def test_renewal_is_offered_only_by_a_node_that_can_mint(tmp_path):
+    """A --signing-key node renews with its own algorithm (EdDSA) at once when a token is
+    past its share; a --public-key node holds nothing that mints and offers nothing."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command")
+    from pki import make_keypair
+
+    from agent.server import tokens
+
+    private, public = make_keypair(tmp_path, "signing")
+    keys = tokens.load_private_key(str(private))
+    # Issued 90 s ago for 100 s: past 0.8 of its life when it connects.
+    token = keys.mint("device-001", "device", 100, now=time.time() - 90)
+    for flag, path, renews in (("--signing-key", private, True),
+                               ("--public-key", public, False)):
+        server = ServerProcess(0, flag, str(path))
+        try:
+            peer = Peer(server.url, token)
+            welcome = peer.recv_type("connected")
+            offered = welcome["payload"].get("capabilities", {}).get(p.TOKEN_RENEW)
+            if renews:
+                assert offered == {"at": 0.8}
+                fresh = peer.recv_type(p.TOKEN_RENEWED)["payload"]["token"]
+                identity = tokens.load_public_key(str(public)).verify(fresh)
+                assert identity.expires - identity.issued == 100
+                assert identity.expires > time.time() + 90
+            else:
+                assert offered is None
+            peer.close()
+        finally:
+            server.stop()
