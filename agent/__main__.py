@@ -66,9 +66,12 @@ def _token_problem(cfg: Config) -> Optional[str]:
     """What the token's claims say is wrong for this device (``auth.token_problem``)."""
     import time
 
-    from .auth import check_credentials, token_problem
+    from .auth import current_token, token_problem
 
-    token = check_credentials(cfg.server.token_file, cfg.server.client_key)
+    # A renewal the server sent (state_dir) counts: the provisioned token may have expired
+    # long ago on a device that renews.
+    token = current_token(cfg.server.token_file, cfg.server.client_key, cfg.state_dir,
+                          cfg.device_id, time.time())
     problem = None if token is None else token_problem(token, cfg.device_id, time.time())
     if problem is None:
         return None

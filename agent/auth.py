@@ -5,6 +5,13 @@ Rules:
 * The token comes from ``server.token_file`` or, when that key is absent, from
   ``$NEXUS_TOKEN``. It is re-read on every connect, so provisioning can rotate
   it without restarting the agent.
+* A token the server renewed is kept in ``state_dir/renewed-token``, never over
+  the provisioned one: under the shipped unit ``/etc/nexus`` is read-only to the
+  agent (ProtectSystem=strict, a root-owned 0750 directory), and a config
+  directory the agent could write would let it rewrite its own allow-list.
+  :func:`current_token` presents the renewed token while it is usable (a JWT
+  for this device, not expired) and issued no earlier (``iat``) than the provisioned
+  one, so a token that provisioning writes later wins again.
 * A token file must be a regular file that group and others cannot read or
   write (``chmod 600``); anything else is refused, like ssh does with keys.
 * ``server.proxy_auth_file`` holds the HTTP proxy's ``user:password``, under
@@ -107,13 +114,48 @@ def read_token(token_file: Optional[str]) -> str:
     return token
 
 
+RENEWED_TOKEN = "renewed-token"  # in state_dir
+
+
+def renewed_token_path(state_dir: str) -> str:
+    return os.path.join(state_dir, RENEWED_TOKEN)
+
+
+def current_token(token_file: Optional[str], client_key: Optional[str], state_dir: str,
+                  device_id: str, now: float) -> Optional[str]:
+    """The token to present (None: a client certificate stands in for it): the provisioned
+    one (:func:`check_credentials`), or the renewal in ``state_dir`` when it is usable and
+    issued no earlier. AuthError when there is no usable provisioned token or certificate."""
+    token = check_credentials(token_file, client_key)
+    if token is None:
+        return None
+    try:
+        renewed = read_token(renewed_token_path(state_dir))
+    except AuthError:
+        return token  # none yet (the usual case), or unreadable: the provisioned one
+    if token_problem(renewed, device_id, now) is not None:
+        return token
+    # A tie goes to the renewal: the server sent it in answer to the provisioned token.
+    return renewed if _issued(renewed) >= _issued(token) else token
+
+
+def _issued(token: str) -> float:
+    iat = unverified_claims(token).get("iat")
+    if isinstance(iat, (int, float)) and not isinstance(iat, bool):
+        return float(iat)
+    return float("-inf")
+
+
 def store_token(path: str, token: str) -> None:
-    """Replace the token file with ``token``, atomically and durably: a new file beside it
-    (mode 0600, the old file's owner and group), written and fsynced, renamed over the
-    old one, then the directory fsynced. On any error (a full disk, a read-only
-    directory) the old file is left as it was and OSError says why."""
+    """Replace (or create) the token file ``path`` with ``token``, atomically and durably:
+    a new file beside it (mode 0600, the old file's owner and group), written and
+    fsynced, renamed over the old one, then the directory fsynced. On any error (a full
+    disk, a read-only directory) the old file is left as it was and OSError says why."""
     folder = os.path.dirname(os.path.abspath(path))
-    old = os.stat(path)
+    try:
+        old: Optional[os.stat_result] = os.stat(path)
+    except FileNotFoundError:
+        old = None  # the first renewal: the file is ours
     if not token.isascii() or len(token) >= MAX_TOKEN_BYTES:
         raise OSError(f"not a token this agent can read back ({len(token)} characters)")
     tmp = os.path.join(folder, f".{os.path.basename(path)}.new-{os.getpid()}")
@@ -125,7 +167,7 @@ def store_token(path: str, token: str) -> None:
     try:
         try:
             os.write(fd, (token + "\n").encode("ascii"))
-            if os.geteuid() == 0 and (old.st_uid, old.st_gid) != (0, 0):
+            if old is not None and os.geteuid() == 0 and (old.st_uid, old.st_gid) != (0, 0):
                 os.fchown(fd, old.st_uid, old.st_gid)
             os.fsync(fd)
         finally:

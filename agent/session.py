@@ -172,7 +172,7 @@ class SessionConfig:
     max_messages_per_minute: int
     subscribe_commands: bool = False
     batches: bool = True  # take the server's telemetry.batch offer when there is one
-    renew_tokens: bool = False  # take token.renewed (the token lives in a file we may write)
+    renew_tokens: bool = False  # take token.renewed (kept in state_dir/renewed-token)
 
 
 class TokenBucket:

@@ -425,11 +425,10 @@ class Transport:
 
     def keep_token(self, token: str) -> None:
         """A fresh token from the server: checked against what the agent can know of it (a
-        JWT for this device, not expired), then written over ``server.token_file`` for the
-        next connections (atomically; on failure the old one stays, and says so)."""
-        path = self.config.server.token_file
-        if path is None:
-            return
+        JWT for this device, not expired), then kept in ``state_dir/renewed-token`` for the
+        next connections (atomically; on failure the old one stays, and says so). The
+        provisioned token file is never written (auth.py says why)."""
+        path = auth.renewed_token_path(self.config.state_dir)
         problem = auth.token_problem(token, self.config.device_id, time.time())
         if problem is not None:
             log.error("ignored a renewed token from the server: %s", problem)
@@ -461,11 +460,17 @@ class Transport:
                         self.batch_bytes)
 
     def _token_rotated(self) -> bool:
-        """The token file (or NEXUS_TOKEN) holds another token than the one refused."""
+        """The token to present now (the token file, NEXUS_TOKEN, or a renewal) is another
+        than the one refused."""
         try:
-            return auth.read_token(self.config.server.token_file) != self._token_used
+            return self._pick_token() != self._token_used
         except AuthError:
             return False
+
+    def _pick_token(self) -> Optional[str]:
+        cfg = self.config
+        return auth.current_token(cfg.server.token_file, cfg.server.client_key, cfg.state_dir,
+                                  cfg.device_id, time.time())
 
     def _note_auth_refused(self, reason: str) -> None:
         if not self._auth_refused_logged:
@@ -498,8 +503,7 @@ class Transport:
     def _token(self) -> Optional[str]:
         """The token to present, or None when a client certificate stands in for it (a
         certificate and no token file, no $NEXUS_TOKEN)."""
-        server = self.config.server
-        token = auth.check_credentials(server.token_file, server.client_key)
+        token = self._pick_token()
         self._token_used = token or ""
         self.health.update(token_expires=None if token is None else auth.expiry(token))
         return token
@@ -561,7 +565,7 @@ class _Connection:
             cfg.server.ping_timeout_s, cfg.server.ack_timeout_s, cfg.server.ack_window,
             cfg.server.max_messages_per_minute, transport.commands is not None,
             batches=transport.batches_allowed,
-            renew_tokens=cfg.server.token_file is not None), time.monotonic())
+            renew_tokens=True), time.monotonic())
         self.plan: Optional[SendPlan] = None
         self.message = _Reassembly(MAX_INCOMING_MESSAGE)
         self.read_timeout = cfg.server.connect_timeout_s  # what a send may block for

@@ -21,10 +21,12 @@ import pytest
 from faultproxy import FaultProxy
 from helpers import (
     REPO,
+    SECRET,
     AgentProcess,
     FakeServer,
     Peer,
     ServerProcess,
+    child_env,
     free_port,
     mint,
     stored,
@@ -70,10 +72,11 @@ def test_a_renewed_token_is_kept_and_used_from_the_next_connection(tmp_path):
         assert agent.stop() == 0
         fake.close()
     assert seen[:2] == [old, fresh]
-    token_file = tmp_path / "token"
-    assert token_file.read_text().strip() == fresh
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".token.new")]
+    kept = tmp_path / "state" / auth.RENEWED_TOKEN
+    assert kept.read_text().strip() == fresh
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert (tmp_path / "token").read_text().strip() == old  # provisioned: never written
+    assert not [f for f in os.listdir(kept.parent) if ".new-" in f]
     assert fresh not in agent.log() and "renewed the token" in agent.log()
 
 
@@ -92,7 +95,7 @@ def test_a_renewal_not_offered_or_not_for_this_device_is_ignored(tmp_path, why):
         agent.stop()
         fake.close()
     assert seen[:2] == [old, old]
-    assert (tmp_path / "token").read_text().strip() == old
+    assert not (tmp_path / "state" / auth.RENEWED_TOKEN).exists()
 
 
 def test_a_failed_write_keeps_the_old_token(tmp_path):
@@ -164,12 +167,10 @@ def test_nexus_server_renews_a_device_token_and_the_agent_lives_past_the_old_one
     db = tmp_path / "server.db"
     server = ServerProcess(0, "-v", "--renew-at", "0.5", db=str(db))
     old = mint("device-001", ttl=8)
-    token_file = tmp_path / "token"
     agent = AgentProcess(write_config(tmp_path, server.url, token=old))
     try:
-        wait_for(lambda: token_file.read_text().strip() != old, timeout=15,
-                 what="the renewed token in the token file")
-        fresh = jwt_claims(token_file.read_text().strip())
+        wait_for(lambda: renewed(tmp_path), timeout=15, what="the renewed token kept")
+        fresh = jwt_claims(renewed(tmp_path))
         first = jwt_claims(old)
         assert (fresh["sub"], fresh["role"]) == ("device-001", "device")
         assert fresh["exp"] - fresh["iat"] == 8  # the same lifetime
@@ -183,7 +184,11 @@ def test_nexus_server_renews_a_device_token_and_the_agent_lives_past_the_old_one
         assert agent.stop() == 0
         server.stop()
     assert "token renewed" in server.log() and "auth failed" not in server.log()
-    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+
+def renewed(folder):
+    path = folder / "state" / auth.RENEWED_TOKEN
+    return path.read_text().strip() if path.exists() else ""
 
 
 def jwt_claims(token):
@@ -204,7 +209,6 @@ def test_a_renewal_lost_with_its_server_costs_nothing(tmp_path):
     proxy.cut_marker = p.TOKEN_RENEWED.encode()
     proxy.mode = "cut_on"
     old = mint("device-001", ttl=8)
-    token_file = tmp_path / "token"
     agent = AgentProcess(write_config(tmp_path, proxy.url, token=old,
                                       server={"ping_interval_s": 30},
                                       telemetry={"interval_s": 1}))
@@ -212,12 +216,11 @@ def test_a_renewal_lost_with_its_server_costs_nothing(tmp_path):
     try:
         wait_for(lambda: proxy.cuts == 1, timeout=15, what="the renewal cut mid-frame")
         server.kill()
-        assert token_file.read_text().strip() == old
+        assert renewed(tmp_path) == ""  # half a frame: nothing kept
         second = ServerProcess(port, "-v", "--renew-at", "0.5", db=str(db))
-        wait_for(lambda: token_file.read_text().strip() != old, timeout=15,
-                 what="a renewal from the next server")
+        wait_for(lambda: renewed(tmp_path), timeout=15, what="a renewal from the next server")
         assert "auth failed" not in second.log()  # the old token was taken
-        assert jwt_claims(token_file.read_text().strip())["exp"] > jwt_claims(old)["exp"]
+        assert jwt_claims(renewed(tmp_path))["exp"] > jwt_claims(old)["exp"]
     finally:
         assert agent.stop() == 0
         proxy.close()
@@ -257,3 +260,46 @@ def test_renewal_is_offered_only_by_a_node_that_can_mint(tmp_path):
             peer.close()
         finally:
             server.stop()
+
+
+def test_the_fresher_of_the_provisioned_and_the_renewed_token_is_presented(tmp_path):
+    """The renewal is used while it is a usable token for this device issued later than the
+    provisioned one; a token that provisioning writes later wins again; and --check-config
+    accepts a device whose provisioned token expired long ago but whose renewal is good."""
+    from agent.server import tokens
+
+    def token(subject="device-001", at=0.0, ttl=600):
+        return tokens.mint(SECRET.encode(), subject, "device", ttl, now=time.time() + at)
+
+    token_file, state = tmp_path / "token", tmp_path / "state"
+    state.mkdir()
+    provisioned = token(at=-100)
+    token_file.write_text(provisioned + "\n")
+    token_file.chmod(0o600)
+
+    def current():
+        return auth.current_token(str(token_file), None, str(state), "device-001", time.time())
+
+    assert current() == provisioned  # no renewal yet
+    for bad in (token(at=-50, ttl=10), token("device-002", at=-50), "not a jwt"):
+        auth.store_token(str(state / auth.RENEWED_TOKEN), bad)
+        assert current() == provisioned
+    fresh = token(at=-50)
+    auth.store_token(str(state / auth.RENEWED_TOKEN), fresh)
+    assert current() == fresh
+    rotated = token(at=-10)  # provisioning writes a newer token: it wins
+    token_file.write_text(rotated + "\n")
+    assert current() == rotated
+
+    expired = token(at=-7200, ttl=600)
+    token_file.write_text(expired + "\n")
+    config = write_config(tmp_path, "ws://127.0.0.1:9/v1/ws", token=expired)
+    out = subprocess.run([sys.executable, "-m", "agent", "--config", str(config),
+                          "--check-config"], env=child_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr  # the renewal in state/ stands in
+    (state / auth.RENEWED_TOKEN).unlink()
+    out = subprocess.run([sys.executable, "-m", "agent", "--config", str(config),
+                          "--check-config"], env=child_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 78 and "expired" in out.stderr
