@@ -1,6 +1,7 @@
 """``nexus-agent provision``: write a device's config and token, for fleet scripts.
 
     nexus-agent provision --device-id ID --server URL --token-file PATH
+                          [--client-cert PEM --client-key KEY]
                           [--config /etc/nexus/agent.yaml] [--state-dir DIR]
                           [--ca-file PEM] [--commands FILE] [--proxy URL]
                           [--proxy-auth-file FILE] [--force] [--no-check]
@@ -14,6 +15,11 @@ Modes: 0600 for both, owned by whoever runs this; run as root where the
 ``nexus-agent`` user exists (a package or ``make install`` and sysusers), the
 token goes to that user (0600) and the config to root, group ``nexus-agent``
 (0640), so the service can read both and nobody else can.
+
+``--client-cert`` and ``--client-key``: a device certificate and its unencrypted key
+(mode 0600), copied like the token to ``device.pem`` and ``device.key`` beside the
+config (``server.client_cert``/``client_key``, a ``wss://`` server); the token is then
+optional, and the check presents the certificate.
 
 ``--proxy`` and ``--proxy-auth-file``: the HTTP proxy (``server.proxy``) and a
 file with its credentials, copied like the token to ``proxy-auth`` beside the
@@ -48,7 +54,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import yaml
 
 from . import config as config_mod
-from .auth import read_proxy_auth, read_token
+from .auth import check_token_file, read_proxy_auth, read_token
 from .errors import AuthError, ConfigError
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFLICT, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_FS = 0, 2, 3, 4, 5, 6
@@ -67,9 +73,10 @@ class ProvisionError(Exception):
         self.code = code
 
 
-def render_config(device_id: str, server: str, token_path: str, state_dir: str,
+def render_config(device_id: str, server: str, token_path: Optional[str], state_dir: str,
                   ca_file: Optional[str] = None, commands: Optional[Any] = None,
-                  proxy: Optional[str] = None, proxy_auth_file: Optional[str] = None) -> str:
+                  proxy: Optional[str] = None, proxy_auth_file: Optional[str] = None,
+                  client: Optional[Tuple[str, str]] = None) -> str:
     """The config text: deterministic, so re-running with the same input changes nothing."""
     q = json.dumps  # a JSON string is a YAML double-quoted scalar: nothing can break out
     text = (
@@ -78,7 +85,8 @@ def render_config(device_id: str, server: str, token_path: str, state_dir: str,
         f"state_dir: {q(state_dir)}\n"
         "server:\n"
         f"  url: {q(server)}\n"
-        f"  token_file: {q(token_path)}\n"
+        + (f"  token_file: {q(token_path)}\n" if token_path else "")
+        + (f"  client_cert: {q(client[0])}\n  client_key: {q(client[1])}\n" if client else "")
         + (f"  ca_file: {q(os.path.abspath(ca_file))}\n" if ca_file else "")
         + (f"  proxy: {q(proxy)}\n" if proxy else "")
         + (f"  proxy_auth_file: {q(os.path.abspath(proxy_auth_file))}\n"
@@ -163,14 +171,16 @@ def write_atomic(path: str, data: str, owner: Optional[Tuple[int, int]] = None,
         os.close(dir_fd)
 
 
-def check_server(url: str, token: str, ca_file: Optional[str] = None,
+def check_server(url: str, token: Optional[str], ca_file: Optional[str] = None,
                  timeout: float = 10.0, proxy: Optional[str] = None,
-                 proxy_auth_file: Optional[str] = None) -> None:
-    """ProvisionError unless the server at ``url`` welcomes ``token``."""
+                 proxy_auth_file: Optional[str] = None,
+                 client: Optional[Tuple[str, str, Optional[str]]] = None) -> None:
+    """ProvisionError unless the server at ``url`` welcomes ``token`` (or the client
+    certificate ``client``)."""
     from .transport import AuthRefused, open_welcomed
 
     try:
-        open_welcomed(url, token, ca_file, timeout, proxy, proxy_auth_file).close()
+        open_welcomed(url, token, ca_file, timeout, proxy, proxy_auth_file, client).close()
     except AuthRefused as exc:
         raise ProvisionError(EXIT_AUTH, str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - DNS, TCP, TLS and timeouts all mean "unreachable"
@@ -180,20 +190,40 @@ def check_server(url: str, token: str, ca_file: Optional[str] = None,
 def provision(args: argparse.Namespace) -> str:
     config_path = os.path.abspath(args.config)
     folder = os.path.dirname(config_path)
-    token_path = os.path.join(folder, "token")
+    if bool(args.client_cert) != bool(args.client_key):
+        raise ProvisionError(EXIT_INPUT, "--client-cert and --client-key go together")
+    if not args.token_file and not args.client_cert:
+        raise ProvisionError(EXIT_INPUT, "--token-file, or --client-cert with --client-key, "
+                             "is required")
+    token_path = os.path.join(folder, "token") if args.token_file else None
+    client = (os.path.join(folder, "device.pem"), os.path.join(folder, "device.key")) \
+        if args.client_cert else None
     proxy_auth_path = os.path.join(folder, "proxy-auth") if args.proxy_auth_file else None
     text = render_config(args.device_id, args.server, token_path, args.state_dir, args.ca_file,
-                         read_commands(args.commands), args.proxy, proxy_auth_path)
+                         read_commands(args.commands), args.proxy, proxy_auth_path, client)
+    # Checked with the certificate and key where they are now (the checks read them);
+    # written with where they are copied to.
+    checked = text if client is None else render_config(
+        args.device_id, args.server, token_path, args.state_dir, args.ca_file,
+        read_commands(args.commands), args.proxy, proxy_auth_path,
+        (os.path.abspath(args.client_cert), os.path.abspath(args.client_key)))
     try:
-        config_mod.build(yaml.safe_load(text), config_path)
+        config_mod.build(yaml.safe_load(checked), config_path)
     except ConfigError as exc:
         option = {"device_id": "--device-id", "server.url": "--server",
                   "state_dir": "--state-dir", "server.ca_file": "--ca-file",
-                  "server.proxy": "--proxy"}.get(exc.key, exc.key)
+                  "server.proxy": "--proxy",
+                  "server.client_cert": "--client-cert"}.get(exc.key, exc.key)
         if exc.key.startswith("commands"):
             option = f"--commands: {exc.key}"
         raise ProvisionError(EXIT_INPUT, f"{option}: {exc.reason}") from None
-    secrets = {token_path: _read_secret(read_token, args.token_file, "--token-file")}
+    secrets: Dict[str, str] = {}
+    if token_path:
+        secrets[token_path] = _read_secret(read_token, args.token_file, "--token-file")
+    if client:
+        secrets[client[0]] = _read_pem(args.client_cert, "--client-cert", "CERTIFICATE")
+        _read_secret(check_token_file, args.client_key, "--client-key")  # 0600, like a token
+        secrets[client[1]] = _read_pem(args.client_key, "--client-key", "PRIVATE KEY")
     if proxy_auth_path:
         creds = _read_secret(read_proxy_auth, args.proxy_auth_file, "--proxy-auth-file")
         secrets[proxy_auth_path] = ":".join(creds)
@@ -209,10 +239,36 @@ def provision(args: argparse.Namespace) -> str:
         raise ProvisionError(EXIT_CONFLICT, f"{config_path} exists with other settings; "
                              "re-run with --force to replace it")
     if not args.no_check:
-        check_server(args.server, secrets[token_path], args.ca_file, proxy=args.proxy,
-                     proxy_auth_file=args.proxy_auth_file)
+        check_server(args.server, secrets[token_path] if token_path else None, args.ca_file,
+                     proxy=args.proxy, proxy_auth_file=args.proxy_auth_file,
+                     client=(args.client_cert, args.client_key, None) if client else None)
     _write_files(config_path, text, existing, secrets)
     return config_path
+
+
+_PEM_BEGIN = {"CERTIFICATE": ("-----BEGIN CERTIFICATE-----",),
+              "PRIVATE KEY": ("-----BEGIN PRIVATE KEY-----", "-----BEGIN EC PRIVATE KEY-----",
+                              "-----BEGIN RSA PRIVATE KEY-----")}
+
+
+def _read_pem(path: str, option: str, kind: str) -> str:
+    """A PEM file's text (a certificate, or an unencrypted key), stripped; ProvisionError
+    naming the option when it is not one."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read(64 * 1024 + 1)
+    except OSError as exc:
+        raise ProvisionError(EXIT_INPUT, f"{option}: cannot read {path}: {exc.strerror}"
+                             ) from None
+    except UnicodeDecodeError:
+        text = ""
+    if "ENCRYPTED" in text:
+        raise ProvisionError(EXIT_INPUT, f"{option}: {path} is encrypted; provision an "
+                             "unencrypted key (the service reads it unattended; mode 0600 "
+                             "protects it)")
+    if len(text) > 64 * 1024 or not any(b in text for b in _PEM_BEGIN[kind]):
+        raise ProvisionError(EXIT_INPUT, f"{option}: {path} is not a PEM {kind.lower()}")
+    return text.strip()
 
 
 def _read_secret(read: Callable[[str], Any], path: str, option: str) -> Any:
@@ -248,8 +304,12 @@ def main(argv: List[str]) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device-id", required=True)
     ap.add_argument("--server", required=True, help="ws:// or wss:// URL of /v1/ws")
-    ap.add_argument("--token-file", required=True, help="file holding the device's token "
-                    "(mode 0600); it is copied to 'token' beside the config")
+    ap.add_argument("--token-file", help="file holding the device's token (mode 0600); it is "
+                    "copied to 'token' beside the config (optional with --client-cert)")
+    ap.add_argument("--client-cert", metavar="PEM", help="the device's certificate (mTLS); "
+                    "copied to 'device.pem' beside the config")
+    ap.add_argument("--client-key", metavar="KEY", help="its unencrypted private key (mode "
+                    "0600); copied to 'device.key' beside the config")
     ap.add_argument("--config", default="/etc/nexus/agent.yaml")
     ap.add_argument("--state-dir", default="/var/lib/nexus-agent")
     ap.add_argument("--ca-file", help="PEM CA file for a wss:// server with a private CA")

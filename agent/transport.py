@@ -287,18 +287,22 @@ def dial(ws_mod: Any, url: str, header: List[str], timeout: float,
         raise
 
 
-def open_welcomed(url: str, token: str, ca_file: Optional[str] = None,
+def open_welcomed(url: str, token: Optional[str], ca_file: Optional[str] = None,
                   timeout: float = 10.0, proxy: Optional[str] = None,
-                  proxy_auth_file: Optional[str] = None) -> Any:
+                  proxy_auth_file: Optional[str] = None,
+                  client: Optional[Tuple[str, str, Optional[str]]] = None) -> Any:
     """A header-authenticated connection that got its ``connected`` (nexus-ctl, provision),
-    through ``proxy`` or the environment's as the agent would (``proxy_options``).
+    through ``proxy`` or the environment's as the agent would (``proxy_options``); with
+    ``client`` (cert, key, passphrase file) it presents a client certificate, and with no
+    ``token`` it sends none.
 
     AuthRefused when the server refuses the token; ConnectionLost, OSError or a
     websocket-client error when it cannot be reached or answers something else.
     """
     ws_mod = import_websocket(url)
-    ws = dial(ws_mod, url, [f"Authorization: Bearer {token}"], timeout, ca_file,
-              proxy_options(ws_mod, url, proxy, proxy_auth_file))
+    header = [f"Authorization: Bearer {token}"] if token else []
+    ws = dial(ws_mod, url, header, timeout, ca_file,
+              proxy_options(ws_mod, url, proxy, proxy_auth_file), client)
     try:
         env = p.decode(ws.recv())
         if env.type == "error":

@@ -40,8 +40,10 @@ def test_layout(installed):
     assert "ExecStart=/usr/bin/nexus-agent --config /etc/nexus/agent.yaml" in unit
     # the status file goes to $RUNTIME_DIRECTORY (a tmpfs), not the SD card
     assert "\nRuntimeDirectory=nexus-agent\n" in unit
-    # enabled by a package before provisioning: skipped, not failed, until a token exists
-    assert "\nConditionPathExists=/etc/nexus/token\n" in unit
+    # enabled by a package before provisioning: skipped, not failed, until a token or a
+    # client key (provision --client-key) exists
+    assert "\nConditionPathExists=|/etc/nexus/token\n" in unit
+    assert "\nConditionPathExists=|/etc/nexus/device.key\n" in unit
     rule = (installed / "usr/share/nexus-agent/50-nexus-agent.rules.example").read_text()
     assert 'unit === "nexus-app.service" && verb === "restart"' in rule
 

@@ -60,6 +60,7 @@ def pki(tmp_path_factory):
         "other-device": make_cert(folder, ca, "other-device", "device-002"),
         "expired": make_cert(folder, ca, "expired", "device-001", expired=True),
         "stranger": make_cert(folder, other, "stranger", "device-001"),
+        "locked": make_cert(folder, ca, "locked", "device-001", passphrase="pass phrase"),
         "ed25519": make_keypair(folder, "ed"),
         "ed-other": make_keypair(folder, "ed-other"),
         "rsa": make_keypair(folder, "rsa", "rsa2048"),
@@ -305,3 +306,64 @@ def test_trusted_proxy_addresses():
     assert not certs.trusted(None, nets) and not certs.trusted("/run/sock", nets)
     with pytest.raises(ValueError, match="not an address"):
         certs.parse_networks(["10.0.0.0/33"])
+
+
+# ---------------------------------------------------------------- provisioning
+
+
+def provision_cert(tmp_path, url, pki, which="device", *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "provision", "--device-id", "device-001",
+         "--server", url, "--client-cert", str(pki[which][0]),
+         "--client-key", str(pki[which][1]), "--ca-file", str(pki["ca"][0]),
+         "--config", str(tmp_path / "etc" / "agent.yaml"),
+         "--state-dir", str(tmp_path / "state"), *extra],
+        env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_provision_a_device_with_a_certificate_and_no_token(tmp_path, pki):
+    server = tls_server(pki, tmp_path)
+    try:
+        out = provision_cert(tmp_path, server.url, pki)
+        assert out.returncode == 0, out.stderr
+        etc = tmp_path / "etc"
+        assert {f.name for f in etc.iterdir()} == {"agent.yaml", "device.pem", "device.key"}
+        assert all(f.stat().st_mode & 0o077 == 0 for f in etc.glob("device.*"))
+        cfg = yaml.safe_load((etc / "agent.yaml").read_text())
+        assert "token_file" not in cfg["server"]
+        assert cfg["server"]["client_key"] == str(etc / "device.key")
+        agent = AgentProcess(etc / "agent.yaml")
+        wait_for(lambda: len(stored(tmp_path / "server.db")) >= 2, timeout=15,
+                 what="telemetry from the provisioned certificate device")
+        assert agent.stop() == 0
+        # The check presents the certificate: one of another CA is refused (no files).
+        other = tmp_path / "other"
+        out = provision_cert(other, server.url, pki, "stranger")
+        assert out.returncode == 4 and not (other / "etc" / "agent.yaml").exists()
+    finally:
+        server.stop()
+
+
+def test_provision_names_a_bad_certificate_input(tmp_path, pki):
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(pki["device"][1].read_bytes())
+    loose.chmod(0o644)
+    cases = [
+        (["--client-cert", str(pki["device"][0])], "go together"),
+        ([], "--token-file, or --client-cert"),
+    ]
+    for args, words in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "agent", "provision", "--device-id", "device-001",
+             "--server", "wss://127.0.0.1:9/v1/ws", "--no-check", *args,
+             "--config", str(tmp_path / "etc" / "agent.yaml")],
+            env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and words in out.stderr, out.stderr
+    bad = {"device": (pki["device"][0], loose), "locked": pki["locked"],
+           "swapped": (pki["device"][1], pki["device"][0])}
+    words = {"device": "mode 0644", "locked": "encrypted", "swapped": "not a PEM certificate"}
+    for name, (cert, key) in bad.items():
+        pki_copy = {**pki, name: (cert, key)}
+        out = provision_cert(tmp_path, "wss://127.0.0.1:9/v1/ws", pki_copy, name, "--no-check")
+        assert out.returncode == 2 and words[name] in out.stderr, (name, out.stderr)
+    assert not (tmp_path / "etc").exists()

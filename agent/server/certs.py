@@ -24,7 +24,10 @@ from ..errors import AuthError
 from .tokens import Identity
 
 DEVICE_URI = "urn:nexus:device:"
-MAX_HEADER_CERT_CHARS = 16 * 1024  # an escaped PEM certificate; device ones are ~1-3 KiB
+# An escaped PEM certificate (P-256: ~0.7 KiB, RSA 4096: ~2.6 KiB). The handshake reads
+# header lines of at most app.MAX_HEADER_LINE (4 KiB, name included) anyway: a longer
+# one is refused there with 431.
+MAX_HEADER_CERT_CHARS = 4096
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
