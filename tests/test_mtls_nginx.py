@@ -16,7 +16,7 @@ import socket
 import ssl
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
 import pytest
@@ -149,7 +149,7 @@ class TlsPeer(Peer):
     """helpers.Peer over wss, with a client certificate or none; closed after each test."""
 
     def __init__(self, url: str, pki, cert: Optional[str] = None,
-                 header: List[str] = ()) -> None:  # type: ignore[assignment]
+                 header: Sequence[str] = ()) -> None:
         sslopt = {"ca_certs": str(pki["ca"][0])}
         if cert:
             sslopt.update(certfile=str(pki[cert][0]), keyfile=str(pki[cert][1]))
