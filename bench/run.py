@@ -32,10 +32,14 @@
    against one per point; one poll of 100 registers over TCP on loopback against a bare
    pymodbus read; the agent with a 50-point device at 1 s beside the same agent
    without Modbus, in the same window (skipped without pymodbus).
-8. Hostile neighbours (bench/hostile.py, short): 1,000 honest devices at 1 msg/s,
+9. Hostile neighbours (bench/hostile.py, short): 1,000 honest devices at 1 msg/s,
    quiet and then beside 400 half-open handshakes, a token reconnecting and
    flooding, and 1,000-item batches at the sample budget (6 s each, loopback):
    honest p99 against 2x the quiet p99, and the server's RSS against its bound.
+10. Client certificates (bench/mtls.py, about 20 s): connect to ``connected`` over TLS
+   with a client certificate and with a token, against plain ws with a token, 200
+   connects each in turns (median, p95); the agent's RSS with mTLS against a token over
+   TLS (alone: ``python bench/run.py mtls``).
 
 Prints a table; exits non-zero only if something failed to run.
 """
@@ -251,6 +255,10 @@ def main() -> int:
         import ingest  # bench/ingest.py
 
         return ingest.main(sys.argv[2:])
+    if sys.argv[1:2] == ["mtls"]:  # python bench/run.py mtls: only client certificates
+        import mtls  # bench/mtls.py
+
+        return mtls.main(sys.argv[2:])
     if sys.argv[1:] == ["enqueue"]:  # python bench/run.py enqueue: only the enqueue rates
         with tempfile.TemporaryDirectory(dir=ROOT) as d:
             enq = enqueue_rates(Path(d))
@@ -305,6 +313,10 @@ def main() -> int:
     import cluster  # bench/cluster.py: two nodes behind nginx against one
 
     status = status or cluster.main(["--devices", "1000", "--seconds", "8"])
+    print()
+    import mtls  # bench/mtls.py: handshakes and agent RSS with client certificates
+
+    status = mtls.main(["--connects", "200"]) or status
     print()
     import hostile  # bench/hostile.py: honest devices beside attackers, one at a time
 
