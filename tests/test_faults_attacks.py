@@ -335,13 +335,14 @@ def _jwt(sub, pad=0, header="eyJhbGciOiJIUzI1NiJ9"):
 
 
 def _keeper(tmp_path, token="old-token"):
-    path = tmp_path / "token"
+    """A transport stand-in whose state_dir holds a renewal ``token`` (keep_token's file)."""
+    path = tmp_path / auth.RENEWED_TOKEN
     path.write_text(token + "\n")
     path.chmod(0o600)
     updates = []
     fake = types.SimpleNamespace(
-        config=types.SimpleNamespace(server=types.SimpleNamespace(token_file=str(path)),
-                                     device_id="device-001"),
+        config=types.SimpleNamespace(server=types.SimpleNamespace(token_file=None),
+                                     state_dir=str(tmp_path), device_id="device-001"),
         health=types.SimpleNamespace(update=lambda **kw: updates.append(kw)))
     return fake, path
 
