@@ -94,6 +94,12 @@ TELEMETRY_BATCH = "telemetry.batch"  # an extension: used only when the server o
 TOKEN_RENEW = "token.renew"
 TOKEN_RENEWED = "token.renewed"
 MAX_RENEWED_TOKEN_CHARS = 8191  # with its newline, the agent's token file limit (8 KiB)
+# Provisioning by claim: a claim token's connection is offered ``device.claim`` and may send
+# one, with a device id and a certificate request; the answer is ``device.claimed`` with the
+# certificate (or an ``error``), then close 1000.
+DEVICE_CLAIM = "device.claim"
+DEVICE_CLAIMED = "device.claimed"
+MAX_CSR_CHARS = 16 * 1024
 CLIENT_TYPES = ("ping", "subscribe", "unsubscribe", "telemetry", "command", "command.result",
                 TELEMETRY_BATCH)
 

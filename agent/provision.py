@@ -2,6 +2,7 @@
 
     nexus-agent provision --device-id ID --server URL --token-file PATH
                           [--client-cert PEM --client-key KEY]
+                          [--claim TOKEN | --claim-file FILE]
                           [--config /etc/nexus/agent.yaml] [--state-dir DIR]
                           [--ca-file PEM] [--commands FILE] [--proxy URL]
                           [--proxy-auth-file FILE] [--force] [--no-check]
@@ -20,6 +21,14 @@ token goes to that user (0600) and the config to root, group ``nexus-agent``
 (mode 0600), copied like the token to ``device.pem`` and ``device.key`` beside the
 config (``server.client_cert``/``client_key``, a ``wss://`` server); the token is then
 optional, and the check presents the certificate.
+
+``--claim TOKEN`` or ``--claim-file FILE`` (provisioning by claim): a factory image
+carries one claim token and no device secret. A key is made here (P-256, with the
+``openssl`` command), a certificate for ``--device-id`` is asked for with it
+(``device.claim``, docs/protocol.md section 10), and the key and the certificate the
+server signs are written as with ``--client-cert``. A device id is claimed once: run
+again on a provisioned device, it changes nothing (exit 0); a refused claim is exit 5.
+``--claim`` shows in ``ps`` while this runs: prefer ``--claim-file``.
 
 ``--proxy`` and ``--proxy-auth-file``: the HTTP proxy (``server.proxy``) and a
 file with its credentials, copied like the token to ``proxy-auth`` beside the
@@ -190,14 +199,18 @@ def check_server(url: str, token: Optional[str], ca_file: Optional[str] = None,
 def provision(args: argparse.Namespace) -> str:
     config_path = os.path.abspath(args.config)
     folder = os.path.dirname(config_path)
+    claiming = bool(args.claim or args.claim_file)
+    if claiming and (args.token_file or args.client_cert or args.client_key):
+        raise ProvisionError(EXIT_INPUT, "--claim takes no --token-file, --client-cert or "
+                             "--client-key: the claim gives the device its certificate")
     if bool(args.client_cert) != bool(args.client_key):
         raise ProvisionError(EXIT_INPUT, "--client-cert and --client-key go together")
-    if not args.token_file and not args.client_cert:
+    if not args.token_file and not args.client_cert and not claiming:
         raise ProvisionError(EXIT_INPUT, "--token-file, or --client-cert with --client-key, "
                              "is required")
     token_path = os.path.join(folder, "token") if args.token_file else None
     client = (os.path.join(folder, "device.pem"), os.path.join(folder, "device.key")) \
-        if args.client_cert else None
+        if args.client_cert or claiming else None
     proxy_auth_path = os.path.join(folder, "proxy-auth") if args.proxy_auth_file else None
     text = render_config(args.device_id, args.server, token_path, args.state_dir, args.ca_file,
                          read_commands(args.commands), args.proxy, proxy_auth_path, client)
@@ -206,7 +219,8 @@ def provision(args: argparse.Namespace) -> str:
     checked = text if client is None else render_config(
         args.device_id, args.server, token_path, args.state_dir, args.ca_file,
         read_commands(args.commands), args.proxy, proxy_auth_path,
-        (os.path.abspath(args.client_cert), os.path.abspath(args.client_key)))
+        None if claiming else (os.path.abspath(args.client_cert),
+                               os.path.abspath(args.client_key)))
     try:
         config_mod.build(yaml.safe_load(checked), config_path)
     except ConfigError as exc:
@@ -217,6 +231,9 @@ def provision(args: argparse.Namespace) -> str:
         if exc.key.startswith("commands"):
             option = f"--commands: {exc.key}"
         raise ProvisionError(EXIT_INPUT, f"{option}: {exc.reason}") from None
+    if claiming:
+        assert client is not None
+        return _provision_by_claim(args, config_path, text, client)
     secrets: Dict[str, str] = {}
     if token_path:
         secrets[token_path] = _read_secret(read_token, args.token_file, "--token-file")
@@ -227,17 +244,7 @@ def provision(args: argparse.Namespace) -> str:
     if proxy_auth_path:
         creds = _read_secret(read_proxy_auth, args.proxy_auth_file, "--proxy-auth-file")
         secrets[proxy_auth_path] = ":".join(creds)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            existing: Optional[str] = f.read()
-    except FileNotFoundError:
-        existing = None
-    except OSError as exc:
-        raise ProvisionError(EXIT_FS, f"{config_path}: {exc.strerror}") from None
-    if existing is not None and existing != text and not args.force and \
-            not is_example(existing):
-        raise ProvisionError(EXIT_CONFLICT, f"{config_path} exists with other settings; "
-                             "re-run with --force to replace it")
+    existing = _existing_config(config_path, text, args.force)
     if not args.no_check:
         check_server(args.server, secrets[token_path] if token_path else None, args.ca_file,
                      proxy=args.proxy, proxy_auth_file=args.proxy_auth_file,
@@ -269,6 +276,102 @@ def _read_pem(path: str, option: str, kind: str) -> str:
     if len(text) > 64 * 1024 or not any(b in text for b in _PEM_BEGIN[kind]):
         raise ProvisionError(EXIT_INPUT, f"{option}: {path} is not a PEM {kind.lower()}")
     return text.strip()
+
+
+def _existing_config(config_path: str, text: str, force: bool) -> Optional[str]:
+    """The config now at ``config_path`` (None: none); ProvisionError when it has other
+    settings and may not be replaced."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            existing: Optional[str] = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ProvisionError(EXIT_FS, f"{config_path}: {exc.strerror}") from None
+    if existing is not None and existing != text and not force and not is_example(existing):
+        raise ProvisionError(EXIT_CONFLICT, f"{config_path} exists with other settings; "
+                             "re-run with --force to replace it")
+    return existing
+
+
+def _provision_by_claim(args: argparse.Namespace, config_path: str, text: str,
+                        client: Tuple[str, str]) -> str:
+    """A key made here, a certificate claimed with it, both written beside the config, then
+    the config. Already provisioned the same way (the same config, the files there): done."""
+    existing = _existing_config(config_path, text, args.force)
+    if existing == text and all(os.path.exists(path) for path in client):
+        return config_path  # claimed before: a device id is claimed once
+    token = args.claim or _read_secret(read_token, args.claim_file, "--claim-file")
+    with tempfile.TemporaryDirectory(prefix="nexus-claim-") as work:  # 0700
+        key_path, csr = _new_key(work)
+        certificate = claim(args.server, token, args.device_id, csr, args.ca_file,
+                            proxy=args.proxy, proxy_auth_file=args.proxy_auth_file)
+        cert_path = os.path.join(work, "device.pem")
+        with open(cert_path, "w", encoding="ascii") as f:
+            f.write(certificate)
+        if not args.no_check:  # the new certificate opens a connection, as the agent's will
+            check_server(args.server, None, args.ca_file, proxy=args.proxy,
+                         proxy_auth_file=args.proxy_auth_file,
+                         client=(cert_path, key_path, None))
+        with open(key_path, encoding="ascii") as f:
+            key = f.read().strip()
+    _write_files(config_path, text, existing, {client[0]: certificate.strip(), client[1]: key})
+    return config_path
+
+
+def _new_key(folder: str) -> Tuple[str, str]:
+    """(key path, certificate request PEM): a P-256 key made by the ``openssl`` command in
+    ``folder`` (private to this user), and a request signed with it. The request's name is
+    a placeholder: the server names the certificate after the claimed device id."""
+    import subprocess
+
+    key, csr = os.path.join(folder, "device.key"), os.path.join(folder, "device.csr")
+    try:
+        subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", csr,
+                        "-subj", "/CN=nexus-claim"], check=True, capture_output=True,
+                       timeout=60)
+    except FileNotFoundError:
+        raise ProvisionError(EXIT_INPUT, "provisioning by claim needs the openssl command "
+                             "(Debian package openssl)") from None
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise ProvisionError(EXIT_FS, f"openssl could not make a key: {exc}") from None
+    os.chmod(key, 0o600)
+    with open(csr, encoding="ascii") as f:
+        return key, f.read()
+
+
+def claim(url: str, token: str, device_id: str, csr: str, ca_file: Optional[str] = None,
+          timeout: float = 10.0, proxy: Optional[str] = None,
+          proxy_auth_file: Optional[str] = None) -> str:
+    """The certificate the server signs for ``device_id`` (``device.claim``); ProvisionError
+    with the server's reason (exit 5) or why it could not be asked (exit 4)."""
+    from . import protocol as p
+    from .transport import AuthRefused, open_welcomed
+
+    try:
+        ws = open_welcomed(url, token, ca_file, timeout, proxy, proxy_auth_file)
+    except AuthRefused as exc:
+        raise ProvisionError(EXIT_AUTH, f"the claim token was refused: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - DNS, TCP, TLS and timeouts: "unreachable"
+        raise ProvisionError(EXIT_UNREACHABLE, f"cannot reach {url}: {exc}") from None
+    try:
+        msg = p.make(p.DEVICE_CLAIM, time.time(), {"device_id": device_id, "csr": csr})
+        ws.send(p.encode(msg))
+        reply = p.decode(ws.recv())
+    except Exception as exc:  # noqa: BLE001 - a close, a timeout, a bad frame
+        raise ProvisionError(EXIT_UNREACHABLE, f"no answer to the claim: {exc}") from None
+    finally:
+        ws.close()
+    if reply.type == "error":
+        error = p.parse_error(reply)
+        raise ProvisionError(EXIT_AUTH, f"the server refused the claim: {error.message}")
+    payload = reply.payload if isinstance(reply.payload, dict) else {}
+    certificate = payload.get("certificate")
+    if reply.type != p.DEVICE_CLAIMED or not isinstance(certificate, str) or \
+            "-----BEGIN CERTIFICATE-----" not in certificate or len(certificate) > 64 * 1024:
+        raise ProvisionError(EXIT_UNREACHABLE, f"unexpected answer to the claim: {reply.type}")
+    return certificate
 
 
 def _read_secret(read: Callable[[str], Any], path: str, option: str) -> Any:
@@ -312,6 +415,12 @@ def main(argv: List[str]) -> int:
                     "0600); copied to 'device.key' beside the config")
     ap.add_argument("--config", default="/etc/nexus/agent.yaml")
     ap.add_argument("--state-dir", default="/var/lib/nexus-agent")
+    claim = ap.add_mutually_exclusive_group()
+    claim.add_argument("--claim", metavar="TOKEN", help="a claim token: claim a certificate "
+                       "for --device-id with a key made here (shows in ps: prefer "
+                       "--claim-file)")
+    claim.add_argument("--claim-file", metavar="FILE", help="file holding the claim token "
+                       "(mode 0600)")
     ap.add_argument("--ca-file", help="PEM CA file for a wss:// server with a private CA")
     ap.add_argument("--proxy", metavar="URL", help="HTTP proxy, http://host:port (written "
                     "as server.proxy; default: https_proxy/http_proxy from the environment)")

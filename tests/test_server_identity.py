@@ -273,7 +273,12 @@ def test_bad_identity_flags_are_named():
              (["--require-client-cert"], "--require-client-cert needs"),
              (["--renew-at", "1.5"], "--renew-at must be between 0 and 1"),
              (["--client-cert-header", "X-C", "--trusted-proxy", "nowhere"],
-              "--trusted-proxy 'nowhere'")]
+              "--trusted-proxy 'nowhere'"),
+             (["--claim-ca-cert", "ca.pem"], "--claim-ca-cert and --claim-ca-key go together"),
+             (["--claim-ca-cert", "ca.pem", "--claim-ca-key", "ca.key"],
+              "--claim-ca-cert needs --db FILE"),
+             (["--claim-ca-cert", "ca.pem", "--claim-ca-key", "ca.key", "--db", "x.db",
+               "--redis", "redis://127.0.0.1:9/0"], "outside the cluster")]
     for args, words in cases:
         out = subprocess.run([sys.executable, "-m", "agent.server", "--port", "0", *args],
                              env=child_env(), cwd=REPO, capture_output=True, text=True,

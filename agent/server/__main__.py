@@ -64,6 +64,12 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--trusted-proxy", action="append", metavar="ADDR",
                     help="an address or network allowed to send --client-cert-header "
                     "(repeatable; default 127.0.0.1 and ::1)")
+    ap.add_argument("--claim-ca-cert", metavar="FILE", help="take claims (nexus-agent "
+                    "provision --claim): sign a claimed device's certificate request with this "
+                    "device CA (with --claim-ca-key; put the CA in --client-ca or nginx's too)")
+    ap.add_argument("--claim-ca-key", metavar="FILE", help="the private key of --claim-ca-cert")
+    ap.add_argument("--claim-days", type=int, default=365,
+                    help="validity of a claimed device's certificate (default 365)")
     ap.add_argument("--ping-interval", type=float, default=30.0,
                     help="seconds between protocol pings (default 30)")
     ap.add_argument("--ping-timeout", type=float, default=30.0,
@@ -104,6 +110,13 @@ def _token_args(argv: List[str]) -> argparse.Namespace:
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--device", metavar="DEVICE_ID", help="a device token for DEVICE_ID")
     who.add_argument("--operator", metavar="NAME", help="an operator token for NAME")
+    who.add_argument("--claim", metavar="NAME", help="a claim token named NAME, for factory "
+                     "images: each device claims its own certificate with it (nexus-agent "
+                     "provision --claim; needs --prefix and --max-devices)")
+    ap.add_argument("--prefix", default=None, help="with --claim: the ids it may claim start "
+                    "with this (keep other devices' ids out of it)")
+    ap.add_argument("--max-devices", type=int, default=None,
+                    help="with --claim: how many device ids it may claim in all")
     ap.add_argument("--ttl", type=float, default=86400.0,
                     help="lifetime in seconds (default 86400)")
     keys = ap.add_mutually_exclusive_group()
@@ -141,6 +154,14 @@ def _token(argv: List[str]) -> int:
         print(f"nexus-server token: {exc.name} is missing; install the 'server' extra",
               file=sys.stderr)
         return 2
+    if args.claim:
+        if args.prefix is None or args.max_devices is None or args.max_devices <= 0:
+            print("nexus-server token: --claim needs --prefix and a positive --max-devices",
+                  file=sys.stderr)
+            return 2
+        print(keys.mint(args.claim, "claim", args.ttl, prefix=args.prefix,
+                        max=args.max_devices))
+        return 0
     role, subject = ("device", args.device) if args.device else ("operator", args.operator)
     print(keys.mint(subject, role, args.ttl))
     return 0
@@ -156,6 +177,17 @@ def _check_identity_args(args: argparse.Namespace) -> Optional[str]:
         return "--require-client-cert needs --client-ca or --client-cert-header"
     if not 0.0 < args.renew_at < 1.0:
         return "--renew-at must be between 0 and 1 (a share of a token's lifetime)"
+    if bool(args.claim_ca_cert) != bool(args.claim_ca_key):
+        return "--claim-ca-cert and --claim-ca-key go together"
+    if args.claim_ca_cert and args.redis:
+        return ("claims are recorded in one node's store: run --claim-ca-cert on a node "
+                "outside the cluster (devices then connect to the cluster with their "
+                "certificate)")
+    if args.claim_ca_cert and args.db == ":memory:":
+        return ("--claim-ca-cert needs --db FILE: an id is claimed once, ever, so the record "
+                "of claims must outlive a restart")
+    if args.claim_days <= 0:
+        return "--claim-days must be positive"
     if args.client_cert_header:
         try:
             from .certs import parse_networks
@@ -182,7 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         from .app import CompanionServer, ServerSettings
         from .page import PAGE_SUBJECT, PAGE_TOKEN_TTL_S, page_url
-        if args.public_key or args.signing_key or args.client_ca or args.client_cert_header:
+        if (args.public_key or args.signing_key or args.client_ca or args.client_cert_header
+                or args.claim_ca_cert):
             import cryptography  # noqa: F401 - key files and certificates: the 'server' extra
 
         if args.redis:
@@ -216,12 +249,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                               require_client_cert=args.require_client_cert,
                               client_cert_header=args.client_cert_header,
                               trusted_proxies=tuple(args.trusted_proxy or ("127.0.0.1", "::1")),
-                              renew_at=None if args.no_renew else args.renew_at)
+                              renew_at=None if args.no_renew else args.renew_at,
+                              claim_ca_cert=args.claim_ca_cert, claim_ca_key=args.claim_ca_key,
+                              claim_days=args.claim_days)
     try:
         server = CompanionServer(settings, keys)
     except ImportError as exc:  # --loop uvloop without uvloop installed
         print(f"nexus-server: {exc.name} is missing; install the 'server' extra "
               "(pip install 'nexus-edge-agent[server]') or use --loop auto", file=sys.stderr)
+        return 2
+    except AuthError as exc:  # the claim CA's certificate or key
+        print(f"nexus-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a busy port, or an unreadable TLS certificate or key
         print(f"nexus-server: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)

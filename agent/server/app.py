@@ -101,6 +101,11 @@ class ServerSettings:
     # Token renewal (docs/protocol.md section 9): past this share of a device token's
     # lifetime the server sends a fresh one; offered only when this node can mint.
     renew_at: Optional[float] = 0.8
+    # Provisioning by claim (docs/protocol.md section 10): the device CA that signs a
+    # claimed device's certificate request, and for how long; None takes no claims.
+    claim_ca_cert: Optional[str] = None
+    claim_ca_key: Optional[str] = None
+    claim_days: int = 365
     # Per-client send queue, on top of the library's write buffer (write_limit_bytes):
     # about 4,000 telemetry broadcasts, a few seconds of a whole fleet for an operator.
     send_queue_messages: int = 4096
@@ -361,6 +366,7 @@ class SendQueue:
 
 HEALTH_PATH = "/healthz"  # for a load balancer: 200, or 503 while cut off from the cluster
 Message = Union[str, bytes]
+CLAIM_TIMEOUT_S = 10.0  # from a claim token's welcome to its device.claim
 EARLY_FRAMES = 4  # frames held for a client still being authenticated; then reading pauses
 # DirectConnection overrides process_event, an internal method of websockets' asyncio
 # Connection (13 and later). A release without it gets the library's own path: slower,
@@ -495,6 +501,8 @@ class CompanionServer:
             tokens.TokenKeys.from_secret(keys)
         self._renew_share = settings.renew_at if self._keys.can_mint else None
         self._trusted = certs.parse_networks(settings.trusted_proxies)
+        self._claim_ca = None if not settings.claim_ca_cert else certs.ClaimCA(
+            settings.claim_ca_cert, settings.claim_ca_key or "", settings.claim_days)
         self.hub = Hub(settings.db, HubSettings(
             settings.rate_limit_per_minute, settings.samples_per_minute,
             settings.max_operator_connections,
@@ -616,6 +624,9 @@ class CompanionServer:
             return
         if isinstance(conn, GuardedConnection):
             conn.admitted()
+        if identity.role == tokens.CLAIM:  # never the hub's: it would take it for an operator
+            await self._serve_claim(conn, identity)
+            return
         if identity.is_device and self.settings.offer_batches:
             # Read at the start of each frame: the next frame may be a batch. Everyone else
             # keeps max_message_bytes (websockets: protocol.max_message_size).
@@ -644,6 +655,76 @@ class CompanionServer:
         if identity.is_device and self.settings.require_client_cert:
             raise AuthError("Devices must present a client certificate on this server")
         return identity
+
+    async def _serve_claim(self, conn: ServerConnection, identity: tokens.Identity) -> None:
+        """One claim on a claim token's connection: ``connected`` offering ``device.claim``,
+        one ``device.claim`` within CLAIM_TIMEOUT_S, answered with ``device.claimed`` (the
+        certificate) or an ``error`` naming why, then close 1000."""
+        now = time.time()
+        if self._claim_ca is None:
+            await self._refuse(conn, "This server takes no claims")
+            return
+        payload = p.welcome_payload(p.new_id("client"), now, None)
+        payload["capabilities"] = {p.DEVICE_CLAIM: {"days": self.settings.claim_days}}
+        if isinstance(conn, DirectConnection):
+            conn.direct = False  # read through the library's queue: one message, awaited
+        try:
+            await conn.send(p.encode(p.make("connected", now, payload)))
+            text = await asyncio.wait_for(conn.recv(), CLAIM_TIMEOUT_S)
+            answer = self._claim(identity, text, time.time())
+            await conn.send(answer)
+            await conn.close(p.CLOSE_NORMAL, "claim answered")
+        except asyncio.TimeoutError:
+            await conn.close(p.CLOSE_POLICY, "no device.claim in time")
+        except ConnectionClosed:
+            pass
+
+    def _claim(self, identity: tokens.Identity, text: Union[str, bytes], now: float) -> str:
+        """The answer to a claim message: ``device.claimed`` or an ``error``."""
+        from ..config import DEVICE_ID
+
+        msg_id = None
+        try:
+            env = p.decode(text)
+            msg_id = env.id
+            if env.type != p.DEVICE_CLAIM or not isinstance(env.payload, dict):
+                raise p.RemoteProtocolError(p.INVALID_MESSAGE, f"must be {p.DEVICE_CLAIM} "
+                                            "with a payload", "type", env.id)
+            device_id, csr = env.payload.get("device_id"), env.payload.get("csr")
+            if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
+                raise p.RemoteProtocolError(p.INVALID_MESSAGE, "must be 1 to 128 letters, "
+                                            "digits or . _ : -", "payload.device_id", env.id)
+            if not isinstance(csr, str) or len(csr) > p.MAX_CSR_CHARS:
+                raise p.RemoteProtocolError(p.INVALID_MESSAGE, "must be a PEM certificate "
+                                            f"request of at most {p.MAX_CSR_CHARS} characters",
+                                            "payload.csr", env.id)
+        except p.RemoteProtocolError as exc:
+            return p.encode(p.make_error(exc.code, exc.message, now, exc.msg_id or msg_id,
+                                         exc.field))
+        if not device_id.startswith(identity.claim_prefix):
+            return p.encode(p.make_error(p.FORBIDDEN, f"this claim token claims only ids "
+                                         f"starting with {identity.claim_prefix!r}", now,
+                                         msg_id))
+        try:
+            certificate = self._claim_ca.issue(csr, device_id, now)  # type: ignore[union-attr]
+        except ValueError as exc:
+            return p.encode(p.make_error(p.INVALID_MESSAGE, str(exc), now, msg_id, "payload.csr"))
+        refused = self.hub.claim(device_id, identity.subject, identity.claim_max, now)
+        if refused:
+            log.warning("claim %s: %s", identity.subject, refused)
+            return p.encode(p.make_error(p.FORBIDDEN, refused, now, msg_id))
+        log.info("claim %s: device %s claimed; its certificate is valid for %d days",
+                 identity.subject, device_id, self.settings.claim_days)
+        return p.encode(p.make(p.DEVICE_CLAIMED, now, {"device_id": device_id,
+                                                       "certificate": certificate}, msg_id))
+
+    async def _refuse(self, conn: ServerConnection, reason: str) -> None:
+        """AUTH_FAILED with ``reason``, then close 4000."""
+        try:
+            await conn.send(p.encode(p.make_error(p.AUTH_FAILED, reason, time.time())))
+            await conn.close(p.CLOSE_AUTH_FAILED, "Authentication failed")
+        except ConnectionClosed:
+            pass
 
     def _certificate_identity(self, conn: ServerConnection) -> Optional[tokens.Identity]:
         """The device of a verified client certificate: from this node's TLS, or from the

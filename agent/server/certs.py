@@ -106,3 +106,71 @@ def trusted(address: object, networks: List[Network]) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
+
+
+# ------------------------------------------------------------------ provisioning by claim
+
+
+class ClaimCA:
+    """The device CA of provisioning by claim: it signs a claimed device's certificate
+    request. Only the request's public key is used (its signature must verify: the device
+    holds the private key); the name, the SAN URI and the key usage are the server's."""
+
+    def __init__(self, cert_path: str, key_path: str, days: int) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            with open(cert_path, "rb") as f:
+                self.cert = x509.load_pem_x509_certificate(f.read(64 * 1024))
+            with open(key_path, "rb") as f:
+                self.key = serialization.load_pem_private_key(f.read(64 * 1024), None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise AuthError(f"claim CA {cert_path} / {key_path}: {exc}") from None
+        if self.key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
+                != self.cert.public_key().public_bytes(
+                    serialization.Encoding.DER,
+                    serialization.PublicFormat.SubjectPublicKeyInfo):
+            raise AuthError(f"claim CA: {key_path} is not the key of {cert_path}")
+        self.days = days
+
+    def issue(self, csr_pem: str, device_id: str, now: float) -> str:
+        """A PEM certificate for ``device_id`` with the request's key; ValueError says what is
+        wrong with the request (a client may read it)."""
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            raise ValueError("not a PEM certificate request") from None
+        if not csr.is_signature_valid:
+            raise ValueError("the request's signature does not verify")
+        public = csr.public_key()
+        if isinstance(public, rsa.RSAPublicKey) and public.key_size < 2048:
+            raise ValueError("an RSA key must have at least 2048 bits")
+        if not isinstance(public, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,
+                                   rsa.RSAPublicKey)):
+            raise ValueError("the key must be EC, Ed25519 or RSA")
+        start = datetime.datetime.fromtimestamp(now - 300, datetime.timezone.utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .issuer_name(self.cert.subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(days=self.days, seconds=300))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(DEVICE_URI + device_id)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+        digest = None if isinstance(self.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+        cert = builder.sign(self.key, digest)  # type: ignore[arg-type]
+        return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")

@@ -64,7 +64,7 @@ from typing import Any, Dict, List, Protocol, Tuple
 
 from .. import protocol as p
 from ..errors import ProtocolError
-from .tokens import Identity
+from .tokens import ROLES, Identity
 
 RATE_WINDOW_S = 60.0  # the budget refills its whole size in this long
 # What the server sends may be a little larger than what it accepts: a broadcast wraps an
@@ -245,6 +245,25 @@ class Hub:
 
     # ------------------------------------------------------------------ connections
 
+    def claim(self, device_id: str, claim: str, most: int, now: float) -> str | None:
+        """Record that ``claim`` (a claim token's subject) claimed ``device_id``; the reason
+        it may not (the id was claimed before, or the token has claimed ``most``), or None.
+        Committed before it returns: a certificate goes out only for a recorded claim."""
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM claims WHERE device_id = ?",
+                                (device_id,)).fetchone():
+                return f"device id {device_id} was claimed before"
+            (count,) = self._db.execute("SELECT COUNT(*) FROM claims WHERE claim = ?",
+                                        (claim,)).fetchone()
+            if count >= most:
+                return f"this claim token has claimed its {most} devices"
+            self._write("INSERT INTO claims (device_id, claim, claimed_at) VALUES (?, ?, ?)",
+                        (device_id, claim, now))
+            if self._in_transaction:
+                self._db.execute("COMMIT")
+                self._in_transaction = False
+        return None
+
     def connect(self, identity: Identity, peer: Peer, now: float,
                 mono: float | None = None,
                 renew_at: float | None = None) -> Tuple[Client, str]:
@@ -252,6 +271,8 @@ class Hub:
         offers ``token.renew`` at ``renew_at`` when given: the caller sends the renewal).
         The identity's older connections it replaces are closed with 4001 (after what is
         held for them)."""
+        if identity.role not in ROLES:  # a claim token: the hub would take it for an operator
+            raise ValueError(f"the hub serves devices and operators, not {identity.role}")
         key = (identity.role, identity.subject)
         with self._lock:
             budget = self._budgets.get(key)
@@ -910,4 +931,11 @@ def _rekey(db: sqlite3.Connection, table: str) -> None:
 
 _SCHEMA = "\n".join(create.format(name=table) for table, (create, _) in _TABLES.items()) + """
 CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device_id);
+-- Provisioning by claim: each device id is claimed once, ever (never trimmed).
+CREATE TABLE IF NOT EXISTS claims (
+    device_id TEXT PRIMARY KEY,
+    claim TEXT NOT NULL,
+    claimed_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS claims_by_token ON claims (claim);
 """

@@ -33,6 +33,10 @@ from ..errors import AuthError
 HS256, EDDSA, RS256 = "HS256", "EdDSA", "RS256"
 ALGORITHM = HS256  # the guide's, and the default
 ROLES = ("device", "operator")
+# A claim token (provisioning by claim, certs.py): it may only ask for one device
+# certificate per connection, for an id starting with its ``prefix``, at most ``max`` ids.
+CLAIM = "claim"
+MAX_CLAIMS = 1_000_000
 MIN_SECRET_BYTES = 32
 MIN_RSA_BITS = 2048
 MAX_KEY_FILE_BYTES = 64 * 1024
@@ -47,6 +51,8 @@ class Identity:
     expires: float
     issued: Optional[float] = None  # the token's iat: with exp, its lifetime (renewal)
     certificate: bool = False  # from a client certificate: no token, never renewed
+    claim_prefix: str = ""  # a claim token's: the ids it may claim start with this
+    claim_max: int = 0  # a claim token's: how many ids it may claim in all
 
     @property
     def is_device(self) -> bool:
@@ -99,21 +105,32 @@ class TokenKeys:
         if iat is not None and not _is_number(iat):
             raise AuthError("Token iat must be a number")
         role = claims.get("role")
-        if role not in ROLES:
+        if role not in ROLES and role != CLAIM:
             raise AuthError("Token role must be device or operator")
         sub = claims["sub"]
         if not isinstance(sub, str) or not 0 < len(sub) <= 128:
             raise AuthError("Token subject must be a string of 1 to 128 characters")
-        return Identity(sub, role, float(exp), None if iat is None else float(iat))
+        issued = None if iat is None else float(iat)
+        if role == CLAIM:
+            prefix, most = claims.get("prefix"), claims.get("max")
+            if not isinstance(prefix, str) or len(prefix) > 64:
+                raise AuthError("Claim token prefix must be a string of at most 64 characters")
+            if not isinstance(most, int) or isinstance(most, bool) or not 0 < most <= MAX_CLAIMS:
+                raise AuthError(f"Claim token max must be an integer from 1 to {MAX_CLAIMS}")
+            return Identity(sub, role, float(exp), issued, claim_prefix=prefix, claim_max=most)
+        return Identity(sub, role, float(exp), issued)
 
-    def mint(self, subject: str, role: str, ttl_s: float, now: Optional[float] = None) -> str:
-        """A signed token for ``subject`` in ``role`` that expires ``ttl_s`` from now."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}")
+    def mint(self, subject: str, role: str, ttl_s: float, now: Optional[float] = None,
+             **extra: Any) -> str:
+        """A signed token for ``subject`` in ``role`` that expires ``ttl_s`` from now;
+        ``extra`` claims beside (a claim token's ``prefix`` and ``max``)."""
+        if role not in ROLES and role != CLAIM:
+            raise ValueError(f"role must be one of {ROLES + (CLAIM,)}")
         if self._signing_key is None:
             raise AuthError("this server holds a public key only: it cannot mint tokens")
         issued = int(time.time() if now is None else now)
-        claims = {"sub": subject, "role": role, "iat": issued, "exp": issued + int(ttl_s)}
+        claims = {"sub": subject, "role": role, "iat": issued, "exp": issued + int(ttl_s),
+                  **extra}
         return jwt.encode(claims, self._signing_key, algorithm=self.algorithm)
 
 

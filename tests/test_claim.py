@@ -1,0 +1,170 @@
+"""Provisioning by claim (issue 27): a factory image carries one claim token and no device
+secret; ``nexus-agent provision --claim-file`` makes a key on the device, asks the server
+for a certificate for its id (``device.claim``), and writes what comes back; the agent
+then connects with that certificate and no token.
+
+Real parts: ``nexus-server`` with a device CA (made by the ``openssl`` command,
+tests/pki.py) over TLS on 127.0.0.1, ``nexus-agent provision`` and the agent as
+subprocesses, the server's SQLite store read afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+import websocket
+import yaml
+from helpers import REPO, SECRET, AgentProcess, ServerProcess, child_env, stored, wait_for
+from pki import make_ca, make_cert
+
+from agent import protocol as p
+from agent.server import tokens
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    ca = make_ca(folder, "device-ca")
+    return {"ca": ca, "server": make_cert(folder, ca, "server", "127.0.0.1",
+                                          san="IP:127.0.0.1")}
+
+
+def claim_server(pki, tmp_path, *extra):
+    return ServerProcess(0, "-v", "--tls-cert", str(pki["server"][0]), "--tls-key",
+                         str(pki["server"][1]), "--client-ca", str(pki["ca"][0]),
+                         "--claim-ca-cert", str(pki["ca"][0]), "--claim-ca-key",
+                         str(pki["ca"][1]), *extra, db=str(tmp_path / "server.db"))
+
+
+def claim_token(tmp_path, name="factory-7", prefix="gw-", most=2, ttl=3600):
+    out = subprocess.run([sys.executable, "-m", "agent.server", "token", "--claim", name,
+                          "--prefix", prefix, "--max-devices", str(most), "--ttl", str(ttl)],
+                         env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / f"{name}.claim"
+    path.write_text(out.stdout)
+    path.chmod(0o600)
+    return path
+
+
+def provision(folder, url, pki, device_id, claim_file):
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "provision", "--device-id", device_id,
+         "--server", url, "--claim-file", str(claim_file), "--ca-file", str(pki["ca"][0]),
+         "--config", str(folder / "etc" / "agent.yaml"),
+         "--state-dir", str(folder / "state")],
+        env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def claims(db):
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT device_id FROM claims ORDER BY 1")]
+
+
+def test_a_factory_image_claims_its_identity_once_and_runs_on_it(tmp_path, pki):
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path)
+    device = tmp_path / "gw-0001"
+    try:
+        out = provision(device, server.url, pki, "gw-0001", token)
+        assert out.returncode == 0, out.stderr
+        etc = device / "etc"
+        assert {f.name for f in etc.iterdir()} == {"agent.yaml", "device.pem", "device.key"}
+        assert all(f.stat().st_mode & 0o077 == 0 for f in etc.glob("device.*"))
+        pem = (etc / "device.pem").read_text()
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
+            "urn:nexus:device:gw-0001"]
+        assert "token_file" not in yaml.safe_load((etc / "agent.yaml").read_text())["server"]
+        files = {f.name: f.read_bytes() for f in etc.iterdir()}
+        # Again on the provisioned device: nothing changes, nothing is claimed again.
+        again = provision(device, server.url, pki, "gw-0001", token)
+        assert again.returncode == 0, again.stderr
+        assert {f.name: f.read_bytes() for f in etc.iterdir()} == files
+        agent = AgentProcess(etc / "agent.yaml")
+        wait_for(lambda: len(stored(tmp_path / "server.db", "gw-0001")) >= 2, timeout=15,
+                 what="telemetry from the claimed device")
+        assert agent.stop() == 0
+    finally:
+        server.stop()
+    assert claims(tmp_path / "server.db") == ["gw-0001"]
+    assert "device gw-0001 claimed" in server.log()
+
+
+def test_a_claim_is_refused_for_a_taken_id_another_prefix_or_past_its_count(tmp_path, pki):
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path)
+    expired = tmp_path / "old.claim"  # a batch whose claim token ran out an hour ago
+    expired.write_text(tokens.TokenKeys.from_secret(SECRET.encode()).mint(
+        "old-batch", "claim", 60, now=time.time() - 3600, prefix="gw-", max=2))
+    expired.chmod(0o600)
+    try:
+        assert provision(tmp_path / "a", server.url, pki, "gw-0001", token).returncode == 0
+        cases = [
+            ("thief", "gw-0001", token, "was claimed before"),  # a copy of the image
+            ("other", "plant-0001", token, "starting with 'gw-'"),
+            ("old", "gw-0009", expired, "Token expired"),
+        ]
+        for folder, device_id, claim_file, words in cases:
+            out = provision(tmp_path / folder, server.url, pki, device_id, claim_file)
+            assert out.returncode == 5 and words in out.stderr, (folder, out.stderr)
+            assert not (tmp_path / folder / "etc").exists()
+        assert provision(tmp_path / "b", server.url, pki, "gw-0002", token).returncode == 0
+        out = provision(tmp_path / "c", server.url, pki, "gw-0003", token)
+        assert out.returncode == 5 and "claimed its 2 devices" in out.stderr
+    finally:
+        server.stop()
+    assert claims(tmp_path / "server.db") == ["gw-0001", "gw-0002"]
+
+
+def dial(url, pki, token):
+    ws = websocket.create_connection(url, timeout=5, header=[f"Authorization: Bearer {token}"],
+                                     sslopt={"ca_certs": str(pki["ca"][0]),
+                                             "cert_reqs": ssl.CERT_REQUIRED})
+    return ws, json.loads(ws.recv())
+
+
+def test_a_claim_token_opens_nothing_but_one_claim(tmp_path, pki):
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path).read_text().strip()
+    try:
+        ws, welcome = dial(server.url, pki, token)
+        assert welcome["payload"]["capabilities"] == {p.DEVICE_CLAIM: {"days": 365}}
+        now = p.format_timestamp(time.time())
+        ws.send(json.dumps({"type": "command", "id": "c1", "timestamp": now, "payload": {
+            "device_id": "gw-0001", "command": "reboot"}}))  # as if it were an operator
+        error = json.loads(ws.recv())
+        assert error["error"]["code"] == p.INVALID_MESSAGE and error["error"]["field"] == "type"
+        ws.close()
+        ws, _ = dial(server.url, pki, token)
+        ws.send(json.dumps({"type": p.DEVICE_CLAIM, "id": "k1", "timestamp": now, "payload": {
+            "device_id": "gw-0005", "csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n"}}))
+        error = json.loads(ws.recv())
+        assert error["error"]["field"] == "payload.csr"
+        ws.close()
+    finally:
+        server.stop()
+    assert claims(tmp_path / "server.db") == []
+    # A server without a claim CA takes no claims.
+    plain = ServerProcess(0, "--tls-cert", str(pki["server"][0]), "--tls-key",
+                          str(pki["server"][1]))
+    try:
+        ws, error = dial(plain.url, pki, token)
+        assert error["error"]["code"] == p.AUTH_FAILED
+        assert "takes no claims" in error["error"]["message"]
+        ws.close()
+    finally:
+        plain.stop()
