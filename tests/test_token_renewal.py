@@ -303,3 +303,33 @@ def test_the_fresher_of_the_provisioned_and_the_renewed_token_is_presented(tmp_p
                           "--check-config"], env=child_env(), cwd=REPO, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 78 and "expired" in out.stderr
+
+
+@pytest.mark.parametrize("why", ["another key", "issued in the future"])
+def test_a_renewal_the_server_refuses_gives_way_to_the_provisioned_token(tmp_path, why):
+    """A renewal kept from a server that signs with another key (a staging or lying server,
+    or a key changed since: its renewals may be newer than the token provisioned for the
+    new key) or one issued in the future: the real server refuses it, and the agent must
+    fall back to its provisioned token, which works, not present the refused one forever."""
+    from agent.server import tokens
+
+    now = time.time()
+    provisioned = tokens.mint(SECRET.encode(), "device-001", "device", 3600, now - 60)
+    renewal = {
+        "another key": tokens.mint(b"another-secret-0123456789abcdef-012345", "device-001",
+                                   "device", 3600, now),
+        "issued in the future": tokens.mint(SECRET.encode(), "device-001", "device", 3600,
+                                            now + 86400),
+    }[why]
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    auth.store_token(str(state / auth.RENEWED_TOKEN), renewal)
+    db = tmp_path / "server.db"
+    server = ServerProcess(0, "-v", db=str(db))
+    agent = AgentProcess(write_config(tmp_path, server.url, token=provisioned))
+    try:
+        wait_for(lambda: stored(db), timeout=15, what="telemetry under the provisioned token")
+    finally:
+        agent.stop()
+        server.stop()
+    assert "auth failed" in server.log()  # the renewal was tried, and refused
