@@ -333,3 +333,25 @@ def test_a_renewal_the_server_refuses_gives_way_to_the_provisioned_token(tmp_pat
         agent.stop()
         server.stop()
     assert "auth failed" in server.log()  # the renewal was tried, and refused
+
+
+def test_a_refused_renewal_is_kept_when_the_provisioned_token_has_expired(tmp_path):
+    """Nothing better to fall back to: the renewal stays (a refusal may pass, e.g. a node
+    whose clock is behind the one that minted it)."""
+    from agent.server import tokens
+
+    now = time.time()
+    provisioned = tokens.mint(SECRET.encode(), "device-001", "device", 60, now - 3600)
+    renewal = tokens.mint(SECRET.encode(), "device-001", "device", 3600, now + 86400)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    auth.store_token(str(state / auth.RENEWED_TOKEN), renewal)
+    server = ServerProcess(0, "-v")
+    agent = AgentProcess(write_config(tmp_path, server.url, token=provisioned))
+    try:
+        wait_for(lambda: server.log().count("auth failed") >= 3, timeout=15,
+                 what="the renewal refused a few times")
+    finally:
+        agent.stop()
+        server.stop()
+    assert renewed(tmp_path) == renewal
