@@ -355,3 +355,38 @@ def test_a_refused_renewal_is_kept_when_the_provisioned_token_has_expired(tmp_pa
         agent.stop()
         server.stop()
     assert renewed(tmp_path) == renewal
+
+
+def test_a_lying_server_flooding_renewals_gets_one_kept_per_connection(tmp_path):
+    """The server sends one token.renewed per connection (docs/protocol.md section 9); a
+    server that sends hundreds would make the agent write and fsync its token file (and
+    its directory) for each: flash wear a hostile server asks for. One is kept; the
+    rest of that connection's are ignored."""
+    count = 300
+    fresh = [mint("device-001", ttl=7200 + i) for i in range(count)]
+
+    def handler(conn):
+        now = p.format_timestamp(time.time())
+        welcome = p.welcome_payload("fake", time.time(), None, 0.8)
+        conn.send(json.dumps({"type": "connected", "id": "w", "timestamp": now,
+                              "payload": welcome}))
+        if fake.connections > 1:
+            for text in conn:  # later connections: ack what comes
+                msg = json.loads(text)
+                conn.send(json.dumps({"type": "ack" if msg["type"] != "ping" else "pong",
+                                      "id": msg["id"], "timestamp": now}))
+            return
+        for i, token in enumerate(fresh):
+            conn.send(json.dumps({"type": p.TOKEN_RENEWED, "id": f"r{i}", "timestamp": now,
+                                  "payload": {"token": token}}))
+        conn.close(1001, "going away")  # read after every renewal: frames keep their order
+
+    fake = FakeServer(handler)
+    agent = AgentProcess(write_config(tmp_path, fake.url, token=mint("device-001", ttl=600)))
+    try:
+        wait_for(lambda: fake.connections >= 2, timeout=20, what="a second connection")
+    finally:
+        agent.stop()
+        fake.close()
+    assert agent.log().count("the server renewed the token") == 1
+    assert renewed(tmp_path) == fresh[0]
