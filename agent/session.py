@@ -39,8 +39,8 @@ The rules, all of them:
   connection. The oldest message in flight without an ack for
   ``ack_timeout_s`` ends it too.
 * **Token renewal.** When the welcome offers ``token.renew`` and the config
-  allows it (a token file the agent may write), a ``token.renewed`` is a
-  :class:`TokenRenewed`; otherwise it is ignored.
+  allows it (a token file the agent may write), the first ``token.renewed`` of a
+  connection is a :class:`TokenRenewed`; otherwise, and after it, it is ignored.
 * **Commands.** A ``commands.update`` for this device is a
   :class:`CommandArrived`; one addressed to another device is logged and
   dropped.
@@ -224,6 +224,7 @@ class Session:
         self._pause_until = 0.0
         self._throttled = False
         self._worked = False
+        self._renewed = False  # a token.renewed was taken on this connection
 
     # ------------------------------------------------------------------ state
 
@@ -447,7 +448,14 @@ def _on_token_renewed(self: Session, env: p.Envelope, now: float, wall: float) -
     if self.welcome is None or not self.welcome.renews_tokens or not self.cfg.renew_tokens:
         log.warning("ignored a token.renewed the server did not offer or we do not take")
         return []
-    return [TokenRenewed(p.parse_token_renewed(env))]
+    if self._renewed:
+        # The server sends one per connection; each taken costs the transport a write and
+        # two fsyncs, so a server that floods them would wear the disk.
+        log.debug("ignored another token.renewed on this connection")
+        return []
+    token = p.parse_token_renewed(env)
+    self._renewed = True
+    return [TokenRenewed(token)]
 
 
 _HANDLERS: Dict[str, Callable[[Session, p.Envelope, float, float], List[Event]]] = {

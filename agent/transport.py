@@ -376,6 +376,7 @@ class Transport:
                 self._connection(stop)
             except AuthRefused as exc:
                 self._note_auth_refused(str(exc))
+                self._set_aside_refused_renewal()
                 cap = self.config.reconnect.max_delay_s
                 self._after_connection(str(exc))
                 if self._token_rotated():
@@ -470,6 +471,27 @@ class Transport:
             return self._pick_token() != self._token_used
         except AuthError:
             return False
+
+    def _set_aside_refused_renewal(self) -> None:
+        """The server refused the renewal we presented (signed by another server, by a key
+        since changed, or issued in the future): it would win over the provisioned token at
+        every connect, forever, so it is moved aside (``renewed-token.refused``) while the
+        provisioned token is usable. Not otherwise: on a device that lives on renewals it is
+        the only hope (the refusal may pass: a node whose clock is behind the minter's)."""
+        cfg = self.config
+        path = auth.renewed_token_path(cfg.state_dir)
+        try:
+            if auth.read_token(path) != self._token_used:
+                return  # the provisioned token was refused, or a newer renewal came since
+            provisioned = auth.check_credentials(cfg.server.token_file, cfg.server.client_key)
+            if provisioned is None or auth.token_problem(provisioned, cfg.device_id,
+                                                         time.time()) is not None:
+                return
+            os.replace(path, path + ".refused")
+        except (AuthError, OSError):
+            return
+        log.warning("the server refused the renewed token; it is set aside (%s.refused) and "
+                    "the provisioned token is presented again", path)
 
     def _pick_token(self) -> Optional[str]:
         cfg = self.config

@@ -313,6 +313,23 @@ def test_trusted_proxy_addresses():
         certs.parse_networks(["10.0.0.0/33"])
 
 
+def test_a_certificate_header_past_its_not_after_is_refused_at_connect(tmp_path, pki):
+    """A terminator should never pass an expired certificate; if one comes from a trusted
+    address anyway, it is refused at connect like an expired token, not welcomed (with
+    the telemetry it pipelined stored) until the expiry timer closes it."""
+    server = ServerProcess(0, "--client-cert-header", "X-Client-Cert",
+                           db=str(tmp_path / "server.db"))
+    try:
+        ws = websocket.create_connection(server.url, timeout=5, header=[
+            f"X-Client-Cert: {quote(pki['expired'][0].read_text())}"])
+        first = json.loads(ws.recv())
+        ws.close()
+    finally:
+        server.stop()
+    assert first["type"] == "error", first
+    assert first["error"]["code"] == p.AUTH_FAILED and "expired" in first["error"]["message"]
+
+
 # ---------------------------------------------------------------- provisioning
 
 

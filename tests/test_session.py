@@ -372,3 +372,5 @@ def test_a_renewed_token_is_taken_only_when_offered_and_allowed():
     s.receive(offering, 0.0, WALL)
     bad = json.dumps({"type": "token.renewed", "id": "r", "payload": {"token": "a b"}})
     assert s.receive(bad, 0.1, WALL) == []  # not one token: ignored, logged
+    assert s.receive(renewed, 0.2, WALL) == [TokenRenewed("a.b.c")]
+    assert s.receive(renewed, 0.3, WALL) == []  # one per connection: a flood is not taken

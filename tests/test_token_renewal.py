@@ -303,3 +303,90 @@ def test_the_fresher_of_the_provisioned_and_the_renewed_token_is_presented(tmp_p
                           "--check-config"], env=child_env(), cwd=REPO, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 78 and "expired" in out.stderr
+
+
+@pytest.mark.parametrize("why", ["another key", "issued in the future"])
+def test_a_renewal_the_server_refuses_gives_way_to_the_provisioned_token(tmp_path, why):
+    """A renewal kept from a server that signs with another key (a staging or lying server,
+    or a key changed since: its renewals may be newer than the token provisioned for the
+    new key) or one issued in the future: the real server refuses it, and the agent must
+    fall back to its provisioned token, which works, not present the refused one forever."""
+    from agent.server import tokens
+
+    now = time.time()
+    provisioned = tokens.mint(SECRET.encode(), "device-001", "device", 3600, now - 60)
+    renewal = {
+        "another key": tokens.mint(b"another-secret-0123456789abcdef-012345", "device-001",
+                                   "device", 3600, now),
+        "issued in the future": tokens.mint(SECRET.encode(), "device-001", "device", 3600,
+                                            now + 86400),
+    }[why]
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    auth.store_token(str(state / auth.RENEWED_TOKEN), renewal)
+    db = tmp_path / "server.db"
+    server = ServerProcess(0, "-v", db=str(db))
+    agent = AgentProcess(write_config(tmp_path, server.url, token=provisioned))
+    try:
+        wait_for(lambda: stored(db), timeout=15, what="telemetry under the provisioned token")
+    finally:
+        agent.stop()
+        server.stop()
+    assert "auth failed" in server.log()  # the renewal was tried, and refused
+
+
+def test_a_refused_renewal_is_kept_when_the_provisioned_token_has_expired(tmp_path):
+    """Nothing better to fall back to: the renewal stays (a refusal may pass, e.g. a node
+    whose clock is behind the one that minted it)."""
+    from agent.server import tokens
+
+    now = time.time()
+    provisioned = tokens.mint(SECRET.encode(), "device-001", "device", 60, now - 3600)
+    renewal = tokens.mint(SECRET.encode(), "device-001", "device", 3600, now + 86400)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    auth.store_token(str(state / auth.RENEWED_TOKEN), renewal)
+    server = ServerProcess(0, "-v")
+    agent = AgentProcess(write_config(tmp_path, server.url, token=provisioned))
+    try:
+        wait_for(lambda: server.log().count("auth failed") >= 3, timeout=15,
+                 what="the renewal refused a few times")
+    finally:
+        agent.stop()
+        server.stop()
+    assert renewed(tmp_path) == renewal
+
+
+def test_a_lying_server_flooding_renewals_gets_one_kept_per_connection(tmp_path):
+    """The server sends one token.renewed per connection (docs/protocol.md section 9); a
+    server that sends hundreds would make the agent write and fsync its token file (and
+    its directory) for each: flash wear a hostile server asks for. One is kept; the
+    rest of that connection's are ignored."""
+    count = 300
+    fresh = [mint("device-001", ttl=7200 + i) for i in range(count)]
+
+    def handler(conn):
+        now = p.format_timestamp(time.time())
+        welcome = p.welcome_payload("fake", time.time(), None, 0.8)
+        conn.send(json.dumps({"type": "connected", "id": "w", "timestamp": now,
+                              "payload": welcome}))
+        if fake.connections > 1:
+            for text in conn:  # later connections: ack what comes
+                msg = json.loads(text)
+                conn.send(json.dumps({"type": "ack" if msg["type"] != "ping" else "pong",
+                                      "id": msg["id"], "timestamp": now}))
+            return
+        for i, token in enumerate(fresh):
+            conn.send(json.dumps({"type": p.TOKEN_RENEWED, "id": f"r{i}", "timestamp": now,
+                                  "payload": {"token": token}}))
+        conn.close(1001, "going away")  # read after every renewal: frames keep their order
+
+    fake = FakeServer(handler)
+    agent = AgentProcess(write_config(tmp_path, fake.url, token=mint("device-001", ttl=600)))
+    try:
+        wait_for(lambda: fake.connections >= 2, timeout=20, what="a second connection")
+    finally:
+        agent.stop()
+        fake.close()
+    assert agent.log().count("the server renewed the token") == 1
+    assert renewed(tmp_path) == fresh[0]

@@ -17,6 +17,7 @@ Rules:
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Iterable, List, Union
 from urllib.parse import unquote
 
@@ -53,6 +54,14 @@ def identity_from_header(value: str) -> Identity:
         cert = x509.load_pem_x509_certificate(unquote(value).encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:
         raise AuthError(f"Client certificate header cannot be read: {exc}") from None
+    # The terminator checked the dates; checked again here because an identity that is
+    # already past them would be welcomed, and what it pipelined stored, until the expiry
+    # timer closes it (TLS on this node refuses such a certificate in the handshake).
+    now = time.time()
+    if cert.not_valid_after_utc.timestamp() <= now:
+        raise AuthError("Client certificate expired")
+    if cert.not_valid_before_utc.timestamp() > now:
+        raise AuthError("Client certificate not valid yet")
     return _identity(cert)
 
 
