@@ -389,3 +389,56 @@ def test_provision_names_a_bad_certificate_input(tmp_path, pki):
         out = provision_cert(tmp_path, "wss://127.0.0.1:9/v1/ws", pki_copy, name, "--no-check")
         assert out.returncode == 2 and words[name] in out.stderr, (name, out.stderr)
     assert not (tmp_path / "etc").exists()
+
+
+# ---------------------------------------------------------------- review hardening
+
+
+def test_token_clock_skew_and_subjects():
+    """iat up to a minute ahead is taken (nodes' clocks differ; a renewal minted by a node
+    a second ahead was refused); further ahead is not; a subject with a control character
+    is refused (it goes into logs)."""
+    keys = tokens.TokenKeys.from_secret(SECRET.encode())
+    now = time.time()
+    assert keys.verify(keys.mint("device-001", "device", 600, now=now + 30)).subject == \
+        "device-001"
+    with pytest.raises(AuthError, match="in the future"):
+        keys.verify(keys.mint("device-001", "device", 600, now=now + 300))
+    with pytest.raises(AuthError, match="printable"):
+        keys.verify(keys.mint("device-001\nFAKE LOG LINE", "device", 600))
+
+
+def test_a_renewal_keeps_its_lifetime_only_up_to_the_cap(tmp_path):
+    """A token minted with a careless iat (ten years back) is renewed for the cap, not for
+    another ten years."""
+    keys = tokens.TokenKeys.from_secret(SECRET.encode())
+    decade = 10 * 365 * 86400
+    token = keys.mint("device-001", "device", decade + 3600, now=time.time() - decade)
+    server = ServerProcess(0, "--max-token-lifetime", "1")
+    try:
+        from helpers import Peer
+
+        peer = Peer(server.url, token)
+        fresh = keys.verify(peer.recv_type(p.TOKEN_RENEWED)["payload"]["token"])
+        assert fresh.expires - fresh.issued == 86400
+        peer.close()
+    finally:
+        server.stop()
+
+
+def test_with_a_client_ca_the_header_certificate_must_be_issued_by_it(tmp_path, pki):
+    """Certificates are public, so the trusted address stays the rule; the CA check stops a
+    process at that address from making one up."""
+    server = ServerProcess(0, "--client-cert-header", "X-Client-Cert", "--client-ca",
+                           str(pki["ca"][0]), db=str(tmp_path / "server.db"))
+    try:
+        for which, expect in (("device", "connected"), ("stranger", "error")):
+            ws = websocket.create_connection(server.url, timeout=5, header=[
+                f"X-Client-Cert: {quote(pki[which][0].read_text())}"])
+            first = json.loads(ws.recv())
+            assert first["type"] == expect, (which, first)
+            if expect == "error":
+                assert "not issued by the client CA" in first["error"]["message"]
+            ws.close()
+    finally:
+        server.stop()

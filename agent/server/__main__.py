@@ -53,9 +53,12 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
                     help="send a device a fresh token once its token has passed this share "
                     "of its lifetime (default 0.8; offered only by a node that can mint)")
     ap.add_argument("--no-renew", action="store_true", help="offer no token renewal")
+    ap.add_argument("--max-token-lifetime", type=float, default=365.0, metavar="DAYS",
+                    help="a renewed token keeps its lifetime up to this (default 365)")
     ap.add_argument("--client-ca", metavar="FILE", help="with --tls-cert: verify client "
                     "certificates against this CA bundle; a device that presents one needs "
-                    "no token (its id: SAN URI urn:nexus:device:ID, else its CN)")
+                    "no token (its id: SAN URI urn:nexus:device:ID, else its CN); with "
+                    "--client-cert-header: the header's certificate must be issued by it")
     ap.add_argument("--require-client-cert", action="store_true",
                     help="refuse devices without a client certificate (operators keep tokens)")
     ap.add_argument("--client-cert-header", metavar="NAME", help="behind a TLS terminator "
@@ -171,10 +174,13 @@ def _check_identity_args(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with the TLS, certificate and renewal flags, or None."""
     if bool(args.tls_cert) != bool(args.tls_key):
         return "--tls-cert and --tls-key go together"
-    if args.client_ca and not args.tls_cert:
-        return "--client-ca needs --tls-cert and --tls-key (it verifies in the TLS handshake)"
+    if args.client_ca and not (args.tls_cert or args.client_cert_header):
+        return ("--client-ca needs --tls-cert and --tls-key (it verifies in the TLS handshake) "
+                "or --client-cert-header (it checks the terminator's certificates)")
     if args.require_client_cert and not (args.client_ca or args.client_cert_header):
         return "--require-client-cert needs --client-ca or --client-cert-header"
+    if args.max_token_lifetime <= 0:
+        return "--max-token-lifetime must be positive"
     if not 0.0 < args.renew_at < 1.0:
         return "--renew-at must be between 0 and 1 (a share of a token's lifetime)"
     if bool(args.claim_ca_cert) != bool(args.claim_ca_key):
@@ -250,6 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                               client_cert_header=args.client_cert_header,
                               trusted_proxies=tuple(args.trusted_proxy or ("127.0.0.1", "::1")),
                               renew_at=None if args.no_renew else args.renew_at,
+                              max_token_lifetime_s=args.max_token_lifetime * 86400.0,
                               claim_ca_cert=args.claim_ca_cert, claim_ca_key=args.claim_ca_key,
                               claim_days=args.claim_days)
     try:

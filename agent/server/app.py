@@ -89,7 +89,8 @@ class ServerSettings:
     close_timeout_s: float = 2.0
     tls_cert: Optional[str] = None  # PEM certificate chain; with tls_key, serve wss://
     tls_key: Optional[str] = None
-    # Client certificates (certs.py): verified against client_ca whenever one is presented;
+    # Client certificates (certs.py): verified against client_ca whenever one is presented
+    # (in the TLS handshake, or a terminator's header: issued directly by one of its CAs);
     # a device then needs no token. require_client_cert refuses devices that come with a
     # token only (operators keep their tokens).
     client_ca: Optional[str] = None
@@ -101,6 +102,9 @@ class ServerSettings:
     # Token renewal (docs/protocol.md section 9): past this share of a device token's
     # lifetime the server sends a fresh one; offered only when this node can mint.
     renew_at: Optional[float] = 0.8
+    # A renewed token keeps its lifetime up to this: a token minted with a careless iat
+    # (0, or far in the past) would otherwise be renewed for decades.
+    max_token_lifetime_s: float = 365 * 86400.0
     # Provisioning by claim (docs/protocol.md section 10): the device CA that signs a
     # claimed device's certificate request, and for how long; None takes no claims.
     claim_ca_cert: Optional[str] = None
@@ -501,6 +505,8 @@ class CompanionServer:
             tokens.TokenKeys.from_secret(keys)
         self._renew_share = settings.renew_at if self._keys.can_mint else None
         self._trusted = certs.parse_networks(settings.trusted_proxies)
+        self._header_issuers = certs.load_bundle(settings.client_ca) \
+            if settings.client_ca and settings.client_cert_header else None
         self._claim_ca = None if not settings.claim_ca_cert else certs.ClaimCA(
             settings.claim_ca_cert, settings.claim_ca_key or "", settings.claim_days)
         self.hub = Hub(settings.db, HubSettings(
@@ -747,7 +753,7 @@ class CompanionServer:
             raise AuthError(f"{name} is taken only from a trusted proxy")
         if len(values) > 1:
             raise AuthError(f"{name} sent {len(values)} times")
-        return certs.identity_from_header(values[0])
+        return certs.identity_from_header(values[0], self._header_issuers)
 
     async def _serve_client(self, conn: ServerConnection, identity: tokens.Identity) -> None:
         if self.hub.exhausted(identity, time.monotonic()):
@@ -825,9 +831,9 @@ class CompanionServer:
         costs nothing (the old token still works; the next connection gets another)."""
         assert identity.issued is not None
         now = time.time()
+        lifetime = min(identity.expires - identity.issued, self.settings.max_token_lifetime_s)
         try:
-            token = self._keys.mint(identity.subject, identity.role,
-                                    identity.expires - identity.issued, now)
+            token = self._keys.mint(identity.subject, identity.role, lifetime, now)
         except Exception:  # noqa: BLE001 - the connection goes on under its token; say why
             log.exception("could not mint a renewal for %s", peer.name)
             return

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from typing import Iterable, List, Union
+from typing import Any, Iterable, List, Optional, Union
 from urllib.parse import unquote
 
 from ..errors import AuthError
@@ -43,9 +43,21 @@ def identity_from_der(der: bytes) -> Identity:
     return _identity(cert)
 
 
-def identity_from_header(value: str) -> Identity:
+def load_bundle(path: str) -> List[Any]:
+    """The CA certificates of a PEM bundle (``--client-ca``); AuthError naming the file."""
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as f:
+            return list(x509.load_pem_x509_certificates(f.read(1 << 20)))
+    except (OSError, ValueError) as exc:
+        raise AuthError(f"client CA {path}: {exc}") from None
+
+
+def identity_from_header(value: str, issuers: Optional[List[Any]] = None) -> Identity:
     """The device identity of a URL-escaped PEM certificate (nginx's
-    ``$ssl_client_escaped_cert``), passed by a trusted TLS terminator."""
+    ``$ssl_client_escaped_cert``), passed by a trusted TLS terminator; with ``issuers``
+    (``--client-ca``) it must be issued directly by one of them, too."""
     from cryptography import x509  # the 'server' extra
 
     if len(value) > MAX_HEADER_CERT_CHARS:
@@ -62,7 +74,21 @@ def identity_from_header(value: str) -> Identity:
         raise AuthError("Client certificate expired")
     if cert.not_valid_before_utc.timestamp() > now:
         raise AuthError("Client certificate not valid yet")
+    if issuers is not None and not any(_issued_by(cert, ca) for ca in issuers):
+        # Certificates are public, so this does not replace --trusted-proxy; it stops a
+        # process at a trusted address from making one up.
+        raise AuthError("Client certificate is not issued by the client CA")
     return _identity(cert)
+
+
+def _issued_by(cert: Any, ca: Any) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _identity(cert: object) -> Identity:
