@@ -67,6 +67,9 @@ def _serve_args(argv: List[str]) -> argparse.Namespace:
     ap.add_argument("--trusted-proxy", action="append", metavar="ADDR",
                     help="an address or network allowed to send --client-cert-header "
                     "(repeatable; default 127.0.0.1 and ::1)")
+    ap.add_argument("--deny-file", metavar="FILE", help="identities refused, one a line "
+                    "('device ID', 'operator NAME', 'claim NAME'); re-read within a second of "
+                    "a change, and open connections of a newly denied identity are closed")
     ap.add_argument("--claim-ca-cert", metavar="FILE", help="take claims (nexus-agent "
                     "provision --claim): sign a claimed device's certificate request with this "
                     "device CA (with --claim-ca-key; put the CA in --client-ca or nginx's too)")
@@ -258,14 +261,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                               renew_at=None if args.no_renew else args.renew_at,
                               max_token_lifetime_s=args.max_token_lifetime * 86400.0,
                               claim_ca_cert=args.claim_ca_cert, claim_ca_key=args.claim_ca_key,
-                              claim_days=args.claim_days)
+                              claim_days=args.claim_days, deny_file=args.deny_file)
     try:
         server = CompanionServer(settings, keys)
     except ImportError as exc:  # --loop uvloop without uvloop installed
         print(f"nexus-server: {exc.name} is missing; install the 'server' extra "
               "(pip install 'nexus-edge-agent[server]') or use --loop auto", file=sys.stderr)
         return 2
-    except AuthError as exc:  # the claim CA's certificate or key
+    except AuthError as exc:  # the claim CA's certificate or key, the deny file
         print(f"nexus-server: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a busy port, or an unreadable TLS certificate or key

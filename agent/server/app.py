@@ -67,6 +67,7 @@ from .. import protocol as p
 from ..errors import AuthError
 from . import certs, page, tokens
 from . import hub as hub_mod
+from .denylist import DenyList
 from .hub import Hub, HubSettings, Answers
 
 log = logging.getLogger("nexus.server")
@@ -110,6 +111,7 @@ class ServerSettings:
     claim_ca_cert: Optional[str] = None
     claim_ca_key: Optional[str] = None
     claim_days: int = 365
+    deny_file: Optional[str] = None  # identities refused, re-read on change (denylist.py)
     # Per-client send queue, on top of the library's write buffer (write_limit_bytes):
     # about 4,000 telemetry broadcasts, a few seconds of a whole fleet for an operator.
     send_queue_messages: int = 4096
@@ -507,6 +509,7 @@ class CompanionServer:
         self._trusted = certs.parse_networks(settings.trusted_proxies)
         self._header_issuers = certs.load_bundle(settings.client_ca) \
             if settings.client_ca and settings.client_cert_header else None
+        self.denylist = DenyList(settings.deny_file)
         self._claim_ca = None if not settings.claim_ca_cert else certs.ClaimCA(
             settings.claim_ca_cert, settings.claim_ca_key or "", settings.claim_days)
         self.hub = Hub(settings.db, HubSettings(
@@ -613,6 +616,12 @@ class CompanionServer:
         while True:
             await asyncio.sleep(1.0)
             _deliver(self.hub.tick(time.time(), time.monotonic()))
+            for role, subject in self.denylist.refresh():
+                for peer in self.hub.peers_of(role, subject):
+                    log.warning("%s %s is revoked (deny file): closing its connection with "
+                                "%d", role, subject, p.CLOSE_AUTH_FAILED)
+                    peer.send(p.encode(p.make_error(p.AUTH_FAILED, "Revoked", time.time())))
+                    peer.close(p.CLOSE_AUTH_FAILED, "Revoked")
 
     async def _handle(self, conn: ServerConnection) -> None:
         try:
@@ -641,6 +650,15 @@ class CompanionServer:
         await self._serve_client(conn, identity)
 
     def _authenticate(self, conn: ServerConnection) -> tokens.Identity:
+        """Who ``conn`` is, unless the deny file names it (AuthError "Revoked")."""
+        identity = self._identify(conn)
+        if self.denylist.refused(identity.role, identity.subject):
+            log.warning("%s %s is revoked (deny file): refused", identity.role,
+                        identity.subject)
+            raise AuthError("Revoked")
+        return identity
+
+    def _identify(self, conn: ServerConnection) -> tokens.Identity:
         """Who ``conn`` is: its client certificate's device when it presented one (a token
         beside it that verifies must name the same device), else its token's identity."""
         by_cert = self._certificate_identity(conn)

@@ -337,6 +337,11 @@ class Hub:
         with self._lock:
             return [c.peer for c in self._clients.values()]
 
+    def peers_of(self, role: str, subject: str) -> List[Peer]:
+        """The open connections of one identity (a revoked one is closed)."""
+        with self._lock:
+            return [c.peer for c in self._identities.get((role, subject), {}).values()]
+
     # ------------------------------------------------------------------ messages
 
     def handle(self, client: Client, text: str | bytes, now: float,

@@ -1,0 +1,75 @@
+"""Revocation (issue 27's counterpart to tokens that renew themselves): ``nexus-server
+--deny-file`` refuses the identities it names, whatever their credential, re-reads the
+file within a second of a change and closes the open connections of a newly denied one.
+
+Real parts: ``nexus-server`` and ``nexus-agent`` as subprocesses on 127.0.0.1, a real
+file edited while they run, the server's SQLite store read afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import websocket
+from helpers import (
+    REPO,
+    AgentProcess,
+    ServerProcess,
+    child_env,
+    mint,
+    stored,
+    wait_for,
+    write_config,
+)
+
+from agent import protocol as p
+
+
+def first_message(url, token):
+    ws = websocket.create_connection(url, timeout=5, header=[f"Authorization: Bearer {token}"])
+    try:
+        return json.loads(ws.recv())
+    finally:
+        ws.close()
+
+
+def test_a_denied_device_is_refused_and_cut_off_within_a_second_of_the_edit(tmp_path):
+    deny = tmp_path / "deny"
+    deny.write_text("# stolen on 2026-11-30\ndevice device-009\noperator mallory\n")
+    db = tmp_path / "server.db"
+    server = ServerProcess(0, "-v", "--deny-file", str(deny), db=str(db))
+    agent = AgentProcess(write_config(tmp_path, server.url))
+    try:
+        for token in (mint("device-009"), mint("mallory", "operator")):
+            error = first_message(server.url, token)
+            assert error["error"]["code"] == p.AUTH_FAILED
+            assert error["error"]["message"] == "Revoked"
+        assert first_message(server.url, mint("ops", "operator"))["type"] == "connected"
+        wait_for(lambda: len(stored(db)) >= 2, timeout=15, what="device-001 streaming")
+        deny.write_text(deny.read_text() + "device-001\n")  # a bare id is a device
+        wait_for(lambda: "device device-001 is revoked (deny file): closing" in server.log(),
+                 timeout=10, what="the open connection closed")
+        wait_for(lambda: "device device-001 is revoked (deny file): refused" in server.log(),
+                 timeout=10, what="its reconnect refused")
+        count = len(stored(db))
+        # A bad edit keeps the list in force (a typo must not unrevoke anyone).
+        deny.write_text("device-001\nthis line is wrong\n")
+        wait_for(lambda: "line 2" in server.log(), timeout=10, what="the bad line named")
+        assert first_message(server.url, mint("device-009"))["error"]["message"] == "Revoked"
+        assert len(stored(db)) == count
+        deny.write_text("")  # lifted: the agent comes back by itself
+        wait_for(lambda: len(stored(db)) >= count + 2, timeout=15, what="device-001 back")
+    finally:
+        assert agent.stop() == 0
+        server.stop()
+
+
+def test_a_bad_deny_file_stops_the_start_naming_the_line(tmp_path):
+    deny = tmp_path / "deny"
+    deny.write_text("device ok-1\nrobot r2d2\n")
+    out = subprocess.run([sys.executable, "-m", "agent.server", "--port", "0", "--deny-file",
+                          str(deny)], env=child_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "line 2" in out.stderr, out.stderr
