@@ -50,15 +50,23 @@ def check_token_file(path: str, what: str = "token file") -> None:
         raise AuthError(f"{what} {path}: not readable by this user (uid {os.geteuid()})")
 
 
-def _read_secret(path: str, what: str) -> bytes:
-    """The bytes of a 0600 secret file (at most MAX_TOKEN_BYTES + 1: over is an error for
-    the caller to name); never logged."""
-    check_token_file(path, what)
+def read_bounded(path: str, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, at most ``limit``; AuthError naming ``what`` and the file when
+    it cannot be read or is larger (the server's key and deny files use it too)."""
     try:
         with open(path, "rb") as f:
-            return f.read(MAX_TOKEN_BYTES + 1)
+            data = f.read(limit + 1)
     except OSError as exc:
         raise AuthError(f"{what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise AuthError(f"{what} {path}: larger than {limit} bytes")
+    return data
+
+
+def _read_secret(path: str, what: str) -> bytes:
+    """The bytes of a 0600 secret file, at most MAX_TOKEN_BYTES; never logged."""
+    check_token_file(path, what)
+    return read_bounded(path, MAX_TOKEN_BYTES, what)
 
 
 def read_secret_line(path: str, what: str) -> str:
@@ -100,14 +108,7 @@ def read_token(token_file: Optional[str]) -> str:
             raise AuthError("no token: set server.token_file or the NEXUS_TOKEN environment "
                             "variable")
         return token
-    check_token_file(token_file)
-    try:
-        with open(token_file, "rb") as f:
-            data = f.read(MAX_TOKEN_BYTES + 1)
-    except OSError as exc:
-        raise AuthError(f"token file {token_file}: {exc.strerror}") from None
-    if len(data) > MAX_TOKEN_BYTES:
-        raise AuthError(f"token file {token_file}: larger than {MAX_TOKEN_BYTES} bytes")
+    data = _read_secret(token_file, "token file")
     token = data.decode("ascii", "replace").strip()
     if not token or any(c.isspace() or not c.isprintable() for c in token):
         raise AuthError(f"token file {token_file}: empty, or not a single token")

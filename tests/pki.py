@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 
 def _openssl(*args: str) -> None:
@@ -84,3 +84,18 @@ def make_keypair(folder: Path, name: str, kind: str = "ed25519") -> Tuple[Path, 
     private.chmod(0o600)
     _openssl("pkey", "-in", str(private), "-pubout", "-out", str(public))
     return private, public
+
+
+def shared_pki(folder: Path, **more: Tuple[str, Optional[str]]) -> Dict[str, Tuple[Path, Path]]:
+    """What the TLS tests share: ``ca`` and its ``server`` certificate for 127.0.0.1, a
+    ``device`` certificate (CN device-001) and a ``stranger`` one from another CA; plus
+    ``more`` certificates of ``ca``, name=(CN, SAN or None)."""
+    ca = make_ca(folder)
+    other = make_ca(folder, "other-ca")
+    out = {"ca": ca,
+           "server": make_cert(folder, ca, "server", "127.0.0.1", san="IP:127.0.0.1"),
+           "device": make_cert(folder, ca, "device", "device-001"),
+           "stranger": make_cert(folder, other, "stranger", "device-001")}
+    for name, (cn, san) in more.items():
+        out[name] = make_cert(folder, ca, name, cn, san=san)
+    return out

@@ -18,7 +18,7 @@ import time
 import pytest
 import yaml
 from helpers import REPO, AgentProcess, child_env, wait_for, write_config
-from pki import make_ca, make_cert
+from pki import make_cert, shared_pki
 
 from agent import protocol as p
 
@@ -28,15 +28,10 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no open
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pki")
-    ca = make_ca(folder)
-    other = make_ca(folder, "other-ca")
-    return {
-        "ca": ca,
-        "server": make_cert(folder, ca, "server", "127.0.0.1", san="IP:127.0.0.1"),
-        "device": make_cert(folder, ca, "device", "device-001"),
-        "locked": make_cert(folder, ca, "locked", "device-001", passphrase="s3cret pass"),
-        "stranger": make_cert(folder, other, "stranger", "device-001"),
-    }
+    out = shared_pki(folder)
+    out["locked"] = make_cert(folder, out["ca"], "locked", "device-001",
+                              passphrase="s3cret pass")
+    return out
 
 
 class TlsServer:

@@ -35,7 +35,7 @@ from helpers import (
     wait_for,
     write_config,
 )
-from pki import make_ca, make_cert
+from pki import shared_pki
 
 from agent import protocol as p
 
@@ -62,17 +62,11 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Dict[str, Tuple[Path, Path]]:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = make_ca(folder)
-    other = make_ca(folder, "other-ca")
-    return {
-        "ca": ca,
-        "server": make_cert(folder, ca, "server", "127.0.0.1", san="IP:127.0.0.1"),
-        # The SAN URI names the device; the CN is a decoy that must not be used.
-        "san": make_cert(folder, ca, "san", "decoy-cn", san="URI:urn:nexus:device:sensor-san"),
-        "cn": make_cert(folder, ca, "cn", "sensor-cn"),
-        "stranger": make_cert(folder, other, "stranger", "sensor-stranger"),
-    }
+    # The SAN URI names the device; the CN is a decoy that must not be used. The stranger
+    # (another CA) says device-001.
+    return shared_pki(tmp_path_factory.mktemp("pki"),
+                      san=("decoy-cn", "URI:urn:nexus:device:sensor-san"),
+                      cn=("sensor-cn", None))
 
 
 def _replace(text: str, old: str, new: str) -> str:
@@ -252,14 +246,14 @@ def test_another_ca_is_refused_by_nginx_and_tokens_still_work(stack, pki, tmp_pa
     with pytest.raises(websocket.WebSocketBadStatusException) as bad:
         TlsPeer(stack.url, pki, cert="stranger")
     assert bad.value.status_code == 400  # nginx: "The SSL certificate error"
-    agent = cert_agent(tmp_path / "stranger", stack.url, pki, "stranger", "sensor-stranger")
+    agent = cert_agent(tmp_path / "stranger", stack.url, pki, "stranger", "device-001")
     try:
         wait_for(lambda: agent.status().get("reconnects", 0) >= 2, 20,
                  what="the stranger's refused attempts")
         assert agent.proc.poll() is None
     finally:
         agent.stop()
-    assert stored(stack.db, "sensor-stranger") == []
+    assert stored(stack.db, "device-001") == []
     # An operator (or the fleet page) with a token and no certificate: verify "optional".
     peer = TlsPeer(stack.url, pki, header=[f"Authorization: Bearer {mint('ops', 'operator')}"])
     assert peer.recv()["type"] == "connected"

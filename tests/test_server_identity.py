@@ -34,7 +34,7 @@ from helpers import (
     wait_for,
     write_config,
 )
-from pki import make_ca, make_cert, make_keypair
+from pki import make_cert, make_keypair, shared_pki
 
 from agent import protocol as p
 from agent.errors import AuthError
@@ -46,20 +46,16 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no open
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pki")
-    ca = make_ca(folder)
-    other = make_ca(folder, "other-ca")
-    return {
-        "ca": ca,
-        "server": make_cert(folder, ca, "server", "127.0.0.1", san="IP:127.0.0.1"),
-        "device": make_cert(folder, ca, "device", "device-001"),
+    out = shared_pki(
+        folder, other_device=("device-002", None),
         # The SAN URI names the device, whatever the CN says.
-        "uri": make_cert(folder, ca, "uri", "gateway 7 (hall B)",
-                         san="URI:urn:nexus:device:device-007"),
-        "two": make_cert(folder, ca, "two", "x",
-                         san="URI:urn:nexus:device:a,URI:urn:nexus:device:b"),
-        "other-device": make_cert(folder, ca, "other-device", "device-002"),
+        uri=("gateway 7 (hall B)", "URI:urn:nexus:device:device-007"),
+        two=("x", "URI:urn:nexus:device:a,URI:urn:nexus:device:b"))
+    ca = out["ca"]
+    return {
+        **out,
+        "other-device": out["other_device"],
         "expired": make_cert(folder, ca, "expired", "device-001", expired=True),
-        "stranger": make_cert(folder, other, "stranger", "device-001"),
         "locked": make_cert(folder, ca, "locked", "device-001", passphrase="pass phrase"),
         "ed25519": make_keypair(folder, "ed"),
         "ed-other": make_keypair(folder, "ed-other"),

@@ -22,6 +22,7 @@ import logging
 import os
 from typing import FrozenSet, Optional, Tuple
 
+from ..auth import read_bounded
 from ..errors import AuthError
 
 log = logging.getLogger("nexus.server")
@@ -90,11 +91,5 @@ class DenyList:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _read(self) -> str:
-        try:
-            with open(self.path or "", "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
-        except OSError as exc:
-            raise AuthError(f"deny file {self.path}: {exc.strerror}") from None
-        if len(data) > MAX_FILE_BYTES:
-            raise AuthError(f"deny file {self.path}: larger than {MAX_FILE_BYTES} bytes")
-        return data.decode("utf-8", "replace")
+        return read_bounded(self.path or "", MAX_FILE_BYTES, "deny file").decode(
+            "utf-8", "replace")

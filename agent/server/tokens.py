@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import jwt
 
+from ..auth import read_bounded
 from ..errors import AuthError
 
 HS256, EDDSA, RS256 = "HS256", "EdDSA", "RS256"
@@ -188,14 +189,7 @@ def load_private_key(path: str) -> TokenKeys:
 
 
 def _read_key(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise AuthError(f"key file {path}: {exc.strerror}") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise AuthError(f"key file {path}: larger than {MAX_KEY_FILE_BYTES} bytes")
-    return data
+    return read_bounded(path, MAX_KEY_FILE_BYTES, "key file")
 
 
 def _algorithm_of(public_key: Any, path: str) -> str:
