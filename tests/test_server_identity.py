@@ -204,6 +204,26 @@ def test_a_device_certificate_names_the_device_and_needs_no_token(tmp_path, pki)
         server.stop()
 
 
+def test_an_agent_with_another_devices_certificate_delivers_nothing_and_loses_nothing(
+        tmp_path, pki):
+    """A provisioning mix-up: device-001's config with device-002's certificate. The server
+    takes the certificate's word (device-002) and refuses device-001's telemetry
+    (FORBIDDEN); the agent keeps every sample queued for when the right one is in place."""
+    server = tls_server(pki, tmp_path)
+    agent = cert_agent(tmp_path, server.url, pki, "other-device")  # device_id device-001
+    try:
+        wait_for(lambda: agent.log().count("FORBIDDEN") >= 3, timeout=15,
+                 what="refused telemetry")
+        wait_for(lambda: agent.status().get("queue_depth", 0) >= 3, timeout=15,
+                 what="samples kept queued")
+        assert agent.status().get("acked", 0) == 0
+    finally:
+        assert agent.stop() == 0
+        server.stop()
+    assert stored(tmp_path / "server.db", "device-001") == []
+    assert stored(tmp_path / "server.db", "device-002") == []
+
+
 def test_a_certificate_cannot_speak_for_another_device(tmp_path, pki):
     server = tls_server(pki, tmp_path)
     try:
