@@ -168,3 +168,48 @@ def test_a_claim_token_opens_nothing_but_one_claim(tmp_path, pki):
         ws.close()
     finally:
         plain.stop()
+
+
+def request_for(key=None):
+    """A PEM certificate request signed by ``key`` (a new P-256 key by default)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    digest = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nexus-claim")]))
+           .sign(key, digest))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def claim_once(url, pki, token, device_id, csr):
+    """The server's answer to one device.claim on a new connection."""
+    ws, welcome = dial(url, pki, token)
+    assert welcome["type"] == "connected", welcome
+    try:
+        ws.send(json.dumps({"type": p.DEVICE_CLAIM, "id": "k1",
+                            "timestamp": p.format_timestamp(time.time()),
+                            "payload": {"device_id": device_id, "csr": csr}}))
+        return json.loads(ws.recv())
+    finally:
+        ws.close()
+
+
+def test_an_id_of_up_to_128_characters_can_be_claimed(tmp_path, pki):
+    # The rule allows 128; a certificate's CN holds at most 64 (the SAN URI names the device).
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path)
+    device_id = "gw-" + "7" * 125
+    try:  # the claim, then a connection with the new certificate (TLS, --client-ca)
+        out = provision(tmp_path / "long", server.url, pki, device_id, token)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr
+    from agent.server import certs
+
+    pem = (tmp_path / "long" / "etc" / "device.pem").read_text()
+    assert certs.identity_from_der(ssl.PEM_cert_to_DER_cert(pem)).subject == device_id
+    assert claims(tmp_path / "server.db") == [device_id]
