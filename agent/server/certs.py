@@ -193,16 +193,20 @@ class ClaimCA:
                                    rsa.RSAPublicKey)):
             raise ValueError("the key must be EC, Ed25519 or RSA")
         start = datetime.datetime.fromtimestamp(now - 300, datetime.timezone.utc)
+        # A CN holds at most 64 characters (RFC 5280), an id up to 128: a longer id is named
+        # by the SAN URI alone, under an empty subject (the SAN is then critical).
+        named = len(device_id) <= 64
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, device_id)] if named else []
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.cert.subject)
             .public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(start + datetime.timedelta(days=self.days, seconds=300))
             .add_extension(x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(DEVICE_URI + device_id)]), critical=False)
+                [x509.UniformResourceIdentifier(DEVICE_URI + device_id)]), critical=not named)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
