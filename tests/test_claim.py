@@ -213,3 +213,39 @@ def test_an_id_of_up_to_128_characters_can_be_claimed(tmp_path, pki):
     pem = (tmp_path / "long" / "etc" / "device.pem").read_text()
     assert certs.identity_from_der(ssl.PEM_cert_to_DER_cert(pem)).subject == device_id
     assert claims(tmp_path / "server.db") == [device_id]
+
+
+def test_an_id_with_a_trailing_newline_is_refused_and_not_recorded(tmp_path, pki):
+    # "$" in the id rule also matches before a final newline: such an id got a certificate
+    # whose name the server itself then refuses (not printable), and used up a claim.
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path).read_text().strip()
+    try:
+        answer = claim_once(server.url, pki, token, "gw-0001\n", request_for())
+    finally:
+        server.stop()
+    assert answer["type"] == "error", answer
+    assert answer["error"]["field"] == "payload.device_id"
+    assert claims(tmp_path / "server.db") == []
+
+
+def test_only_the_documented_keys_are_signed(tmp_path, pki):
+    # P-256, P-384, Ed25519 or RSA of at least 2048 bits (docs/protocol.md section 10): not
+    # a weak curve (P-192), nor one TLS 1.3 cannot use (secp256k1).
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path, most=10).read_text().strip()
+    keys = {"gw-p192": ec.SECP192R1(), "gw-k1": ec.SECP256K1(), "gw-p384": ec.SECP384R1()}
+    try:
+        answers = {device_id: claim_once(server.url, pki, token, device_id,
+                                         request_for(ec.generate_private_key(curve)))
+                   for device_id, curve in keys.items()}
+        answers["gw-ed"] = claim_once(server.url, pki, token, "gw-ed",
+                                      request_for(ed25519.Ed25519PrivateKey.generate()))
+    finally:
+        server.stop()
+    for device_id in ("gw-p192", "gw-k1"):
+        assert answers[device_id]["type"] == "error", answers[device_id]
+        assert answers[device_id]["error"]["field"] == "payload.csr"
+    assert claims(tmp_path / "server.db") == ["gw-ed", "gw-p384"]
