@@ -249,3 +249,26 @@ def test_only_the_documented_keys_are_signed(tmp_path, pki):
         assert answers[device_id]["type"] == "error", answers[device_id]
         assert answers[device_id]["error"]["field"] == "payload.csr"
     assert claims(tmp_path / "server.db") == ["gw-ed", "gw-p384"]
+
+
+def test_a_claim_over_plain_ws_is_refused_before_the_token_is_sent(tmp_path, pki):
+    # A certificate works only on a wss:// server (the agent's config says so): a claim over
+    # ws:// sent the claim token in clear text and spent the id on files the agent refuses.
+    server = ServerProcess(0, "--claim-ca-cert", str(pki["ca"][0]), "--claim-ca-key",
+                           str(pki["ca"][1]), db=str(tmp_path / "server.db"))
+    token = claim_token(tmp_path)
+    runs = []
+    try:
+        for device_id, extra in (("gw-0001", []), ("gw-0002", ["--no-check"])):
+            runs.append(subprocess.run(
+                [sys.executable, "-m", "agent", "provision", "--device-id", device_id,
+                 "--server", server.url, "--claim-file", str(token), *extra,
+                 "--config", str(tmp_path / device_id / "agent.yaml"),
+                 "--state-dir", str(tmp_path / "state")],
+                env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=60))
+    finally:
+        server.stop()
+    for run in runs:
+        assert run.returncode == 2 and "wss://" in run.stderr, run.stderr
+    assert not (tmp_path / "gw-0001").exists() and not (tmp_path / "gw-0002").exists()
+    assert claims(tmp_path / "server.db") == []
