@@ -203,6 +203,11 @@ def provision(args: argparse.Namespace) -> str:
     if claiming and (args.token_file or args.client_cert or args.client_key):
         raise ProvisionError(EXIT_INPUT, "--claim takes no --token-file, --client-cert or "
                              "--client-key: the claim gives the device its certificate")
+    if claiming and not args.server.startswith("wss://"):
+        # Checked before the claim: the config check below cannot see the certificate yet,
+        # and a claimed id is spent for good.
+        raise ProvisionError(EXIT_INPUT, "--server: a claim needs a wss:// server (the "
+                             "claimed certificate is presented in TLS)")
     if bool(args.client_cert) != bool(args.client_key):
         raise ProvisionError(EXIT_INPUT, "--client-cert and --client-key go together")
     if not args.token_file and not args.client_cert and not claiming:
