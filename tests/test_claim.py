@@ -272,3 +272,58 @@ def test_a_claim_over_plain_ws_is_refused_before_the_token_is_sent(tmp_path, pki
         assert run.returncode == 2 and "wss://" in run.stderr, run.stderr
     assert not (tmp_path / "gw-0001").exists() and not (tmp_path / "gw-0002").exists()
     assert claims(tmp_path / "server.db") == []
+
+
+class LyingServer:
+    """A wss:// server that welcomes a claim and answers it with ``certificate``."""
+
+    def __init__(self, pki, certificate):
+        import threading
+
+        from websockets.sync.server import serve
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(pki["server"][0]), str(pki["server"][1]))
+        self.certificate = certificate
+        self.server = serve(self.handle, "127.0.0.1", 0, ssl=context, compression=None)
+        self.url = f"wss://127.0.0.1:{self.server.socket.getsockname()[1]}/v1/ws"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def handle(self, conn):
+        from helpers import welcome
+
+        welcome(conn)
+        msg = json.loads(conn.recv())
+        conn.send(json.dumps({"type": p.DEVICE_CLAIMED, "id": msg["id"],
+                              "timestamp": p.format_timestamp(time.time()),
+                              "payload": {"device_id": "gw-0001",
+                                          "certificate": self.certificate}}))
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("answer", ["garbage", "another device", "another key"])
+def test_a_certificate_that_is_not_the_devices_is_never_written(tmp_path, pki, answer):
+    # Written with --no-check, a wrong certificate locked the device: run again, provision
+    # saw its files and said "claimed before" (exit 0), and the id was spent at the server.
+    other = make_cert(tmp_path, pki["ca"], "other", "gw-0002",
+                      san="URI:urn:nexus:device:gw-0002")
+    stolen = make_cert(tmp_path, pki["ca"], "stolen", "gw-0001",
+                       san="URI:urn:nexus:device:gw-0001")  # the right name, not its key
+    pem = {"garbage": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+           "another device": other[0].read_text(), "another key": stolen[0].read_text()}
+    liar = LyingServer(pki, pem[answer])
+    token = claim_token(tmp_path)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "agent", "provision", "--device-id", "gw-0001", "--server",
+             liar.url, "--claim-file", str(token), "--ca-file", str(pki["ca"][0]),
+             "--no-check", "--config", str(tmp_path / "etc" / "agent.yaml"),
+             "--state-dir", str(tmp_path / "state")],
+            env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        liar.close()
+    assert out.returncode == 4, out.stderr
+    assert "certificate" in out.stderr
+    assert not (tmp_path / "etc").exists()
