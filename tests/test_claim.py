@@ -327,3 +327,12 @@ def test_a_certificate_that_is_not_the_devices_is_never_written(tmp_path, pki, a
     assert out.returncode == 4, out.stderr
     assert "certificate" in out.stderr
     assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.parametrize("prefix, most", [("gw-", 1_000_001), ("g" * 65, 5)])
+def test_a_claim_token_the_server_would_refuse_is_not_minted(prefix, most):
+    # Minted, it went into a factory image and every device's claim was refused.
+    out = subprocess.run([sys.executable, "-m", "agent.server", "token", "--claim", "f",
+                          "--prefix", prefix, "--max-devices", str(most)],
+                         env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stdout == "", out.stdout
