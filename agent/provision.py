@@ -203,6 +203,11 @@ def provision(args: argparse.Namespace) -> str:
     if claiming and (args.token_file or args.client_cert or args.client_key):
         raise ProvisionError(EXIT_INPUT, "--claim takes no --token-file, --client-cert or "
                              "--client-key: the claim gives the device its certificate")
+    if claiming and not args.server.startswith("wss://"):
+        # Checked before the claim: the config check below cannot see the certificate yet,
+        # and a claimed id is spent for good.
+        raise ProvisionError(EXIT_INPUT, "--server: a claim needs a wss:// server (the "
+                             "claimed certificate is presented in TLS)")
     if bool(args.client_cert) != bool(args.client_key):
         raise ProvisionError(EXIT_INPUT, "--client-cert and --client-key go together")
     if not args.token_file and not args.client_cert and not claiming:
@@ -309,6 +314,7 @@ def _provision_by_claim(args: argparse.Namespace, config_path: str, text: str,
         cert_path = os.path.join(work, "device.pem")
         with open(cert_path, "w", encoding="ascii") as f:
             f.write(certificate)
+        _check_claimed(cert_path, key_path, args.device_id)
         if not args.no_check:  # the new certificate opens a connection, as the agent's will
             check_server(args.server, None, args.ca_file, proxy=args.proxy,
                          proxy_auth_file=args.proxy_auth_file,
@@ -339,6 +345,30 @@ def _new_key(folder: str) -> Tuple[str, str]:
     os.chmod(key, 0o600)
     with open(csr, encoding="ascii") as f:
         return key, f.read()
+
+
+def _check_claimed(cert_path: str, key_path: str, device_id: str) -> None:
+    """ProvisionError (exit 4) unless the certificate at ``cert_path`` holds the public key
+    of ``key_path`` and names ``device_id`` (SAN URI): a server that answers with anything
+    else would lock the device into files a re-run keeps (a device id is claimed once)."""
+    mine = _openssl_out("pkey", "-in", key_path, "-pubout")
+    theirs = _openssl_out("x509", "-in", cert_path, "-noout", "-pubkey")
+    names = _openssl_out("x509", "-in", cert_path, "-noout", "-ext", "subjectAltName").split()
+    uris = [n.rstrip(",") for n in names if n.startswith("URI:urn:nexus:device:")]
+    if not mine or theirs != mine or uris != [f"URI:urn:nexus:device:{device_id}"]:
+        raise ProvisionError(EXIT_UNREACHABLE, "the server's certificate is not this "
+                             f"device's (its key, named {device_id}): nothing written")
+
+
+def _openssl_out(*argv: str) -> str:
+    """What ``openssl argv`` prints, or "" when it fails (a file it cannot read)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["openssl", *argv], check=True, capture_output=True, text=True,
+                              timeout=60).stdout
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return ""
 
 
 def claim(url: str, token: str, device_id: str, csr: str, ca_file: Optional[str] = None,

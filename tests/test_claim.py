@@ -168,3 +168,171 @@ def test_a_claim_token_opens_nothing_but_one_claim(tmp_path, pki):
         ws.close()
     finally:
         plain.stop()
+
+
+def request_for(key=None):
+    """A PEM certificate request signed by ``key`` (a new P-256 key by default)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    digest = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nexus-claim")]))
+           .sign(key, digest))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def claim_once(url, pki, token, device_id, csr):
+    """The server's answer to one device.claim on a new connection."""
+    ws, welcome = dial(url, pki, token)
+    assert welcome["type"] == "connected", welcome
+    try:
+        ws.send(json.dumps({"type": p.DEVICE_CLAIM, "id": "k1",
+                            "timestamp": p.format_timestamp(time.time()),
+                            "payload": {"device_id": device_id, "csr": csr}}))
+        return json.loads(ws.recv())
+    finally:
+        ws.close()
+
+
+def test_an_id_of_up_to_128_characters_can_be_claimed(tmp_path, pki):
+    # The rule allows 128; a certificate's CN holds at most 64 (the SAN URI names the device).
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path)
+    device_id = "gw-" + "7" * 125
+    try:  # the claim, then a connection with the new certificate (TLS, --client-ca)
+        out = provision(tmp_path / "long", server.url, pki, device_id, token)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr
+    from agent.server import certs
+
+    pem = (tmp_path / "long" / "etc" / "device.pem").read_text()
+    assert certs.identity_from_der(ssl.PEM_cert_to_DER_cert(pem)).subject == device_id
+    assert claims(tmp_path / "server.db") == [device_id]
+
+
+def test_an_id_with_a_trailing_newline_is_refused_and_not_recorded(tmp_path, pki):
+    # "$" in the id rule also matches before a final newline: such an id got a certificate
+    # whose name the server itself then refuses (not printable), and used up a claim.
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path).read_text().strip()
+    try:
+        answer = claim_once(server.url, pki, token, "gw-0001\n", request_for())
+    finally:
+        server.stop()
+    assert answer["type"] == "error", answer
+    assert answer["error"]["field"] == "payload.device_id"
+    assert claims(tmp_path / "server.db") == []
+
+
+def test_only_the_documented_keys_are_signed(tmp_path, pki):
+    # P-256, P-384, Ed25519 or RSA of at least 2048 bits (docs/protocol.md section 10): not
+    # a weak curve (P-192), nor one TLS 1.3 cannot use (secp256k1).
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path, most=10).read_text().strip()
+    keys = {"gw-p192": ec.SECP192R1(), "gw-k1": ec.SECP256K1(), "gw-p384": ec.SECP384R1()}
+    try:
+        answers = {device_id: claim_once(server.url, pki, token, device_id,
+                                         request_for(ec.generate_private_key(curve)))
+                   for device_id, curve in keys.items()}
+        answers["gw-ed"] = claim_once(server.url, pki, token, "gw-ed",
+                                      request_for(ed25519.Ed25519PrivateKey.generate()))
+    finally:
+        server.stop()
+    for device_id in ("gw-p192", "gw-k1"):
+        assert answers[device_id]["type"] == "error", answers[device_id]
+        assert answers[device_id]["error"]["field"] == "payload.csr"
+    assert claims(tmp_path / "server.db") == ["gw-ed", "gw-p384"]
+
+
+def test_a_claim_over_plain_ws_is_refused_before_the_token_is_sent(tmp_path, pki):
+    # A certificate works only on a wss:// server (the agent's config says so): a claim over
+    # ws:// sent the claim token in clear text and spent the id on files the agent refuses.
+    server = ServerProcess(0, "--claim-ca-cert", str(pki["ca"][0]), "--claim-ca-key",
+                           str(pki["ca"][1]), db=str(tmp_path / "server.db"))
+    token = claim_token(tmp_path)
+    runs = []
+    try:
+        for device_id, extra in (("gw-0001", []), ("gw-0002", ["--no-check"])):
+            runs.append(subprocess.run(
+                [sys.executable, "-m", "agent", "provision", "--device-id", device_id,
+                 "--server", server.url, "--claim-file", str(token), *extra,
+                 "--config", str(tmp_path / device_id / "agent.yaml"),
+                 "--state-dir", str(tmp_path / "state")],
+                env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=60))
+    finally:
+        server.stop()
+    for run in runs:
+        assert run.returncode == 2 and "wss://" in run.stderr, run.stderr
+    assert not (tmp_path / "gw-0001").exists() and not (tmp_path / "gw-0002").exists()
+    assert claims(tmp_path / "server.db") == []
+
+
+class LyingServer:
+    """A wss:// server that welcomes a claim and answers it with ``certificate``."""
+
+    def __init__(self, pki, certificate):
+        import threading
+
+        from websockets.sync.server import serve
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(pki["server"][0]), str(pki["server"][1]))
+        self.certificate = certificate
+        self.server = serve(self.handle, "127.0.0.1", 0, ssl=context, compression=None)
+        self.url = f"wss://127.0.0.1:{self.server.socket.getsockname()[1]}/v1/ws"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def handle(self, conn):
+        from helpers import welcome
+
+        welcome(conn)
+        msg = json.loads(conn.recv())
+        conn.send(json.dumps({"type": p.DEVICE_CLAIMED, "id": msg["id"],
+                              "timestamp": p.format_timestamp(time.time()),
+                              "payload": {"device_id": "gw-0001",
+                                          "certificate": self.certificate}}))
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("answer", ["garbage", "another device", "another key"])
+def test_a_certificate_that_is_not_the_devices_is_never_written(tmp_path, pki, answer):
+    # Written with --no-check, a wrong certificate locked the device: run again, provision
+    # saw its files and said "claimed before" (exit 0), and the id was spent at the server.
+    other = make_cert(tmp_path, pki["ca"], "other", "gw-0002",
+                      san="URI:urn:nexus:device:gw-0002")
+    stolen = make_cert(tmp_path, pki["ca"], "stolen", "gw-0001",
+                       san="URI:urn:nexus:device:gw-0001")  # the right name, not its key
+    pem = {"garbage": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+           "another device": other[0].read_text(), "another key": stolen[0].read_text()}
+    liar = LyingServer(pki, pem[answer])
+    token = claim_token(tmp_path)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "agent", "provision", "--device-id", "gw-0001", "--server",
+             liar.url, "--claim-file", str(token), "--ca-file", str(pki["ca"][0]),
+             "--no-check", "--config", str(tmp_path / "etc" / "agent.yaml"),
+             "--state-dir", str(tmp_path / "state")],
+            env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        liar.close()
+    assert out.returncode == 4, out.stderr
+    assert "certificate" in out.stderr
+    assert not (tmp_path / "etc").exists()
+
+
+@pytest.mark.parametrize("prefix, most", [("gw-", 1_000_001), ("g" * 65, 5)])
+def test_a_claim_token_the_server_would_refuse_is_not_minted(prefix, most):
+    # Minted, it went into a factory image and every device's claim was refused.
+    out = subprocess.run([sys.executable, "-m", "agent.server", "token", "--claim", "f",
+                          "--prefix", prefix, "--max-devices", str(most)],
+                         env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stdout == "", out.stdout

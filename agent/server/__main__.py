@@ -165,6 +165,13 @@ def _token(argv: List[str]) -> int:
             print("nexus-server token: --claim needs --prefix and a positive --max-devices",
                   file=sys.stderr)
             return 2
+        from .tokens import MAX_CLAIMS
+
+        # The limits tokens.verify enforces: a token past them would be refused at every claim.
+        if len(args.prefix) > 64 or args.max_devices > MAX_CLAIMS:
+            print(f"nexus-server token: --prefix takes at most 64 characters and "
+                  f"--max-devices at most {MAX_CLAIMS}", file=sys.stderr)
+            return 2
         print(keys.mint(args.claim, "claim", args.ttl, prefix=args.prefix,
                         max=args.max_devices))
         return 0

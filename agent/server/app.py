@@ -715,7 +715,7 @@ class CompanionServer:
                 raise p.RemoteProtocolError(p.INVALID_MESSAGE, f"must be {p.DEVICE_CLAIM} "
                                             "with a payload", "type", env.id)
             device_id, csr = env.payload.get("device_id"), env.payload.get("csr")
-            if not isinstance(device_id, str) or not DEVICE_ID.match(device_id):
+            if not isinstance(device_id, str) or not DEVICE_ID.fullmatch(device_id):
                 raise p.RemoteProtocolError(p.INVALID_MESSAGE, "must be 1 to 128 letters, "
                                             "digits or . _ : -", "payload.device_id", env.id)
             if not isinstance(csr, str) or len(csr) > p.MAX_CSR_CHARS:

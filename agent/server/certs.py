@@ -191,18 +191,27 @@ class ClaimCA:
             raise ValueError("an RSA key must have at least 2048 bits")
         if not isinstance(public, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,
                                    rsa.RSAPublicKey)):
-            raise ValueError("the key must be EC, Ed25519 or RSA")
+            raise ValueError("the key must be P-256, P-384, Ed25519 or RSA")
+        # Not any curve: a weak one (P-192), or one TLS 1.3 cannot use (secp256k1), would
+        # spend the id, once and for all, on a certificate that protects or opens nothing.
+        if isinstance(public, ec.EllipticCurvePublicKey) and \
+                not isinstance(public.curve, (ec.SECP256R1, ec.SECP384R1)):
+            raise ValueError(f"the curve {public.curve.name} is not taken: use P-256 or P-384")
         start = datetime.datetime.fromtimestamp(now - 300, datetime.timezone.utc)
+        # A CN holds at most 64 characters (RFC 5280), an id up to 128: a longer id is named
+        # by the SAN URI alone, under an empty subject (the SAN is then critical).
+        named = len(device_id) <= 64
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, device_id)] if named else []
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.cert.subject)
             .public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(start + datetime.timedelta(days=self.days, seconds=300))
             .add_extension(x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(DEVICE_URI + device_id)]), critical=False)
+                [x509.UniformResourceIdentifier(DEVICE_URI + device_id)]), critical=not named)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
