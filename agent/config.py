@@ -137,7 +137,7 @@ def _choice(*options: str) -> Check:
 
 def _device_id(value: Any, key: str) -> str:
     value = _kind(str)(value, key)
-    if not DEVICE_ID.match(value):
+    if not DEVICE_ID.fullmatch(value):  # match() would take a final newline
         raise ConfigError(key, "must be 1 to 128 letters, digits or . _ : - "
                           "(starting with a letter or digit)")
     return str(value)

@@ -308,7 +308,8 @@ def _provision_by_claim(args: argparse.Namespace, config_path: str, text: str,
         return config_path  # claimed before: a device id is claimed once
     token = args.claim or _read_secret(read_token, args.claim_file, "--claim-file")
     with tempfile.TemporaryDirectory(prefix="nexus-claim-") as work:  # 0700
-        key_path, csr = _new_key(work)
+        key_path = _claim_key(os.path.dirname(config_path), work)
+        csr = _request(key_path, work)
         certificate = claim(args.server, token, args.device_id, csr, args.ca_file,
                             proxy=args.proxy, proxy_auth_file=args.proxy_auth_file)
         cert_path = os.path.join(work, "device.pem")
@@ -322,29 +323,46 @@ def _provision_by_claim(args: argparse.Namespace, config_path: str, text: str,
         with open(key_path, encoding="ascii") as f:
             key = f.read().strip()
     _write_files(config_path, text, existing, {client[0]: certificate.strip(), client[1]: key})
+    try:
+        os.unlink(key_path)  # now device.key
+    except OSError:
+        pass
     return config_path
 
 
-def _new_key(folder: str) -> Tuple[str, str]:
-    """(key path, certificate request PEM): a P-256 key made by the ``openssl`` command in
-    ``folder`` (private to this user), and a request signed with it. The request's name is
-    a placeholder: the server names the certificate after the claimed device id."""
-    import subprocess
+CLAIM_KEY = ".claim.key"  # beside the config until the claim is answered
 
-    key, csr = os.path.join(folder, "device.key"), os.path.join(folder, "device.csr")
+
+def _claim_key(folder: str, work: str) -> str:
+    """The key a claim is made with: ``folder/.claim.key``, made by the ``openssl`` command
+    (P-256, 0600) the first time and kept until the claim succeeds, so a device whose
+    answer was lost (a dropped connection, a power cut) repeats its claim with the same
+    key, which the server accepts, instead of finding its id spent."""
+    path = os.path.join(folder, CLAIM_KEY)
+    if not os.path.exists(path):
+        new = os.path.join(work, "new.key")
+        if _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-out", new) is None:
+            raise ProvisionError(EXIT_FS, "openssl could not make a key")
+        with open(new, encoding="ascii") as f:
+            write_atomic(path, f.read())  # 0600, fsynced: it must outlive a power cut
     try:
-        subprocess.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", csr,
-                        "-subj", "/CN=nexus-claim"], check=True, capture_output=True,
-                       timeout=60)
-    except FileNotFoundError:
-        raise ProvisionError(EXIT_INPUT, "provisioning by claim needs the openssl command "
-                             "(Debian package openssl)") from None
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        raise ProvisionError(EXIT_FS, f"openssl could not make a key: {exc}") from None
-    os.chmod(key, 0o600)
+        check_token_file(path, "claim key")
+    except AuthError as exc:
+        raise ProvisionError(EXIT_FS, str(exc)) from None
+    return path
+
+
+def _request(key_path: str, work: str) -> str:
+    """A certificate request signed with ``key_path``. Its name is a placeholder: the
+    server names the certificate after the claimed device id."""
+    csr = os.path.join(work, "device.csr")
+    if _openssl("req", "-new", "-key", key_path, "-out", csr, "-subj", "/CN=nexus-claim") \
+            is None:
+        raise ProvisionError(EXIT_FS, f"openssl could not make a request with {key_path} "
+                             "(delete it to start over with a new key)")
     with open(csr, encoding="ascii") as f:
-        return key, f.read()
+        return f.read()
 
 
 def _check_claimed(cert_path: str, key_path: str, device_id: str) -> None:
@@ -362,13 +380,22 @@ def _check_claimed(cert_path: str, key_path: str, device_id: str) -> None:
 
 def _openssl_out(*argv: str) -> str:
     """What ``openssl argv`` prints, or "" when it fails (a file it cannot read)."""
+    out = _openssl(*argv)
+    return out or ""
+
+
+def _openssl(*argv: str) -> Optional[str]:
+    """What ``openssl argv`` prints; None when it fails. Without the command: exit 2."""
     import subprocess
 
     try:
         return subprocess.run(["openssl", *argv], check=True, capture_output=True, text=True,
                               timeout=60).stdout
+    except FileNotFoundError:
+        raise ProvisionError(EXIT_INPUT, "provisioning by claim needs the openssl command "
+                             "(Debian package openssl)") from None
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return ""
+        return None
 
 
 def claim(url: str, token: str, device_id: str, csr: str, ca_file: Optional[str] = None,

@@ -303,6 +303,7 @@ def open_welcomed(url: str, token: Optional[str], ca_file: Optional[str] = None,
     header = [f"Authorization: Bearer {token}"] if token else []
     ws = dial(ws_mod, url, header, timeout, ca_file,
               proxy_options(ws_mod, url, proxy, proxy_auth_file), client)
+    _limit_frames(ws, MAX_INCOMING_MESSAGE)  # a lying server's answer is bounded here too
     try:
         env = p.decode(ws.recv())
         if env.type == "error":

@@ -20,7 +20,16 @@ import time
 import pytest
 import websocket
 import yaml
-from helpers import REPO, SECRET, AgentProcess, ServerProcess, child_env, stored, wait_for
+from helpers import (
+    REPO,
+    SECRET,
+    AgentProcess,
+    ServerProcess,
+    child_env,
+    mint,
+    stored,
+    wait_for,
+)
 from pki import make_ca, make_cert
 
 from agent import protocol as p
@@ -62,6 +71,13 @@ def provision(folder, url, pki, device_id, claim_file):
          "--config", str(folder / "etc" / "agent.yaml"),
          "--state-dir", str(folder / "state")],
         env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def written(folder):
+    """What provision wrote beside the config but the claim key it keeps for a retry."""
+    etc = folder / "etc"
+    return sorted(f.name for f in etc.iterdir() if f.name != ".claim.key") \
+        if etc.exists() else []
 
 
 def claims(db):
@@ -121,7 +137,7 @@ def test_a_claim_is_refused_for_a_taken_id_another_prefix_or_past_its_count(tmp_
         for folder, device_id, claim_file, words in cases:
             out = provision(tmp_path / folder, server.url, pki, device_id, claim_file)
             assert out.returncode == 5 and words in out.stderr, (folder, out.stderr)
-            assert not (tmp_path / folder / "etc").exists()
+            assert written(tmp_path / folder) == []
         assert provision(tmp_path / "b", server.url, pki, "gw-0002", token).returncode == 0
         out = provision(tmp_path / "c", server.url, pki, "gw-0003", token)
         assert out.returncode == 5 and "claimed its 2 devices" in out.stderr
@@ -326,13 +342,62 @@ def test_a_certificate_that_is_not_the_devices_is_never_written(tmp_path, pki, a
         liar.close()
     assert out.returncode == 4, out.stderr
     assert "certificate" in out.stderr
-    assert not (tmp_path / "etc").exists()
+    assert written(tmp_path) == []
 
 
-@pytest.mark.parametrize("prefix, most", [("gw-", 1_000_001), ("g" * 65, 5)])
+@pytest.mark.parametrize("prefix, most", [("gw-", 1_000_001), ("g" * 65, 5), ("", 5)])
 def test_a_claim_token_the_server_would_refuse_is_not_minted(prefix, most):
     # Minted, it went into a factory image and every device's claim was refused.
     out = subprocess.run([sys.executable, "-m", "agent.server", "token", "--claim", "f",
                           "--prefix", prefix, "--max-devices", str(most)],
                          env=child_env(), cwd=REPO, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and out.stdout == "", out.stdout
+
+
+def test_a_claim_whose_answer_was_lost_is_repeated_with_the_same_key(tmp_path, pki):
+    """The answer never reached the device (here: a client that drops it). The device kept
+    its claim key, so provision repeats the claim with it, and the server, which recorded
+    the id with that key for that token, answers again; another key is still refused."""
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path)
+    etc = tmp_path / "gw-0007" / "etc"
+    etc.mkdir(parents=True)
+    key = etc / ".claim.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-out", str(key)], check=True,
+                   capture_output=True)
+    key.chmod(0o600)
+    csr = subprocess.run(["openssl", "req", "-new", "-key", str(key), "-subj", "/CN=x"],
+                         check=True, capture_output=True, text=True).stdout
+    try:
+        ws, _ = dial(server.url, pki, token.read_text().strip())
+        ws.send(json.dumps({"type": p.DEVICE_CLAIM, "id": "k1", "timestamp":
+                            p.format_timestamp(time.time()),
+                            "payload": {"device_id": "gw-0007", "csr": csr}}))
+        assert json.loads(ws.recv())["type"] == p.DEVICE_CLAIMED  # ... and lost
+        ws.close()
+        out = provision(tmp_path / "gw-0007", server.url, pki, "gw-0007", token)
+        assert out.returncode == 0, out.stderr
+        assert not key.exists()  # now device.key
+        assert subprocess.run(["openssl", "pkey", "-in", str(etc / "device.key"), "-pubout"],
+                              capture_output=True, text=True).stdout
+        # A copy of the image (another key) still cannot claim it.
+        thief = provision(tmp_path / "thief", server.url, pki, "gw-0007", token)
+        assert thief.returncode == 5 and "claimed before" in thief.stderr
+    finally:
+        server.stop()
+    assert claims(tmp_path / "server.db") == ["gw-0007"]  # counted once
+
+
+def test_an_id_the_server_has_served_by_token_cannot_be_claimed(tmp_path, pki):
+    server = claim_server(pki, tmp_path)
+    token = claim_token(tmp_path)
+    try:
+        ws, welcome = dial(server.url, pki, mint("gw-0100"))
+        assert welcome["type"] == "connected"
+        out = provision(tmp_path / "x", server.url, pki, "gw-0100", token)
+        assert out.returncode == 5 and "is in use" in out.stderr, out.stderr
+        ws.close()
+    finally:
+        server.stop()
+    assert claims(tmp_path / "server.db") == []

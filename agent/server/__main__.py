@@ -168,9 +168,10 @@ def _token(argv: List[str]) -> int:
         from .tokens import MAX_CLAIMS
 
         # The limits tokens.verify enforces: a token past them would be refused at every claim.
-        if len(args.prefix) > 64 or args.max_devices > MAX_CLAIMS:
-            print(f"nexus-server token: --prefix takes at most 64 characters and "
-                  f"--max-devices at most {MAX_CLAIMS}", file=sys.stderr)
+        if not 0 < len(args.prefix) <= 64 or args.max_devices > MAX_CLAIMS:
+            print(f"nexus-server token: --prefix takes 1 to 64 characters (an empty one would "
+                  f"reach every device's id) and --max-devices at most {MAX_CLAIMS}",
+                  file=sys.stderr)
             return 2
         print(keys.mint(args.claim, "claim", args.ttl, prefix=args.prefix,
                         max=args.max_devices))
@@ -202,8 +203,8 @@ def _check_identity_args(args: argparse.Namespace) -> Optional[str]:
     if args.claim_ca_cert and args.db == ":memory:":
         return ("--claim-ca-cert needs --db FILE: an id is claimed once, ever, so the record "
                 "of claims must outlive a restart")
-    if args.claim_days <= 0:
-        return "--claim-days must be positive"
+    if not 0 < args.claim_days <= 3650:
+        return "--claim-days must be from 1 to 3650"
     if args.client_cert_header:
         try:
             from .certs import parse_networks

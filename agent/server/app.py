@@ -729,14 +729,20 @@ class CompanionServer:
             return p.encode(p.make_error(p.FORBIDDEN, f"this claim token claims only ids "
                                          f"starting with {identity.claim_prefix!r}", now,
                                          msg_id))
+        ca = self._claim_ca
+        assert ca is not None
         try:
-            certificate = self._claim_ca.issue(csr, device_id, now)  # type: ignore[union-attr]
+            public = ca.request_key(csr)
         except ValueError as exc:
             return p.encode(p.make_error(p.INVALID_MESSAGE, str(exc), now, msg_id, "payload.csr"))
-        refused = self.hub.claim(device_id, identity.subject, identity.claim_max, now)
+        # Recorded before anything is signed (a leaked token past its max costs no
+        # signature), with the key: the same device may repeat a claim whose answer it lost.
+        refused = self.hub.claim(device_id, identity.subject, identity.claim_max, now,
+                                 certs.key_id(public))
         if refused:
             log.warning("claim %s: %s", identity.subject, refused)
             return p.encode(p.make_error(p.FORBIDDEN, refused, now, msg_id))
+        certificate = ca.sign(public, device_id, now)
         log.info("claim %s: device %s claimed; its certificate is valid for %d days",
                  identity.subject, device_id, self.settings.claim_days)
         return p.encode(p.make(p.DEVICE_CLAIMED, now, {"device_id": device_id,

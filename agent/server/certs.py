@@ -170,15 +170,13 @@ class ClaimCA:
             raise AuthError(f"claim CA: {key_path} is not the key of {cert_path}")
         self.days = days
 
-    def issue(self, csr_pem: str, device_id: str, now: float) -> str:
-        """A PEM certificate for ``device_id`` with the request's key; ValueError says what is
-        wrong with the request (a client may read it)."""
-        import datetime
-
+    def request_key(self, csr_pem: str) -> Any:
+        """The public key of a certificate request whose signature verifies (the device holds
+        the private key) and whose key is one this CA signs; ValueError says what is wrong
+        (a client may read it). Cheap beside :meth:`sign`: it runs before the claim is
+        checked, the signature after."""
         from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
         try:
             csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
@@ -197,6 +195,17 @@ class ClaimCA:
         if isinstance(public, ec.EllipticCurvePublicKey) and \
                 not isinstance(public.curve, (ec.SECP256R1, ec.SECP384R1)):
             raise ValueError(f"the curve {public.curve.name} is not taken: use P-256 or P-384")
+        return public
+
+    def sign(self, public: Any, device_id: str, now: float) -> str:
+        """A PEM certificate for ``device_id`` with ``public`` (from :meth:`request_key`)."""
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
         start = datetime.datetime.fromtimestamp(now - 300, datetime.timezone.utc)
         # A CN holds at most 64 characters (RFC 5280), an id up to 128: a longer id is named
         # by the SAN URI alone, under an empty subject (the SAN is then critical).
@@ -218,3 +227,15 @@ class ClaimCA:
         digest = None if isinstance(self.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
         cert = builder.sign(self.key, digest)  # type: ignore[arg-type]
         return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def key_id(public: Any) -> str:
+    """The SHA-256 of a public key's SubjectPublicKeyInfo, hex: what a claim records, so the
+    same device (the same key) may repeat a claim whose answer it lost."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    der = public.public_bytes(serialization.Encoding.DER,
+                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()

@@ -245,20 +245,28 @@ class Hub:
 
     # ------------------------------------------------------------------ connections
 
-    def claim(self, device_id: str, claim: str, most: int, now: float) -> str | None:
-        """Record that ``claim`` (a claim token's subject) claimed ``device_id``; the reason
-        it may not (the id was claimed before, or the token has claimed ``most``), or None.
-        Committed before it returns: a certificate goes out only for a recorded claim."""
+    def claim(self, device_id: str, claim: str, most: int, now: float,
+              key_id: str) -> str | None:
+        """Record that ``claim`` (a claim token's subject) claimed ``device_id`` for the key
+        ``key_id``; the reason it may not, or None. Refused: an id claimed before (unless by
+        the same token with the same key: a device repeating a claim whose answer it lost),
+        an id this node has served as a device (telemetry stored, or connected now: it is
+        in use with another credential), or a token that has claimed ``most``. Committed
+        before it returns: a certificate goes out only for a recorded claim."""
         with self._lock:
-            if self._db.execute("SELECT 1 FROM claims WHERE device_id = ?",
-                                (device_id,)).fetchone():
-                return f"device id {device_id} was claimed before"
+            row = self._db.execute("SELECT claim, key_sha256 FROM claims WHERE device_id = ?",
+                                   (device_id,)).fetchone()
+            if row is not None:
+                return None if tuple(row) == (claim, key_id) else \
+                    f"device id {device_id} was claimed before"
+            if self._rows.get(device_id) or self._identities.get(("device", device_id)):
+                return f"device id {device_id} is in use (this server has served it)"
             (count,) = self._db.execute("SELECT COUNT(*) FROM claims WHERE claim = ?",
                                         (claim,)).fetchone()
             if count >= most:
                 return f"this claim token has claimed its {most} devices"
-            self._write("INSERT INTO claims (device_id, claim, claimed_at) VALUES (?, ?, ?)",
-                        (device_id, claim, now))
+            self._write("INSERT INTO claims (device_id, claim, claimed_at, key_sha256) "
+                        "VALUES (?, ?, ?, ?)", (device_id, claim, now, key_id))
             if self._in_transaction:
                 self._db.execute("COMMIT")
                 self._in_transaction = False
@@ -940,7 +948,8 @@ CREATE INDEX IF NOT EXISTS telemetry_device ON telemetry (device_id);
 CREATE TABLE IF NOT EXISTS claims (
     device_id TEXT PRIMARY KEY,
     claim TEXT NOT NULL,
-    claimed_at REAL NOT NULL
+    claimed_at REAL NOT NULL,
+    key_sha256 TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS claims_by_token ON claims (claim);
 """

@@ -121,8 +121,8 @@ class TokenKeys:
         issued = None if iat is None else float(iat)
         if role == CLAIM:
             prefix, most = claims.get("prefix"), claims.get("max")
-            if not isinstance(prefix, str) or len(prefix) > 64:
-                raise AuthError("Claim token prefix must be a string of at most 64 characters")
+            if not isinstance(prefix, str) or not 0 < len(prefix) <= 64:
+                raise AuthError("Claim token prefix must be a string of 1 to 64 characters")
             if not isinstance(most, int) or isinstance(most, bool) or not 0 < most <= MAX_CLAIMS:
                 raise AuthError(f"Claim token max must be an integer from 1 to {MAX_CLAIMS}")
             return Identity(sub, role, float(exp), issued, claim_prefix=prefix, claim_max=most)
