@@ -62,12 +62,18 @@ def _parsed_daemon_args(argv: List[str]) -> DaemonArgs:
     return DaemonArgs(args.config, args.check_config)
 
 
-def _token_problem(cfg: Config) -> Optional[str]:
-    """What the token's claims say is wrong for this device (``auth.token_problem``)."""
+def _credential_problem(cfg: Config) -> Optional[str]:
+    """What the client certificate (``certinfo.problem``) or the token's claims
+    (``auth.token_problem``) say is wrong for this device."""
     import time
 
+    from . import certinfo
     from .auth import current_token, token_problem
 
+    if cfg.server.client_cert:
+        problem = certinfo.problem(cfg.server.client_cert, cfg.device_id, time.time())
+        if problem:
+            return f"server.client_cert {cfg.server.client_cert}: {problem}"
     # A renewal the server sent (state_dir) counts: the provisioned token may have expired
     # long ago on a device that renews.
     token = current_token(cfg.server.token_file, cfg.server.client_key, cfg.state_dir,
@@ -119,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .config import pace_warning
 
     warning = pace_warning(cfg)
-    problem = _token_problem(cfg)
+    problem = _credential_problem(cfg)
     if args.check_config:
         if problem:  # --check-config promises a usable token
             print(f"nexus-agent: config error: {problem}", file=sys.stderr)

@@ -31,6 +31,7 @@ class ConnectionStats:
     last_ack_at: Optional[float] = None
     clock_offset_s: Optional[float] = None
     token_expires: Optional[float] = None
+    certificate_expires: Optional[float] = None  # the client certificate's notAfter
     last_error: str = ""
     sent: int = 0  # messages (a batch is one)
     sent_items: int = 0  # stored messages sent, resends included (a batch counts its items)

@@ -358,6 +358,7 @@ class Agent:
             "unstored": sum(i.failures for i in inputs),
             **self._drain(stats.depth),
             "storing": all(i.failing == 0 for i in inputs), "token_expires": h.token_expires,
+            "certificate_expires": h.certificate_expires,
             "clock_offset_s": h.clock_offset_s, "last_error": h.last_error,
             "healthy": self.healthy(), "stopped": False,
             "restart_needed": self.restart_needed,

@@ -27,14 +27,17 @@ STALE_S = statusfile.STALE_S
 TOKEN_WARN_S = 7 * 86400  # a token this close to its expiry is shown as a warning
 
 
-def _expiry_note(exp: float, now: float) -> str:
-    """Says so, well before the token runs out: a server that renews tokens replaces it
-    while the device is connected; one that does not needs a new token file."""
+def _expiry_note(exp: float, now: float, certificate: bool = False) -> str:
+    """Says so, well before the token (or the client certificate) runs out: a server that
+    renews tokens replaces one while the device is connected; a certificate is renewed
+    where it was issued."""
+    what = "certificate" if certificate else "token"
     if exp < now:
-        return " (EXPIRED: the server refuses it; provision a new token)"
+        return f" (EXPIRED: the server refuses it; provision a new {what})"
     if exp - now < TOKEN_WARN_S:
-        return (f" (WARNING: expires in {(exp - now) / 86400:.1f} days; a server that renews "
-                "tokens replaces it while connected, else provision a new one)")
+        how = "renew it where it was issued" if certificate else \
+            "a server that renews tokens replaces it while connected, else provision a new one"
+        return f" (WARNING: expires in {(exp - now) / 86400:.1f} days; {how})"
     return ""
 
 
@@ -105,6 +108,10 @@ def render(report: Dict[str, Any], now: float) -> str:
         "token expires:    " + ("unknown" if exp is None else
                                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(exp))
                                 + _expiry_note(exp, now)),
+        *([] if report.get("certificate_expires") is None else [
+            "certificate ends: " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(
+                report["certificate_expires"])) + _expiry_note(report["certificate_expires"],
+                                                                now, certificate=True)]),
         "clock offset:     " + ("unknown" if offset is None else f"{offset:+.3f} s to the server"),
         f"status file:      {_ago(report.get('updated'), now)}",
     ]

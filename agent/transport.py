@@ -63,7 +63,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
-from . import auth
+from . import auth, certinfo
 from . import protocol as p
 from .config import Config
 from .connstate import ConnectionStats
@@ -532,7 +532,10 @@ class Transport:
         certificate and no token file, no $NEXUS_TOKEN)."""
         token = self._pick_token()
         self._token_used = token or ""
-        self.health.update(token_expires=None if token is None else auth.expiry(token))
+        cert = self.config.server.client_cert
+        facts = certinfo.read(cert) if cert else None  # cached: openssl once per file
+        self.health.update(token_expires=None if token is None else auth.expiry(token),
+                           certificate_expires=None if facts is None else facts.expires)
         return token
 
     def _connection(self, stop: threading.Event) -> None:

@@ -28,9 +28,11 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no open
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pki")
-    out = shared_pki(folder)
+    out = shared_pki(folder, other=("device-002", None),
+                     uri=("a readable name", "URI:urn:nexus:device:device-001"))
     out["locked"] = make_cert(folder, out["ca"], "locked", "device-001",
                               passphrase="s3cret pass")
+    out["expired"] = make_cert(folder, out["ca"], "expired", "device-001", expired=True)
     return out
 
 
@@ -67,6 +69,7 @@ class TlsServer:
 
 
 def cert_config(tmp_path, url, pki, which="device", token=False, **extra):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_config(tmp_path, url, server={"ca_file": str(pki["ca"][0])})
     cfg = yaml.safe_load(path.read_text())
     if not token:
@@ -94,6 +97,8 @@ def test_a_device_with_a_certificate_needs_no_token(tmp_path, pki):
         assert agent.stop() == 0
         srv.close()
     assert srv.seen[0] == ("device-001", None)  # the certificate, and no token
+    ends = agent.status()["certificate_expires"]  # status shows the certificate's notAfter
+    assert 0 < ends - time.time() <= 86400
 
 
 def test_an_encrypted_key_with_its_passphrase_file(tmp_path, pki):
@@ -142,3 +147,28 @@ def test_config_checks_of_a_client_certificate(tmp_path, pki):
     config.write_text(yaml.safe_dump({**cfg, "server": server}))
     out = check_config(config)
     assert out.returncode == 78 and "server.client_key: is required" in out.stderr
+
+
+def test_check_config_reads_the_certificate_as_the_server_will(tmp_path, pki):
+    """The device the certificate names (SAN URI, else CN) must be device_id, and it must
+    not have expired: caught before the agent runs, not as FORBIDDEN for ever after."""
+    url = "wss://127.0.0.1:9/v1/ws"
+    for which, words in (("other", "names device 'device-002', not device_id 'device-001'"),
+                         ("expired", "has expired")):
+        out = check_config(cert_config(tmp_path / which, url, pki, which))
+        assert out.returncode == 78 and words in out.stderr, (which, out.stderr)
+    for which in ("device", "uri"):
+        out = check_config(cert_config(tmp_path / which, url, pki, which))
+        assert out.returncode == 0, (which, out.stderr)
+
+
+def test_status_warns_before_the_certificate_ends():
+    from agent.status import render
+
+    now = 1_800_000_000.0
+    base = {"state": "running", "device_id": "d", "server": "wss://x", "queue_depth": 0,
+            "queue_bytes": 0, "dropped": 0, "reconnects": 0}
+    text = render({**base, "certificate_expires": now + 2 * 86400}, now)
+    assert "certificate ends:" in text and "WARNING: expires in 2.0 days" in text
+    assert "renew it where it was issued" in text
+    assert "certificate ends" not in render(base, now)  # a token device: no such line
