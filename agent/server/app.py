@@ -17,6 +17,12 @@ Rules:
   (a timer on the loop's monotonic clock). An identity over its rate budget
   is closed with 1008 right after the handshake, and a client closed with
   1008 is read no more.
+* Identity (docs/design.md, "Device identity"): a verified client certificate (this
+  node's TLS with ``client_ca``, or a trusted terminator's header) names a device; else
+  the token does, checked with the one algorithm the node's keys allow. The deny file
+  refuses an identity whatever its credential. A claim token never reaches the hub: its
+  connection makes one claim (``_serve_claim``) and closes. A device token is renewed
+  once per connection at ``renew_at`` of its lifetime when this node can mint.
 * A big batch is stored in steps (``Hub.resume``), one per turn of the loop;
   the connection keeps the frames that follow it (``DirectConnection.hold``)
   until its ack is out, so answers keep their order.
