@@ -12,8 +12,6 @@ device is named as the server names it (docs/protocol.md, section 1): the SAN UR
 from __future__ import annotations
 
 import os
-import ssl
-import subprocess
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -43,6 +41,8 @@ def read(path: str) -> Optional[CertFacts]:
 
 
 def _ask_openssl(path: str) -> Optional[CertFacts]:
+    import subprocess  # here: the daemon loads this module only with a client certificate
+
     try:
         out = subprocess.run(
             ["openssl", "x509", "-in", path, "-noout", "-enddate", "-subject", "-nameopt",
@@ -56,6 +56,8 @@ def _ask_openssl(path: str) -> Optional[CertFacts]:
 def parse(text: str) -> CertFacts:
     """The facts in ``openssl x509 -noout -enddate -subject -nameopt sep_multiline,utf8
     -ext subjectAltName`` output."""
+    import ssl  # cert_time_to_seconds; the daemon has ssl loaded anyway with a certificate
+
     expires = None
     names, uris = [], []
     for line in text.splitlines():

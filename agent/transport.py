@@ -63,7 +63,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
-from . import auth, certinfo
+from . import auth
 from . import protocol as p
 from .config import Config
 from .connstate import ConnectionStats
@@ -533,7 +533,11 @@ class Transport:
         token = self._pick_token()
         self._token_used = token or ""
         cert = self.config.server.client_cert
-        facts = certinfo.read(cert) if cert else None  # cached: openssl once per file
+        facts = None
+        if cert:  # (a ws:// agent without one never loads ssl or subprocess for this)
+            from . import certinfo
+
+            facts = certinfo.read(cert)  # cached: openssl once per file
         self.health.update(token_expires=None if token is None else auth.expiry(token),
                            certificate_expires=None if facts is None else facts.expires)
         return token
