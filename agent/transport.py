@@ -21,9 +21,10 @@ acted on. This module is the I/O around them:
   at least one ack or pong) and stayed up for ``STABLE_S``: a server that acks
   once and closes sees the delays grow like any other failure. A refused token
   (close 4000, HTTP 401/403; also when it expires during a connection) backs
-  off at the cap and is logged once until it changes, unless the token file
-  already holds another token (a provisioning script rotated it, or the server
-  renewed it): that one is tried after the base delay.
+  off at the cap and is logged once until it changes, unless there is already
+  another token to present (a provisioning script rotated the token file, or
+  the server's renewal is kept in state_dir, ``auth.current_token``): that one
+  is tried after the base delay.
 * Through an HTTP proxy (``server.proxy``, else the environment's): only the
   connect options differ (``proxy_options``: websocket-client's CONNECT
   tunnel); a failure names the proxy and backs off like any other.
