@@ -73,10 +73,14 @@ NEXUS_JWT_SECRET=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
 export NEXUS_JWT_SECRET
 port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 url="ws://127.0.0.1:$port/v1/ws"
-"$PY" -m agent.server --port "$port" --db "$work/server.db" >"$work/server.log" 2>&1 &
+# --renew-at 0.01 of a 600 s token: the server renews it about 6 s after it was minted, so
+# the installed agent shows where a renewal goes under the package's permissions (state
+# dir; /etc/nexus is root's).
+"$PY" -m agent.server --port "$port" --db "$work/server.db" --renew-at 0.01 \
+	>"$work/server.log" 2>&1 &
 server_pid=$!
 wait_for 30 grep -q "listening on" "$work/server.log" || { cat "$work/server.log"; fail "server"; }
-(umask 077 && "$PY" -m agent.server token --device "$DEVICE" >"$work/device.token")
+(umask 077 && "$PY" -m agent.server token --device "$DEVICE" --ttl 600 >"$work/device.token")
 cat >"$work/commands.yaml" <<'YAML'
 allow:
   hello:
@@ -102,13 +106,17 @@ NEXUS_TOKEN=$operator timeout 60 nexus-ctl --url "$url" command "$DEVICE" hello 
 	>"$work/command.out" || fail "command: $(cat "$work/command.out")"
 grep -qx "hello from the package" "$work/command.out" || fail "command printed $(cat "$work/command.out")"
 wait_for 30 nexus-agent status || { nexus-agent status || true; fail "status not healthy"; }
+wait_for 30 test -s /var/lib/nexus-agent/renewed-token || { cat "$work/agent.log"; fail "no renewal kept"; }
+[ "$(stat -c '%a %U' /var/lib/nexus-agent/renewed-token)" = "600 nexus-agent" ] ||
+	fail "renewed token owner/mode"
+cmp -s /etc/nexus/token "$work/device.token" || fail "the provisioned token was rewritten"
 kill -TERM "$agent_pid"
 code=0
 wait "$agent_pid" || code=$?
 agent_pid=""
 [ "$code" = 0 ] || { cat "$work/agent.log"; fail "the agent exited $code on SIGTERM"; }
 [ "$(stat -c '%U' /var/lib/nexus-agent/outbox.db)" = nexus-agent ] || fail "queue owner"
-say "provisioned, ran as nexus-agent: telemetry arrived, a command ran, stopped cleanly"
+say "provisioned, ran as nexus-agent: telemetry arrived, a command ran, a renewed token kept in the state dir, stopped cleanly"
 
 # ------------------------------------------------------------------ upgrade
 sums() { sha256sum /etc/nexus/agent.yaml /etc/nexus/token; }
