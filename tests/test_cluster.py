@@ -193,6 +193,20 @@ def test_commands_reach_devices_anywhere_or_say_device_offline(cluster):
     assert again.request({"type": "ping", "id": "p"})["type"] == "pong"
 
 
+def test_two_operators_parking_one_command_id_for_two_devices_each_hear_back(cluster):
+    """Command ids are the operators' own. The node tracked parked commands by id alone:
+    the second replaced the first, whose operator never heard DEVICE_OFFLINE."""
+    redis, nodes, _ = cluster
+    operators = {name: connected(nodes["A"].url, name, "operator") for name in ("ivy", "jon")}
+    for name, op in operators.items():
+        op.send({"type": "command", "id": "same-id", "payload": {
+            "device_id": f"dev-absent-{name}", "name": "reboot", "args": {}, "ttl_s": 1}})
+    for name, op in operators.items():
+        expired = op.recv_type("error")
+        assert (expired["id"], expired["error"]["code"]) == ("same-id", "DEVICE_OFFLINE")
+        assert f"dev-absent-{name}" in expired["error"]["message"]
+
+
 def test_guide_client_as_operator_through_nginx_sees_both_nodes_devices(cluster, node_path):
     redis, nodes, nginx = cluster
     devices = {"A": connected(nodes["A"].url, "dev-on-a"), "B": connected(nodes["B"].url,

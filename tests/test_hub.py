@@ -328,3 +328,24 @@ def test_rate_budgets_and_command_waits_follow_the_monotonic_clock_not_the_wall_
     assert hub.tick(NOW + 3600, mono=2001.0) == []  # an hour ahead on the wall: still waits
     (_, text), = hub.tick(NOW + 3600, mono=2031.0)
     assert json.loads(text)["error"]["code"] == "DEVICE_OFFLINE"
+
+
+def test_two_operators_parking_commands_with_one_id_for_two_devices_both_arrive():
+    """Command ids are the operators' own: two parked (ttl_s) commands with the same id for
+    two offline devices are two commands. Keyed by the id alone, the second replaced the
+    first, which was never delivered."""
+    from hubkit import join
+
+    hub = Hub()
+    alice, bob = join(hub, "alice", "operator"), join(hub, "bob", "operator")
+    for operator, device in ((alice, "d1"), (bob, "d2")):
+        command = json.dumps({"type": "command", "id": "restart-1", "payload": {
+            "device_id": device, "name": "restart-app", "ttl_s": 60}})
+        assert hub.handle(operator, command, NOW) == []
+    for device in ("d1", "d2"):
+        client = join(hub, device)
+        subscribe = json.dumps({"type": "subscribe", "id": f"s-{device}", "payload": {
+            "channel": "commands"}})
+        delivered = [json.loads(text) for _, text in hub.handle(client, subscribe, NOW)]
+        commands = [m for m in delivered if m["type"] == "commands.update"]
+        assert [c["payload"]["device_id"] for c in commands] == [device], delivered

@@ -157,7 +157,9 @@ class Cluster:
         self._inbox = f"nexus:to:{self.node}"
         self.up = False
         self._ever_up = False
-        self._parked: Dict[str, Tuple[str, str, float]] = {}  # command id -> key, entry, expires
+        # (device id, command id) -> key, entry, expires: command ids are the operators' own
+        # (two operators may park one id for two devices)
+        self._parked: Dict[Tuple[str, str], Tuple[str, str, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.bad_messages = 0  # messages from Redis that could not be handled (skipped)
         self._sessions = 0  # sessions with Redis that got as far as subscribing
@@ -318,7 +320,8 @@ class Cluster:
         self._send("expire", key, keep, gt=True)
         # The entry's expiry is wall-clock time (other hosts read it); this node's own wait
         # for it is on the monotonic clock.
-        self._parked[delivery["command_id"]] = (key, entry, time.monotonic() + left)
+        self._parked[(delivery["device_id"], delivery["command_id"])] = (
+            key, entry, time.monotonic() + left)
 
     async def _device_arrived(self, device_id: str) -> None:
         """A device subscribed to commands here: register it, deliver what waits for it."""
@@ -340,22 +343,21 @@ class Cluster:
                 continue  # its operator's node answers DEVICE_OFFLINE
             origin = entry["origin"] if entry["origin"] != self.node else None
             if origin is None:
-                self._parked.pop(entry["delivery"]["command_id"], None)
+                self._parked.pop((device_id, entry["delivery"]["command_id"]), None)
             out = self._hub.deliver_command(entry["delivery"], origin, now)
             self._deliver(out or [])
 
     async def _expire_parked(self) -> None:
         now, mono = time.time(), time.monotonic()
-        for command_id, (key, entry, expires) in list(self._parked.items()):
+        for (device, command_id), (key, entry, expires) in list(self._parked.items()):
             if expires > mono:
                 continue
-            del self._parked[command_id]
+            del self._parked[(device, command_id)]
             try:
                 removed = await self._call("lrem", key, 1, entry)
             except Unreachable:
                 removed = 1  # not known to be delivered
             if removed:
-                device = key.split(":", 2)[2]
                 self._deliver(self._hub.command_failed(
                     device, command_id, f"device {device} did not connect before the command's "
                     "ttl_s ran out", now))

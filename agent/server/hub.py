@@ -217,7 +217,10 @@ class Hub:
         # and takeover without a fleet scan
         self._identities: Dict[Tuple[str, str], Dict[str, Client]] = {}
         self._budgets: Dict[Tuple[str, str], Budget] = {}  # kept until refilled (tick)
-        self._pending: Dict[str, PendingCommand] = {}  # command_id -> waiting for its device
+        # (device_id, command_id) -> waiting for its device. Keyed by the device too: command
+        # ids are the operators' own, and two operators' commands with one id to two
+        # devices must not replace each other.
+        self._pending: Dict[Tuple[str, str], PendingCommand] = {}
         # (device_id, command_id) -> who awaits the result: an operator's client_id, or
         # REMOTE + node. Keyed by the device too: only the device a command went to may
         # answer it, and two operators' commands with one id to two devices do not collide.
@@ -656,8 +659,8 @@ class Hub:
             view.parked.append((p.delivery_payload(request), now + request.ttl_s))
             return []
         # On the monotonic clock: a step of the wall clock neither expires it nor keeps it.
-        self._pending[request.command_id] = PendingCommand(request, client.client_id,
-                                                           self._mono + request.ttl_s)
+        self._pending[(request.device_id, request.command_id)] = PendingCommand(
+            request, client.client_id, self._mono + request.ttl_s)
         return []
 
     def _command_result(self, client: Client, env: p.Envelope, now: float) -> Answers:
@@ -740,9 +743,9 @@ class Hub:
 
     def _deliver_pending(self, device_id: str, now: float) -> Answers:
         out: Answers = []
-        for command_id, pending in list(self._pending.items()):
-            if pending.request.device_id == device_id and pending.expires > self._mono:
-                del self._pending[command_id]
+        for key, pending in list(self._pending.items()):
+            if key[0] == device_id and pending.expires > self._mono:
+                del self._pending[key]
                 out += self._broadcast("commands", p.delivery_payload(pending.request), now)
         return out
 
@@ -755,9 +758,9 @@ class Hub:
             for key in [k for k, b in self._budgets.items()
                         if k not in self._identities and b.refill(mono)]:
                 del self._budgets[key]
-            for command_id, pending in list(self._pending.items()):
+            for (_, command_id), pending in list(self._pending.items()):
                 if pending.expires <= mono:
-                    del self._pending[command_id]
+                    del self._pending[(pending.request.device_id, command_id)]
                     self._unroute(pending.request.device_id, command_id)
                     operator = self._clients.get(pending.operator_id)
                     if operator is not None:
