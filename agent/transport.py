@@ -247,13 +247,41 @@ def proxy_options(ws_mod: Any, url: str, proxy: Optional[str],
         host: Optional[str] = parts.hostname
         port, creds = parts.port, None
     else:
-        host, port, creds = ws_mod._url.get_proxy_info(hostname, secure)
+        # no_proxy is read here, the same way for every websocket-client: before 1.0 an
+        # unset no_proxy meant "localhost, 127.0.0.1" and ".example" matched nothing
+        # (Debian 11 ships 0.57); since then neither.
+        if _no_proxy_for(hostname):
+            return {}
+        host, port, creds = ws_mod._url.get_proxy_info(hostname, secure, no_proxy=[""])
         if not host:
             return {}
     if auth_file:
         creds = auth.read_proxy_auth(auth_file)
+    # http_no_proxy [""]: the decision is made above; the library must not make it again
+    # with its own default list (0.57 would skip an explicit proxy for 127.0.0.1).
     return {"http_proxy_host": host, "http_proxy_port": port or 80, "http_proxy_auth": creds,
-            "proxy_type": "http"}
+            "proxy_type": "http", "http_no_proxy": [""]}
+
+
+def _no_proxy_for(hostname: str) -> bool:
+    """Whether ``no_proxy`` (or ``NO_PROXY``) exempts ``hostname``, as curl reads it: ``*``;
+    a name, which also covers its subdomains (a leading dot is the same); an address or
+    a network (CIDR) for an IP host."""
+    import ipaddress
+
+    value = os.environ.get("no_proxy", os.environ.get("NO_PROXY", ""))
+    host = hostname.strip("[]").lower()
+    for entry in (e.strip().lower().lstrip(".") for e in value.split(",")):
+        if not entry:
+            continue
+        if entry == "*" or host == entry or host.endswith("." + entry):
+            return True
+        try:
+            if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def dial(ws_mod: Any, url: str, header: List[str], timeout: float,
