@@ -228,6 +228,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, name) <= 0:
             print(f"nexus-server: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
+    problem = _check_identity_args(args)  # before the imports: a wrong flag is named first
+    if problem:
+        print(f"nexus-server: {problem}", file=sys.stderr)
+        return 2
     try:
         from .app import CompanionServer, ServerSettings
         from .page import PAGE_SUBJECT, PAGE_TOKEN_TTL_S, page_url
@@ -241,10 +245,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra = "cluster" if args.redis and exc.name and exc.name.startswith("redis") else "server"
         print(f"nexus-server: {exc.name} is missing; install the '{extra}' extra "
               f"(pip install 'nexus-edge-agent[{extra}]')", file=sys.stderr)
-        return 2
-    problem = _check_identity_args(args)
-    if problem:
-        print(f"nexus-server: {problem}", file=sys.stderr)
         return 2
     try:
         keys = _load_keys(args.secret_file, args.public_key, args.signing_key)
