@@ -60,16 +60,19 @@ def parse(text: str) -> CertFacts:
 
     expires = None
     names, uris = [], []
+    in_san = False  # URIs only from the SAN's lines: a subject attribute may hold ", URI:"
     for line in text.splitlines():
         item = line.strip()
+        if not line[:1].isspace():  # a section's first line; its items are indented
+            in_san = item.startswith("X509v3 Subject Alternative Name")
         if item.startswith("notAfter="):
             try:
                 expires = float(ssl.cert_time_to_seconds(item[len("notAfter="):]))
             except ValueError:
                 expires = None
-        elif item.startswith("CN="):
+        elif not in_san and item.startswith("CN="):
             names.append(item[3:])
-        else:
+        elif in_san:
             uris += [part.strip()[4 + len(DEVICE_URI):] for part in item.split(",")
                      if part.strip().startswith("URI:" + DEVICE_URI)]
     device = uris[0] if len(uris) == 1 else names[0] if not uris and len(names) == 1 \

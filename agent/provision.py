@@ -246,6 +246,7 @@ def provision(args: argparse.Namespace) -> str:
         secrets[client[0]] = _read_pem(args.client_cert, "--client-cert", "CERTIFICATE")
         _read_secret(check_token_file, args.client_key, "--client-key")  # 0600, like a token
         secrets[client[1]] = _read_pem(args.client_key, "--client-key", "PRIVATE KEY")
+        _check_pair(args.client_cert, args.client_key)
     if proxy_auth_path:
         creds = _read_secret(read_proxy_auth, args.proxy_auth_file, "--proxy-auth-file")
         secrets[proxy_auth_path] = ":".join(creds)
@@ -281,6 +282,18 @@ def _read_pem(path: str, option: str, kind: str) -> str:
     if len(text) > 64 * 1024 or not any(b in text for b in _PEM_BEGIN[kind]):
         raise ProvisionError(EXIT_INPUT, f"{option}: {path} is not a PEM {kind.lower()}")
     return text.strip()
+
+
+def _check_pair(cert: str, key: str) -> None:
+    """ProvisionError unless ``key`` is the private key of ``cert``: local (no server), so
+    --no-check does not write a pair that no TLS handshake can use."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ProvisionError(EXIT_INPUT, f"--client-key: {key} is not the key of "
+                             f"--client-cert {cert} ({exc.reason or exc})") from None
 
 
 def _existing_config(config_path: str, text: str, force: bool) -> Optional[str]:

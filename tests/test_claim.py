@@ -401,3 +401,36 @@ def test_an_id_the_server_has_served_by_token_cannot_be_claimed(tmp_path, pki):
     finally:
         server.stop()
     assert claims(tmp_path / "server.db") == []
+
+
+def test_a_claim_token_revoked_while_its_connection_waits_gets_no_certificate(tmp_path, pki):
+    # The deny file names it after its welcome and before its device.claim: the open claim
+    # connection (outside the hub: nothing closes it) must not be signed a certificate.
+    deny = tmp_path / "deny"
+    deny.write_text("# nobody yet\n")
+    server = claim_server(pki, tmp_path, "--deny-file", str(deny))
+    token = claim_token(tmp_path).read_text().strip()
+    try:
+        ws, welcome = dial(server.url, pki, token)
+        assert welcome["type"] == "connected", welcome
+        deny.write_text("claim factory-7\n")
+
+        def revoked():
+            other, first = dial(server.url, pki, token)
+            other.close()
+            return first.get("error", {}).get("message") == "Revoked"
+
+        wait_for(revoked, timeout=8, what="the claim token revoked")
+        try:
+            ws.send(json.dumps({"type": p.DEVICE_CLAIM, "id": "k1",
+                                "timestamp": p.format_timestamp(time.time()),
+                                "payload": {"device_id": "gw-0001", "csr": request_for()}}))
+            answer = json.loads(ws.recv())
+        except (websocket.WebSocketException, OSError):
+            answer = {"type": "closed"}
+        finally:
+            ws.close()
+        assert answer["type"] != p.DEVICE_CLAIMED, answer
+    finally:
+        server.stop()
+    assert claims(tmp_path / "server.db") == []

@@ -9,6 +9,7 @@ file edited while they run, the server's SQLite store read afterwards.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -73,3 +74,28 @@ def test_a_bad_deny_file_stops_the_start_naming_the_line(tmp_path):
                           str(deny)], env=child_env(), cwd=REPO, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 2 and "line 2" in out.stderr, out.stderr
+
+
+def refused(url, token):
+    return first_message(url, token).get("error", {}).get("message") == "Revoked"
+
+
+def test_an_edit_that_keeps_size_and_modification_time_is_still_read(tmp_path):
+    # Two writes within one tick of the kernel's coarse clock (or a 'cp -p') leave mtime,
+    # size and inode as they were: the second one must not be missed for good.
+    deny = tmp_path / "deny"
+    deny.write_text("device device-zz1\n")
+    server = ServerProcess(0, "-v", "--deny-file", str(deny))
+    try:
+        deny.write_text("device device-aa1\n")  # in place: the inode stays
+        wait_for(lambda: refused(server.url, mint("device-aa1")), timeout=10,
+                 what="the first edit read")
+        st = deny.stat()
+        deny.write_text("device device-bb2\n")  # the same size
+        os.utime(deny, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same tick
+        assert deny.stat().st_ino == st.st_ino
+        wait_for(lambda: refused(server.url, mint("device-bb2")), timeout=10,
+                 what="the second edit read")
+        assert not refused(server.url, mint("device-aa1"))
+    finally:
+        server.stop()

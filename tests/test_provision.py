@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import stat
 import subprocess
 import sys
@@ -127,4 +128,30 @@ def test_bad_commands_file_is_exit_2_naming_the_key(tmp_path, server):
     allow.write_text("allow:\n  uptime:\n    argv: uptime\n")
     code, err = provision(tmp_path, server.url, "--no-check", "--commands", str(allow))
     assert code == 2 and "--commands: commands.allow.uptime" in err, err
+    assert not (tmp_path / "etc" / "agent.yaml").exists()
+
+
+def test_a_client_certificate_and_a_key_that_do_not_match_are_refused_before_writing(
+        tmp_path):
+    # --no-check skips the server, not the files: a pair that cannot make a TLS handshake
+    # is known locally (ssl.load_cert_chain) and must not be written.
+    import shutil as _shutil
+
+    if _shutil.which("openssl") is None:
+        pytest.skip("no openssl command")
+    run = functools.partial(subprocess.run, check=True, capture_output=True)
+    run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(tmp_path / "k1.pem"), "-out", str(tmp_path / "c1.pem"),
+         "-days", "2", "-subj", "/CN=gw-1"])
+    run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-out", str(tmp_path / "k2.pem")])
+    (tmp_path / "k2.pem").chmod(0o600)
+    out = subprocess.run([sys.executable, "-m", "agent", "provision", "--device-id", "gw-1",
+                          "--server", "wss://127.0.0.1:1/", "--client-cert",
+                          str(tmp_path / "c1.pem"), "--client-key", str(tmp_path / "k2.pem"),
+                          "--config", str(tmp_path / "etc" / "agent.yaml"), "--state-dir",
+                          str(tmp_path / "state"), "--no-check"], env=child_env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0, out.stderr
+    assert "--client-key" in out.stderr
     assert not (tmp_path / "etc" / "agent.yaml").exists()

@@ -701,6 +701,11 @@ class CompanionServer:
         try:
             await conn.send(p.encode(p.make("connected", now, payload)))
             text = await asyncio.wait_for(conn.recv(), CLAIM_TIMEOUT_S)
+            if self.denylist.refused(identity.role, identity.subject):
+                # Revoked while it waited: claim connections are not the hub's, so the
+                # ticker did not close it.
+                await self._refuse(conn, "Revoked")
+                return
             answer = self._claim(identity, text, time.time())
             await conn.send(answer)
             await conn.close(p.CLOSE_NORMAL, "claim answered")

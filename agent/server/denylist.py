@@ -8,7 +8,8 @@ Rules:
   that is none of these is reported with its number and the whole file is refused (the
   list in force stays): a typo must not silently unrevoke anyone.
 * It is read when the node starts (a bad file stops the start) and again whenever its
-  modification time, size or inode changes, checked at most once a second
+  modification time, size or inode changes (and at every check while it was modified
+  less than 3 s ago: two edits in one mtime tick keep the stamp), checked once a second
   (:meth:`DenyList.refresh`, from the server's ticker): an edit takes effect within a
   second, for new connections and for open ones (closed with 4000).
 * A denied identity is refused at connect with ``AUTH_FAILED`` ("revoked"), whatever its
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import FrozenSet, Optional, Tuple
 
 from ..auth import read_bounded
@@ -29,6 +31,10 @@ log = logging.getLogger("nexus.server")
 
 KINDS = ("device", "operator", "claim")
 MAX_FILE_BYTES = 16 << 20
+# A file changed this recently may change again with the same stamp (mtime moves in coarse
+# ticks, 1 or 2 s on some file systems): it is read every refresh until it is older (git's
+# "racily clean" entries).
+RACY_NS = 3_000_000_000
 Key = Tuple[str, str]
 
 
@@ -54,9 +60,11 @@ class DenyList:
         self.path = path
         self.denied: FrozenSet[Key] = frozenset()
         self._seen: Optional[Tuple[int, int, int]] = None
+        self._racy = False
         if path is not None:
+            stamp = self._stamp()
             self.denied = parse(self._read(), path)  # a bad file stops the start
-            self._seen = self._stamp()
+            self._note(stamp)
 
     def refused(self, role: str, subject: str) -> bool:
         return (role, subject) in self.denied
@@ -68,20 +76,28 @@ class DenyList:
         if self.path is None:
             return frozenset()
         stamp = self._stamp()
-        if stamp == self._seen:
+        changed = stamp != self._seen
+        if not changed and not self._racy:
             return frozenset()
-        self._seen = stamp
+        self._note(stamp)
         try:
             denied = parse(self._read(), self.path)
         except AuthError as exc:
             log.error("%s; the deny list in force is kept (%d identities)", exc,
                       len(self.denied))
             return frozenset()
+        if not changed and denied == self.denied:
+            return frozenset()  # read again only because it was recent: no news
         added = denied - self.denied
         log.warning("deny file %s read again: %d identities denied (%d new)", self.path,
                     len(denied), len(added))
         self.denied = denied
         return added
+
+    def _note(self, stamp: Optional[Tuple[int, int, int]]) -> None:
+        # Taken before the read: a write after it changes the stamp or is within RACY_NS.
+        self._seen = stamp
+        self._racy = stamp is not None and stamp[0] > time.time_ns() - RACY_NS
 
     def _stamp(self) -> Optional[Tuple[int, int, int]]:
         try:

@@ -1,0 +1,32 @@
+"""certinfo: the agent reads its client certificate with the real ``openssl`` command and
+must name the device as the server does (agent/server/certs.py)."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+
+import pytest
+
+from agent import certinfo
+from agent.server import certs
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command")
+
+
+def self_signed(folder, subject, *extra):
+    key, cert = folder / "k.pem", folder / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", subject, *extra], check=True, capture_output=True)
+    return cert
+
+
+def test_a_subject_attribute_that_reads_like_a_san_uri_does_not_name_the_device(tmp_path):
+    # openssl prints the subject one attribute a line; only the SAN section holds URIs.
+    cert = self_signed(tmp_path, "/O=Plant 3, URI:urn:nexus:device:evil/CN=gw-1")
+    server = certs.identity_from_der(ssl.PEM_cert_to_DER_cert(cert.read_text())).subject
+    assert server == "gw-1"
+    facts = certinfo.read(str(cert))
+    assert facts is not None and facts.device_id == server
