@@ -24,7 +24,7 @@ class CertFacts:
     expires: Optional[float]  # notAfter, seconds since the epoch
 
 
-_cache: Dict[Tuple[str, int, int], Optional[CertFacts]] = {}
+_cache: Dict[Tuple[str, int, int, int], Optional[CertFacts]] = {}
 
 
 def read(path: str) -> Optional[CertFacts]:
@@ -33,7 +33,7 @@ def read(path: str) -> Optional[CertFacts]:
         st = os.stat(path)
     except OSError:
         return None
-    key = (path, st.st_size, st.st_mtime_ns)
+    key = (path, st.st_size, st.st_mtime_ns, st.st_ino)  # a replaced file is read again
     if key not in _cache:
         _cache.clear()  # one certificate per agent: no growth
         _cache[key] = _ask_openssl(path)

@@ -264,17 +264,20 @@ def proxy_options(ws_mod: Any, url: str, proxy: Optional[str],
 
 
 def _no_proxy_for(hostname: str) -> bool:
-    """Whether ``no_proxy`` (or ``NO_PROXY``) exempts ``hostname``, as curl reads it: ``*``;
-    a name, which also covers its subdomains (a leading dot is the same); an address or
-    a network (CIDR) for an IP host."""
+    """Whether ``no_proxy`` (or ``NO_PROXY``) exempts ``hostname``, as curl reads it: ``*``
+    alone; a name, which also covers its subdomains (a leading dot is the same, a trailing
+    dot and a ``:port`` are ignored); an address (brackets or not) or a network (CIDR)
+    for an IP host."""
     import ipaddress
 
-    value = os.environ.get("no_proxy", os.environ.get("NO_PROXY", ""))
-    host = hostname.strip("[]").lower()
-    for entry in (e.strip().lower().lstrip(".") for e in value.split(",")):
+    value = os.environ.get("no_proxy", os.environ.get("NO_PROXY", "")).strip()
+    if value == "*":
+        return True
+    host = hostname.strip("[]").rstrip(".").lower()
+    for entry in (_no_proxy_entry(e) for e in value.split(",")):
         if not entry:
             continue
-        if entry == "*" or host == entry or host.endswith("." + entry):
+        if host == entry or host.endswith("." + entry):
             return True
         try:
             if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
@@ -282,6 +285,16 @@ def _no_proxy_for(hostname: str) -> bool:
         except ValueError:
             continue
     return False
+
+
+def _no_proxy_entry(entry: str) -> str:
+    """One ``no_proxy`` entry as a bare lower-case name, address or network."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):  # [::1] or [::1]:443
+        return entry[1:].split("]", 1)[0]
+    if entry.count(":") == 1:  # name:port (an IPv6 address has more colons)
+        entry = entry.split(":", 1)[0]
+    return entry.strip(".")
 
 
 def dial(ws_mod: Any, url: str, header: List[str], timeout: float,

@@ -67,6 +67,21 @@ def test_ttl_command_is_parked_in_the_view_and_failure_reported_once():
                                 "args": {}}, "A", NOW) is None
 
 
+def test_commands_parked_in_redis_count_against_the_bound():
+    """A cluster node parks ttl_s commands in Redis, not in the hub: the bound on waiting
+    commands (MAX_PENDING_COMMANDS) counted the hub's own only, none on a cluster node."""
+    from agent.server.hub import MAX_PENDING_COMMANDS
+
+    hub = Hub()
+    op = join(hub, "alice", "operator")
+    cmd = frame("command", "c9", {"device_id": "gone", "name": "x", "args": {}, "ttl_s": 5})
+    view = ClusterView(parked_here=MAX_PENDING_COMMANDS)
+    (_, text), = hub.handle(op, cmd, NOW, view)
+    assert json.loads(text)["error"]["code"] == "RATE_LIMITED" and view.parked == []
+    view = ClusterView(parked_here=MAX_PENDING_COMMANDS - 1)
+    assert hub.handle(op, cmd, NOW, view) == [] and len(view.parked) == 1
+
+
 def test_seen_keys_of_two_different_pairs_never_collide():
     pytest.importorskip("redis")
     from agent.server.cluster import seen_key

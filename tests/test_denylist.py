@@ -99,3 +99,16 @@ def test_an_edit_that_keeps_size_and_modification_time_is_still_read(tmp_path):
         assert not refused(server.url, mint("device-aa1"))
     finally:
         server.stop()
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_id():
+    """An editor's UTF-8 byte-order mark before a bare id: that id is revoked all the same
+    (read as part of it, the line revoked nobody and said nothing)."""
+    from agent.server.denylist import DenyList
+
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("wb", suffix=".deny") as f:
+        f.write("\ufeffdevice-001\n".encode("utf-8"))
+        f.flush()
+        assert DenyList(f.name).refused("device", "device-001")

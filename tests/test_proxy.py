@@ -269,6 +269,15 @@ def test_the_proxy_from_the_environment_and_no_proxy(tmp_path, monkeypatch):
     assert proxy_options(ws, "ws://10.1.2.3/v1/ws", None, None) == {}
     assert proxy_options(ws, "ws://127.0.0.1/v1/ws", None, None)["http_proxy_host"] == \
         "proxy.example"  # not exempt unless no_proxy says so (websocket-client 0.57 did)
+    # curl's reading: "*" only alone; brackets, ports and trailing dots do not hide a match
+    monkeypatch.setenv("no_proxy", "foo,*")
+    assert proxy_options(ws, "ws://nexus.example/v1/ws", None, None) != {}
+    monkeypatch.setenv("no_proxy", "*")
+    assert proxy_options(ws, "ws://nexus.example/v1/ws", None, None) == {}
+    monkeypatch.setenv("no_proxy", "[::1], nexus.example:443")
+    assert proxy_options(ws, "ws://[::1]:8765/v1/ws", None, None) == {}
+    assert proxy_options(ws, "ws://nexus.example./v1/ws", None, None) == {}
+    assert proxy_options(ws, "ws://other.example/v1/ws", None, None) != {}
     # server.proxy wins over the environment's proxy
     assert proxy_options(ws, "ws://other.test/v1/ws", "http://cfg-proxy:3129", None)[
         "http_proxy_host"] == "cfg-proxy"

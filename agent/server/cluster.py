@@ -230,7 +230,7 @@ class Cluster:
             self._spawn(self._device_arrived(client.identity.subject))
 
     async def _before(self, client: Client, env: p.Envelope) -> ClusterView:
-        view = ClusterView()
+        view = ClusterView(parked_here=len(self._parked))
         kind = env.type
         if client.identity.is_device and kind in ("telemetry", p.TELEMETRY_BATCH):
             ids = _telemetry_ids(env)

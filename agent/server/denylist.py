@@ -108,4 +108,4 @@ class DenyList:
 
     def _read(self) -> str:
         return read_bounded(self.path or "", MAX_FILE_BYTES, "deny file").decode(
-            "utf-8", "replace")
+            "utf-8-sig", "replace")  # -sig: an editor's byte-order mark is not an id

@@ -168,6 +168,7 @@ class ClusterView:
     # ids of this frame's device that another node stored: ack, drop (a frame has one device)
     duplicates: frozenset = frozenset()
     device_nodes: Dict[str, str] = field(default_factory=dict)  # device_id -> its node
+    parked_here: int = 0  # ttl_s commands this node parked in Redis and still tracks
     # written by the hub:
     # (device_id, id) stored here, now or before
     stored: List[Tuple[str, str]] = field(default_factory=list)
@@ -640,7 +641,8 @@ class Hub:
         if client.identity.is_device:
             raise ProtocolError(p.FORBIDDEN, "only an operator token may send commands", "type",
                                 env.id)
-        if len(self._pending) >= MAX_PENDING_COMMANDS and request.ttl_s is not None:
+        parked = len(self._pending) + (self._view.parked_here if self._view else 0)
+        if parked >= MAX_PENDING_COMMANDS and request.ttl_s is not None:
             raise ProtocolError(p.RATE_LIMITED, f"{MAX_PENDING_COMMANDS} commands are already "
                                 "waiting for offline devices", "payload.ttl_s", env.id)
         self._route(request.device_id, request.command_id, client.client_id)
