@@ -112,3 +112,38 @@ def test_a_byte_order_mark_does_not_hide_the_first_id():
         f.write("\ufeffdevice-001\n".encode("utf-8"))
         f.flush()
         assert DenyList(f.name).refused("device", "device-001")
+
+
+def test_a_revoked_device_that_ignores_the_close_frame_is_served_no_more(tmp_path):
+    """The close begins at the revocation; a client that does not read it and keeps
+    sending was served until the close timeout aborted it (its telemetry stored)."""
+    import time
+
+    deny = tmp_path / "deny"
+    deny.write_text("")
+    db = tmp_path / "server.db"
+    server = ServerProcess(0, "-v", "--deny-file", str(deny), db=str(db))
+    ws = websocket.create_connection(server.url, timeout=5, header=[
+        f"Authorization: Bearer {mint('device-001')}"])
+    try:
+        assert json.loads(ws.recv())["type"] == "connected"
+
+        def telemetry(msg_id):
+            ws.send(json.dumps({"type": "telemetry", "id": msg_id, "timestamp":
+                                p.format_timestamp(time.time()), "payload": {
+                                    "device_id": "device-001",
+                                    "metrics": {"cpu_usage": 1, "memory_usage": 2}}}))
+
+        telemetry("before")
+        assert json.loads(ws.recv())["type"] == "ack"
+        deny.write_text("device-001\n")
+        wait_for(lambda: "is revoked (deny file): closing" in server.log(), timeout=10,
+                 what="the revocation")
+        for i in range(3):  # never reads the close frame, keeps sending
+            telemetry(f"after-{i}")
+        wait_for(lambda: "disconnected (close code" in server.log(), timeout=10,
+                 what="the connection's end")
+    finally:
+        ws.close()
+        server.stop()
+    assert [r["id"] for r in stored(db)] == ["before"]

@@ -341,12 +341,23 @@ class SendQueue:
         for data in protocol.data_to_send():
             self.conn.transport.write(data)
 
+    @property
+    def closing(self) -> bool:
+        """A close was begun: what the client sends from now on is not served (a revoked
+        or expired identity, a replaced connection, a flood, a shutdown). It is not acked
+        either, so a client resends it on its next connection."""
+        return self._closer is not None
+
     def _begin_close(self, code: int, reason: str, flush: bool) -> None:
         if self._closer is None:
             if code == p.CLOSE_POLICY:
                 # A flood: read no more of it (its close answer included; the close
                 # timeout ends it), so what it keeps sending costs nothing.
                 self.conn.transport.pause_reading()
+            if isinstance(self.conn, DirectConnection):
+                # A client that ignores the close frame would otherwise be served until the
+                # close timeout aborts it (a revoked device storing telemetry meanwhile).
+                self.conn.stop()
             self._closer = asyncio.ensure_future(self._close(code, reason, flush))
 
     async def _write(self) -> None:
@@ -827,6 +838,8 @@ class CompanionServer:
             # With a DirectConnection this sees only what it leaves to the library (a
             # fragmented message), and the end of the connection.
             async for frame in conn:
+                if peer.closing:
+                    continue  # see SendQueue.closing
                 if self.cluster is None:
                     if self._on_message(client, frame):
                         await self._finish_job(client)
