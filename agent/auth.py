@@ -73,7 +73,7 @@ def read_secret_line(path: str, what: str) -> str:
     """The one line of a 0600 secret file (a key's passphrase); never logged."""
     data = _read_secret(path, what)
     lines = data.decode("utf-8", "replace").splitlines()
-    if len(data) > MAX_TOKEN_BYTES or len(lines) != 1 or not lines[0]:
+    if len(lines) != 1 or not lines[0]:
         raise AuthError(f"{what} {path}: must hold one line")
     return lines[0]
 
@@ -141,10 +141,8 @@ def current_token(token_file: Optional[str], client_key: Optional[str], state_di
 
 
 def _issued(token: str) -> float:
-    iat = unverified_claims(token).get("iat")
-    if isinstance(iat, (int, float)) and not isinstance(iat, bool):
-        return float(iat)
-    return float("-inf")
+    iat = _time_claim(token, "iat")
+    return float("-inf") if iat is None else iat
 
 
 def store_token(path: str, token: str) -> None:
@@ -201,8 +199,15 @@ def unverified_claims(token: str) -> Dict[str, Any]:
 
 
 def expiry(token: str) -> Optional[float]:
-    exp = unverified_claims(token).get("exp")
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+    return _time_claim(token, "exp")
+
+
+def _time_claim(token: str, name: str) -> Optional[float]:
+    """A numeric date claim (``exp``, ``iat``) of the token, or None (absent, not a number)."""
+    value = unverified_claims(token).get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def token_problem(token: str, device_id: str, now: float) -> Optional[str]:

@@ -39,8 +39,9 @@ The rules, all of them:
   connection. The oldest message in flight without an ack for
   ``ack_timeout_s`` ends it too.
 * **Token renewal.** When the welcome offers ``token.renew`` and the config
-  allows it (a token file the agent may write), the first ``token.renewed`` of a
-  connection is a :class:`TokenRenewed`; otherwise, and after it, it is ignored.
+  takes renewals (``renew_tokens``: the agent keeps them in its state directory),
+  the first ``token.renewed`` of a connection is a :class:`TokenRenewed`;
+  otherwise, and after it, it is ignored.
 * **Commands.** A ``commands.update`` for this device is a
   :class:`CommandArrived`; one addressed to another device is logged and
   dropped.
