@@ -36,9 +36,9 @@ def operator_token(token_file: Optional[str]) -> str:
     if token_file or os.environ.get("NEXUS_TOKEN"):
         return read_token(token_file)
     if os.environ.get("NEXUS_JWT_SECRET"):
-        from .server.tokens import load_secret, mint
+        from .server.tokens import load_secret_keys
 
-        return mint(load_secret(None), "nexus-ctl", "operator", 3600)
+        return load_secret_keys(None).mint("nexus-ctl", "operator", 3600)
     raise AuthError("no operator token: pass --token-file, or set NEXUS_TOKEN "
                     "(or NEXUS_JWT_SECRET for a local companion server)")
 

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import jwt
 
@@ -38,7 +38,9 @@ ROLES = ("device", "operator")
 # A claim token (provisioning by claim, certs.py): it may only ask for one device
 # certificate per connection, for an id starting with its ``prefix``, at most ``max`` ids.
 CLAIM = "claim"
+ALL_ROLES = ROLES + (CLAIM,)
 MAX_CLAIMS = 1_000_000
+MAX_CLAIM_PREFIX = 64
 MIN_SECRET_BYTES = 32
 MIN_RSA_BITS = 2048
 # How far in the future a token's iat may be: the nodes of a fleet and the minter never
@@ -113,7 +115,7 @@ class TokenKeys:
         if iat is not None and (not math.isfinite(iat) or iat > time.time() + IAT_SKEW_S):
             raise AuthError("Token iat is in the future")
         role = claims.get("role")
-        if role not in ROLES and role != CLAIM:
+        if role not in ALL_ROLES:
             raise AuthError("Token role must be device or operator")
         sub = claims["sub"]
         if not isinstance(sub, str) or not 0 < len(sub) <= 128 or not sub.isprintable():
@@ -121,19 +123,19 @@ class TokenKeys:
         issued = None if iat is None else float(iat)
         if role == CLAIM:
             prefix, most = claims.get("prefix"), claims.get("max")
-            if not isinstance(prefix, str) or not 0 < len(prefix) <= 64:
-                raise AuthError("Claim token prefix must be a string of 1 to 64 characters")
-            if not isinstance(most, int) or isinstance(most, bool) or not 0 < most <= MAX_CLAIMS:
-                raise AuthError(f"Claim token max must be an integer from 1 to {MAX_CLAIMS}")
-            return Identity(sub, role, float(exp), issued, claim_prefix=prefix, claim_max=most)
+            problem = claim_limits_problem(prefix, most)
+            if problem:
+                raise AuthError(f"Claim token {problem}")
+            return Identity(sub, role, float(exp), issued, claim_prefix=cast(str, prefix),
+                            claim_max=cast(int, most))  # both checked just above
         return Identity(sub, role, float(exp), issued)
 
     def mint(self, subject: str, role: str, ttl_s: float, now: Optional[float] = None,
              **extra: Any) -> str:
         """A signed token for ``subject`` in ``role`` that expires ``ttl_s`` from now;
         ``extra`` claims beside (a claim token's ``prefix`` and ``max``)."""
-        if role not in ROLES and role != CLAIM:
-            raise ValueError(f"role must be one of {ROLES + (CLAIM,)}")
+        if role not in ALL_ROLES:
+            raise ValueError(f"role must be one of {ALL_ROLES}")
         if self._signing_key is None:
             raise AuthError("this server holds a public key only: it cannot mint tokens")
         issued = int(time.time() if now is None else now)
@@ -142,12 +144,24 @@ class TokenKeys:
         return jwt.encode(claims, self._signing_key, algorithm=self.algorithm)
 
 
+def claim_limits_problem(prefix: Any, most: Any) -> Optional[str]:
+    """What is wrong with a claim token's ``prefix`` and ``max``, or None: minting checks
+    them as verifying does, so no token is minted that every claim would be refused."""
+    if not isinstance(prefix, str) or not 0 < len(prefix) <= MAX_CLAIM_PREFIX:
+        return (f"prefix must be a string of 1 to {MAX_CLAIM_PREFIX} characters (an empty one "
+                "would reach every device's id)")
+    if not isinstance(most, int) or isinstance(most, bool) or not 0 < most <= MAX_CLAIMS:
+        return f"max must be an integer from 1 to {MAX_CLAIMS}"
+    return None
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def load_secret(secret_file: str | None) -> bytes:
-    """The signing secret from ``secret_file`` or ``$NEXUS_JWT_SECRET``; AuthError if neither."""
+def load_secret_keys(secret_file: str | None) -> TokenKeys:
+    """HS256 keys from the secret in ``secret_file`` or ``$NEXUS_JWT_SECRET``; AuthError if
+    neither, or if it is too short (:meth:`TokenKeys.from_secret`)."""
     if secret_file:
         try:
             with open(secret_file, "rb") as f:
@@ -158,9 +172,7 @@ def load_secret(secret_file: str | None) -> bytes:
         secret = os.environ.get("NEXUS_JWT_SECRET", "").encode()
         if not secret:
             raise AuthError("no JWT secret: set NEXUS_JWT_SECRET or pass --secret-file")
-    if len(secret) < MIN_SECRET_BYTES:
-        raise AuthError(f"the JWT secret must be at least {MIN_SECRET_BYTES} bytes")
-    return secret
+    return TokenKeys.from_secret(secret)
 
 
 def load_public_key(path: str) -> TokenKeys:
