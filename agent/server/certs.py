@@ -21,10 +21,12 @@ import time
 from typing import Any, Iterable, List, Optional, Union
 from urllib.parse import unquote
 
+from ..auth import read_bounded
+from ..certinfo import DEVICE_URI  # the agent names its own certificate the same way
 from ..errors import AuthError
 from .tokens import Identity
 
-DEVICE_URI = "urn:nexus:device:"
+MAX_PEM_FILE_BYTES = 1 << 20  # a CA bundle, a CA certificate or key
 # An escaped PEM certificate (P-256: ~0.7 KiB, RSA 4096: ~2.6 KiB). The handshake reads
 # header lines of at most app.MAX_HEADER_LINE (4 KiB, name included) anyway: a longer
 # one is refused there with 431.
@@ -47,10 +49,10 @@ def load_bundle(path: str) -> List[Any]:
     """The CA certificates of a PEM bundle (``--client-ca``); AuthError naming the file."""
     from cryptography import x509
 
+    data = read_bounded(path, MAX_PEM_FILE_BYTES, "client CA")
     try:
-        with open(path, "rb") as f:
-            return list(x509.load_pem_x509_certificates(f.read(1 << 20)))
-    except (OSError, ValueError) as exc:
+        return list(x509.load_pem_x509_certificates(data))
+    except ValueError as exc:
         raise AuthError(f"client CA {path}: {exc}") from None
 
 
@@ -155,18 +157,14 @@ class ClaimCA:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
+        cert_pem = read_bounded(cert_path, MAX_PEM_FILE_BYTES, "claim CA certificate")
+        key_pem = read_bounded(key_path, MAX_PEM_FILE_BYTES, "claim CA key")
         try:
-            with open(cert_path, "rb") as f:
-                self.cert = x509.load_pem_x509_certificate(f.read(64 * 1024))
-            with open(key_path, "rb") as f:
-                self.key = serialization.load_pem_private_key(f.read(64 * 1024), None)
-        except (OSError, ValueError, TypeError) as exc:
+            self.cert = x509.load_pem_x509_certificate(cert_pem)
+            self.key = serialization.load_pem_private_key(key_pem, None)
+        except (ValueError, TypeError) as exc:
             raise AuthError(f"claim CA {cert_path} / {key_path}: {exc}") from None
-        if self.key.public_key().public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
-                != self.cert.public_key().public_bytes(
-                    serialization.Encoding.DER,
-                    serialization.PublicFormat.SubjectPublicKeyInfo):
+        if key_id(self.key.public_key()) != key_id(self.cert.public_key()):
             raise AuthError(f"claim CA: {key_path} is not the key of {cert_path}")
         self.days = days
 
