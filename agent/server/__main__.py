@@ -233,6 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         from .app import CompanionServer, ServerSettings
+        from .certs import TRUSTED_PROXIES
         from .page import PAGE_SUBJECT, PAGE_TOKEN_TTL_S, page_url
         if (args.public_key or args.signing_key or args.client_ca or args.client_cert_header
                 or args.claim_ca_cert):
@@ -264,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                               client_ca=args.client_ca,
                               require_client_cert=args.require_client_cert,
                               client_cert_header=args.client_cert_header,
-                              trusted_proxies=tuple(args.trusted_proxy or ("127.0.0.1", "::1")),
+                              trusted_proxies=tuple(args.trusted_proxy or TRUSTED_PROXIES),
                               renew_at=None if args.no_renew else args.renew_at,
                               max_token_lifetime_s=args.max_token_lifetime * 86400.0,
                               claim_ca_cert=args.claim_ca_cert, claim_ca_key=args.claim_ca_key,

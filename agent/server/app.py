@@ -105,7 +105,7 @@ class ServerSettings:
     # A TLS terminator in front (nginx) passes the verified certificate in this header,
     # taken only from trusted_proxies (addresses or networks); None: the header is ignored.
     client_cert_header: Optional[str] = None
-    trusted_proxies: Tuple[str, ...] = ("127.0.0.1", "::1")
+    trusted_proxies: Tuple[str, ...] = certs.TRUSTED_PROXIES
     # Token renewal (docs/protocol.md section 9): past this share of a device token's
     # lifetime the server sends a fresh one; offered only when this node can mint.
     renew_at: Optional[float] = 0.8
@@ -491,6 +491,13 @@ def _tls_context(settings: ServerSettings) -> Any:
     return context
 
 
+def _end_auth(peer: hub_mod.Peer, reason: str) -> None:
+    """End a served connection whose credential no longer holds (expired, revoked):
+    ``AUTH_FAILED`` with ``reason``, then close 4000, as for one refused at connect."""
+    peer.send(p.encode(p.make_error(p.AUTH_FAILED, reason, time.time())))
+    peer.close(p.CLOSE_AUTH_FAILED, reason)
+
+
 def _deliver(out: Answers) -> None:
     for peer, text in out:
         peer.send(text)
@@ -637,8 +644,7 @@ class CompanionServer:
                 for peer in self.hub.peers_of(role, subject):
                     log.warning("%s %s is revoked (deny file): closing its connection with "
                                 "%d", role, subject, p.CLOSE_AUTH_FAILED)
-                    peer.send(p.encode(p.make_error(p.AUTH_FAILED, "Revoked", time.time())))
-                    peer.close(p.CLOSE_AUTH_FAILED, "Revoked")
+                    _end_auth(peer, "Revoked")
 
     async def _handle(self, conn: ServerConnection) -> None:
         try:
@@ -831,7 +837,7 @@ class CompanionServer:
         expiry = self._loop.call_later(max(0.0, identity.expires - time.time()),
                                        self._expired, peer, identity)
         renewal = None
-        if renew_time is not None and renew_time < identity.expires:
+        if renew_time is not None:  # before expires: the share is under 1
             renewal = self._loop.call_later(max(0.0, renew_time - time.time()),
                                             self._renew, peer, identity)
         try:
@@ -869,8 +875,7 @@ class CompanionServer:
         what = "Client certificate" if identity.certificate else "Token"
         log.info("%s: its %s expired; closing it with %d", peer.name, what.lower(),
                  p.CLOSE_AUTH_FAILED)
-        peer.send(p.encode(p.make_error(p.AUTH_FAILED, f"{what} expired", time.time())))
-        peer.close(p.CLOSE_AUTH_FAILED, f"{what} expired")
+        _end_auth(peer, f"{what} expired")
 
     def _renew(self, peer: SendQueue, identity: tokens.Identity) -> None:
         """The device's token passed the renewal share of its lifetime: send a fresh one for

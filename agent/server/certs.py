@@ -27,6 +27,7 @@ from ..errors import AuthError
 from .tokens import Identity
 
 MAX_PEM_FILE_BYTES = 1 << 20  # a CA bundle, a CA certificate or key
+TRUSTED_PROXIES = ("127.0.0.1", "::1")  # --trusted-proxy's default: a terminator on this host
 # An escaped PEM certificate (P-256: ~0.7 KiB, RSA 4096: ~2.6 KiB). The handshake reads
 # header lines of at most app.MAX_HEADER_LINE (4 KiB, name included) anyway: a longer
 # one is refused there with 431.
