@@ -22,6 +22,7 @@ DEVICE_URI = "urn:nexus:device:"
 class CertFacts:
     device_id: Optional[str]  # None: no single name the server would take
     expires: Optional[float]  # notAfter, seconds since the epoch
+    by_uri: bool = False  # device_id is the SAN URI's (not the common name's)
 
 
 _cache: Dict[Tuple[str, int, int, int], Optional[CertFacts]] = {}
@@ -77,7 +78,7 @@ def parse(text: str) -> CertFacts:
                      if part.strip().startswith("URI:" + DEVICE_URI)]
     device = uris[0] if len(uris) == 1 else names[0] if not uris and len(names) == 1 \
         else None
-    return CertFacts(device, expires)
+    return CertFacts(device, expires, len(uris) == 1)
 
 
 def problem(path: str, device_id: str, now: float) -> Optional[str]:

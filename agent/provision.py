@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import yaml
 
 from . import config as config_mod
-from .auth import check_token_file, read_proxy_auth, read_token
+from .auth import check_token_file, read_bounded, read_proxy_auth, read_token
 from .errors import AuthError, ConfigError
 
 EXIT_OK, EXIT_INPUT, EXIT_CONFLICT, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_FS = 0, 2, 3, 4, 5, 6
@@ -268,18 +268,16 @@ def _read_pem(path: str, option: str, kind: str) -> str:
     """A PEM file's text (a certificate, or an unencrypted key), stripped; ProvisionError
     naming the option when it is not one."""
     try:
-        with open(path, encoding="ascii") as f:
-            text = f.read(64 * 1024 + 1)
-    except OSError as exc:
-        raise ProvisionError(EXIT_INPUT, f"{option}: cannot read {path}: {exc.strerror}"
-                             ) from None
+        text = read_bounded(path, 64 * 1024, option).decode("ascii")
+    except AuthError as exc:  # unreadable, or too large for a PEM file
+        raise ProvisionError(EXIT_INPUT, str(exc)) from None
     except UnicodeDecodeError:
         text = ""
     if "ENCRYPTED" in text:
         raise ProvisionError(EXIT_INPUT, f"{option}: {path} is encrypted; provision an "
                              "unencrypted key (the service reads it unattended; mode 0600 "
                              "protects it)")
-    if len(text) > 64 * 1024 or not any(b in text for b in _PEM_BEGIN[kind]):
+    if not any(b in text for b in _PEM_BEGIN[kind]):
         raise ProvisionError(EXIT_INPUT, f"{option}: {path} is not a PEM {kind.lower()}")
     return text.strip()
 
@@ -287,13 +285,21 @@ def _read_pem(path: str, option: str, kind: str) -> str:
 def _check_pair(cert: str, key: str) -> None:
     """ProvisionError unless ``key`` is the private key of ``cert``: local (no server), so
     --no-check does not write a pair that no TLS handshake can use."""
+    why = _pair_problem(cert, key)
+    if why:
+        raise ProvisionError(EXIT_INPUT, f"--client-key: {key} is not the key of "
+                             f"--client-cert {cert} ({why})")
+
+
+def _pair_problem(cert: str, key: str) -> Optional[str]:
+    """Why ``key`` and ``cert`` cannot be used together in TLS (ssl's own check), or None."""
     import ssl
 
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
     except ssl.SSLError as exc:
-        raise ProvisionError(EXIT_INPUT, f"--client-key: {key} is not the key of "
-                             f"--client-cert {cert} ({exc.reason or exc})") from None
+        return str(exc.reason or exc)
+    return None
 
 
 def _existing_config(config_path: str, text: str, force: bool) -> Optional[str]:
@@ -380,21 +386,16 @@ def _request(key_path: str, work: str) -> str:
 
 def _check_claimed(cert_path: str, key_path: str, device_id: str) -> None:
     """ProvisionError (exit 4) unless the certificate at ``cert_path`` holds the public key
-    of ``key_path`` and names ``device_id`` (SAN URI): a server that answers with anything
-    else would lock the device into files a re-run keeps (a device id is claimed once)."""
-    mine = _openssl_out("pkey", "-in", key_path, "-pubout")
-    theirs = _openssl_out("x509", "-in", cert_path, "-noout", "-pubkey")
-    names = _openssl_out("x509", "-in", cert_path, "-noout", "-ext", "subjectAltName").split()
-    uris = [n.rstrip(",") for n in names if n.startswith("URI:urn:nexus:device:")]
-    if not mine or theirs != mine or uris != [f"URI:urn:nexus:device:{device_id}"]:
+    of ``key_path`` and names ``device_id`` by its SAN URI (certinfo): a server that
+    answers with anything else would lock the device into files a re-run keeps (a device
+    id is claimed once)."""
+    from . import certinfo
+
+    facts = certinfo.read(cert_path)
+    if _pair_problem(cert_path, key_path) or facts is None or facts.device_id != device_id \
+            or not facts.by_uri:  # a claimed certificate names its device by SAN URI
         raise ProvisionError(EXIT_UNREACHABLE, "the server's certificate is not this "
                              f"device's (its key, named {device_id}): nothing written")
-
-
-def _openssl_out(*argv: str) -> str:
-    """What ``openssl argv`` prints, or "" when it fails (a file it cannot read)."""
-    out = _openssl(*argv)
-    return out or ""
 
 
 def _openssl(*argv: str) -> Optional[str]:
