@@ -760,16 +760,15 @@ class Hub:
             for key in [k for k, b in self._budgets.items()
                         if k not in self._identities and b.refill(mono)]:
                 del self._budgets[key]
-            for (_, command_id), pending in list(self._pending.items()):
+            for (device_id, command_id), pending in list(self._pending.items()):
                 if pending.expires <= mono:
-                    del self._pending[(pending.request.device_id, command_id)]
-                    self._unroute(pending.request.device_id, command_id)
+                    del self._pending[(device_id, command_id)]
+                    self._unroute(device_id, command_id)
                     operator = self._clients.get(pending.operator_id)
                     if operator is not None:
-                        error = p.make_error(p.DEVICE_OFFLINE, "device "
-                                             f"{pending.request.device_id} did not connect "
-                                             "before the command's ttl_s ran out", now,
-                                             command_id)
+                        error = p.make_error(p.DEVICE_OFFLINE, f"device {device_id} did not "
+                                             "connect before the command's ttl_s ran out",
+                                             now, command_id)
                         out.append((operator.peer, _encode(error)))
         return out
 
