@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import websocket
 
@@ -294,9 +294,10 @@ def _wal_salt(db_path: Path) -> bytes:
         return b""
 
 
-def queued_backlog(state_dir: Path, n: int) -> List[str]:
+def queued_backlog(state_dir: Path, n: int, damage: Tuple[str, ...] = ()) -> List[str]:
     """``n`` samples of device-001 stored in the outbox of ``state_dir`` as an agent offline
-    for a while would have them (the agent not running); their ids, oldest first."""
+    for a while would have them (the agent not running); their ids, oldest first.
+    ``damage``: SQL run on the file before it is closed (a flipped cell, say)."""
     from agent import protocol as p
     from agent.codec import CODEC
     from agent.outbox import Outbox
@@ -306,6 +307,8 @@ def queued_backlog(state_dir: Path, n: int) -> List[str]:
     ids = [box.put("telemetry", {"device_id": "device-001", "metrics": {
         "cpu_usage": 12.5, "memory_usage": 40.1, "n": i}},
         p.format_timestamp(1_750_000_000 + i)).id for i in range(n)]
+    for sql in damage:
+        box._db.execute(sql)
     box.close()
     return ids
 

@@ -478,18 +478,21 @@ def test_e2e_a_flipped_row_early_in_a_long_backlog_does_not_stall_the_rest(tmp_p
     existing test has 100, all read at once): the damaged row is set aside, live samples
     flow, and the rest of the backlog must follow on the same connection."""
 
-    from helpers import AgentProcess, ServerProcess, free_port, stored, wait_for, write_config
+    from helpers import (
+        AgentProcess,
+        ServerProcess,
+        free_port,
+        queued_backlog,
+        stored,
+        wait_for,
+        write_config,
+    )
 
     db = tmp_path / "server.db"
     srv = ServerProcess(free_port(), db=str(db))
     config = write_config(tmp_path, srv.url, telemetry={"interval_s": 0.2})
-    state = config.parent / "state"
-    box = Outbox(CODEC, str(state), 10**8)
-    box._db.execute("PRAGMA synchronous=OFF")  # test set-up only
-    backlog = [box.put("telemetry", {"device_id": "device-001", "metrics": {"n": i}},
-                       p.format_timestamp(1_750_000_000 + i)).id for i in range(1000)]
-    box._db.execute("UPDATE messages SET payload = 42 WHERE seq = 5")
-    box.close()
+    backlog = queued_backlog(config.parent / "state", 1000,
+                             ("UPDATE messages SET payload = 42 WHERE seq = 5",))
     agent = AgentProcess(config)
     try:
         wait_for(lambda: any(r["sample_time"] > "2026" for r in stored(db)), timeout=10,

@@ -206,13 +206,12 @@ def test_a_row_flipped_on_the_card_is_set_aside_and_live_samples_flow(tmp_path):
     srv = ServerProcess(free_port(), db=str(db))
     config = write_config(tmp_path, srv.url, telemetry={"interval_s": 0.2})
     state = config.parent / "state"
-    box = Outbox(CODEC, str(state), 10**8)
-    backlog = [box.put("telemetry", {"device_id": "device-001", "metrics": {"n": i}},
-                       p.format_timestamp(1_750_000_000 + i)).id for i in range(100)]
-    box._db.execute("UPDATE messages SET payload = CAST(payload AS TEXT) WHERE seq = 5")
-    box._db.execute("UPDATE messages SET payload = 42 WHERE seq = 9")
-    assert box._db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    box.close()
+    backlog = queued_backlog(state, 100, (
+        "UPDATE messages SET payload = CAST(payload AS TEXT) WHERE seq = 5",
+        "UPDATE messages SET payload = 42 WHERE seq = 9"))
+    check = sqlite3.connect(state / "outbox.db")
+    assert check.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    check.close()
     agent = AgentProcess(config)
     try:
         wait_for(lambda: any(r["sample_time"] > "2026" for r in stored(db)), timeout=10,
